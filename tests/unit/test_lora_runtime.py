@@ -1,0 +1,199 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks, remove_hooks
+
+IN, OUT, RANK = 16, 12, 4
+
+
+class _Block(nn.Module):
+    """A stand-in for a FLUX block: a fused qkv and a subclassed Linear (like ComfyUI's ops)."""
+
+    class _OpsLinear(nn.Linear):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(IN, 3 * OUT)
+        self.proj = self._OpsLinear(IN, OUT)
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block()])
+
+
+def _adapter(seed: int, in_f=IN, out_f=OUT, rank=RANK, alpha=2.0, out_slice=None) -> LowRankAdapter:
+    g = torch.Generator().manual_seed(seed)
+    return LowRankAdapter(
+        down=torch.randn(rank, in_f, generator=g),
+        up=torch.randn(out_f, rank, generator=g),
+        scale=alpha / rank,
+        out_slice=out_slice,
+    )
+
+
+def _entry(name, strength, path="blocks.0.proj", adapter=None) -> LoraEntry:
+    return LoraEntry(name, strength, {path: (adapter or _adapter(ord(name[0])),)})
+
+
+def _delta(adapter: LowRankAdapter, x: torch.Tensor) -> torch.Tensor:
+    return x @ (adapter.up @ adapter.down).T * adapter.scale
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = _Model()
+    install_hooks(m, ["blocks.0.proj", "blocks.0.qkv"])
+    return m
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(1))
+
+
+def test_hooked_output_matches_low_rank_math(model, x):
+    proj = model.blocks[0].proj
+    entry = _entry("a", 0.7)
+    adapter = entry.adapters["blocks.0.proj"][0]
+    expected = x @ proj.weight.T + proj.bias + 0.7 * _delta(adapter, x)
+    with activate(LoraStack([entry])):
+        got = proj(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_active_stack_zero_strength_and_removal_are_bit_identical(model, x):
+    proj = model.blocks[0].proj
+    plain = proj(x)
+    stack = LoraStack([_entry("a", 1.0)])
+    with activate(stack.with_strength("a", 0.0)):
+        assert torch.equal(proj(x), plain)
+    with activate(stack.without("a")):
+        assert torch.equal(proj(x), plain)
+    with activate(stack.without("all")):
+        assert torch.equal(proj(x), plain)
+    with activate(None):
+        assert torch.equal(proj(x), plain)
+    with activate(stack):
+        assert not torch.equal(proj(x), plain)
+    assert torch.equal(proj(x), plain)  # leaving the block deactivates
+
+
+def test_stacked_loras_add_up(model, x):
+    proj = model.blocks[0].proj
+    a, b = _entry("a", 0.5), _entry("b", -1.5)
+    plain = proj(x)
+    with activate(LoraStack([a])):
+        delta_a = proj(x) - plain
+    with activate(LoraStack([b])):
+        delta_b = proj(x) - plain
+    with activate(LoraStack([a, b])):
+        both = proj(x)
+    torch.testing.assert_close(both, plain + delta_a + delta_b, rtol=1e-5, atol=1e-5)
+
+
+def test_out_slice_only_changes_its_rows_of_a_fused_qkv(model, x):
+    qkv = model.blocks[0].qkv
+    k_adapter = _adapter(7, out_slice=(OUT, OUT))  # the "k" third
+    plain = qkv(x)
+    with activate(LoraStack([_entry("k", 1.0, "blocks.0.qkv", k_adapter)])):
+        got = qkv(x)
+    expected = plain.clone()
+    expected[..., OUT : 2 * OUT] += _delta(k_adapter, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[..., :OUT], plain[..., :OUT])
+    assert torch.equal(got[..., 2 * OUT :], plain[..., 2 * OUT :])
+
+
+def test_computes_in_input_dtype_and_caches_the_cast(model, x):
+    model.to(torch.bfloat16)
+    entry = _entry("a", 1.0)
+    adapter = entry.adapters["blocks.0.proj"][0]
+    with torch.no_grad(), activate(LoraStack([entry])):
+        y = model.blocks[0].proj(x.bfloat16())
+        cached = adapter.factors_for(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        assert cached[0] is adapter.factors_for(x.bfloat16())[0]
+    assert adapter.down.dtype == torch.float32  # the master stays fp32
+
+
+def test_gradients_reach_adapters_not_frozen_weight(model, x):
+    proj = model.blocks[0].proj
+    proj.requires_grad_(False)
+    down = nn.Parameter(torch.randn(RANK, IN) * 0.1)
+    up = nn.Parameter(torch.randn(OUT, RANK) * 0.1)
+    adapter = LowRankAdapter(down, up, scale=1.0, out_slice=None)
+    assert adapter.down is down  # fp32 Parameters are kept, not copied
+    with activate(LoraStack([LoraEntry("train", 1.0, {"blocks.0.proj": (adapter,)})])):
+        proj(x).square().mean().backward()
+    assert down.grad is not None and down.grad.abs().sum() > 0
+    assert up.grad is not None and up.grad.abs().sum() > 0
+    assert proj.weight.grad is None
+
+
+def test_frozen_lora_loaded_in_inference_mode_works_with_autograd(model, x):
+    with torch.inference_mode():
+        adapter = _adapter(3)
+        with activate(LoraStack([_entry("a", 1.0, adapter=adapter)])):
+            model.blocks[0].proj(x)  # fills the cast cache with inference tensors
+    x_grad = x.clone().requires_grad_(True)
+    with activate(LoraStack([_entry("a", 1.0, adapter=adapter)])):
+        model.blocks[0].proj(x_grad).sum().backward()
+    assert x_grad.grad is not None
+
+
+def test_install_is_idempotent_and_remove_restores(model, x):
+    proj = model.blocks[0].proj
+    install_hooks(model, ["blocks.0.proj"])
+    assert len(proj._forward_hooks) == 1
+    stack = LoraStack([_entry("a", 1.0)])
+    with activate(stack):
+        once = proj(x)
+    remove_hooks(model)
+    assert not proj._forward_hooks
+    with activate(stack):
+        assert torch.equal(proj(x), x @ proj.weight.T + proj.bias)
+    install_hooks(model, ["blocks.0.proj"])
+    with activate(stack):
+        assert torch.equal(proj(x), once)
+
+
+def test_deepcopy_keeps_identity():
+    stack = LoraStack([_entry("a", 1.0)])
+    options = copy.deepcopy({"wrappers": {"stack": stack}})
+    assert options["wrappers"]["stack"] is stack
+
+
+def test_with_lora_replaces_same_name_in_place():
+    stack = LoraStack([_entry("a", 1.0), _entry("b", 1.0)])
+    replacement = _entry("a", 0.3)
+    updated = stack.with_lora(replacement).with_lora(_entry("c", 1.0))
+    assert updated.names() == ("a", "b", "c")
+    assert updated.entries[0] is replacement
+    assert stack.names() == ("a", "b")  # the original is untouched
+
+
+def test_stack_bookkeeping():
+    stack = LoraStack([_entry("a", 0.0), _entry("b", 1.0, path="blocks.0.qkv")])
+    assert stack.module_paths() == {"blocks.0.proj", "blocks.0.qkv"}
+    assert stack.adapters_for("blocks.0.proj") == ()  # zero strength is skipped by the hook
+    assert stack.with_strength("a", 2.0).adapters_for("blocks.0.proj")[0][0] == 2.0
+    assert LoraStack().is_empty and stack.without("all").is_empty and not stack.is_empty
+    with pytest.raises(KeyError, match="'a', 'b'"):
+        stack.without("missing")
+    with pytest.raises(KeyError, match="missing"):
+        stack.with_strength("missing", 1.0)
+
+
+def test_adapter_validates_shapes():
+    assert _adapter(0).rank == RANK
+    with pytest.raises(ValueError, match="do not chain"):
+        LowRankAdapter(torch.zeros(4, IN), torch.zeros(OUT, 3), scale=1.0)
+    with pytest.raises(ValueError, match="out_slice"):
+        LowRankAdapter(torch.zeros(4, IN), torch.zeros(OUT, 4), scale=1.0, out_slice=(0, OUT + 1))
