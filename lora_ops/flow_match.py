@@ -1,0 +1,253 @@
+"""FLUX rectified-flow training math and the LoRA training loop (no ComfyUI imports).
+
+FLUX is trained on the straight path x_t = (1 - t) x0 + t eps and predicts the velocity
+eps - x0; ComfyUI samples it with the same convention (sigma = t, ModelSamplingFlux).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+TIMESTEP_SCHEMES = ("shift", "uniform")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+
+# FLUX's resolution-dependent shift: mu on the line through (256 tokens, 0.5) and (4096, 1.15).
+BASE_TOKENS, BASE_SHIFT = 256, 0.5
+MAX_TOKENS, MAX_SHIFT = 4096, 1.15
+
+
+def image_token_count(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
+    """Tokens FLUX sees for a latent: one per 2x2 patch."""
+    return math.ceil(latent_height / patch_size) * math.ceil(latent_width / patch_size)
+
+
+def flux_shift_mu(image_tokens: int) -> float:
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_TOKENS - BASE_TOKENS)
+    return BASE_SHIFT + slope * (image_tokens - BASE_TOKENS)
+
+
+def shift_timesteps(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """sigma = e^mu / (e^mu + 1/t - 1): ComfyUI's flux_time_shift with exponent 1."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+
+
+def sample_timesteps(
+    batch: int, scheme: str, image_tokens: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-sample t in (0, 1), fp32 on the CPU (so a seed means the same t on every device)."""
+    if scheme == "uniform":
+        # Keep t off 0 exactly: at t = 0 the sample is the clean latent and carries no signal.
+        return torch.rand(batch, generator=generator).clamp_min(1e-5)
+    if scheme == "shift":
+        # Logit-normal (sigmoid of a standard normal), shifted towards noise like FLUX sampling.
+        u = torch.sigmoid(torch.randn(batch, generator=generator))
+        return shift_timesteps(u, flux_shift_mu(image_tokens))
+    raise ValueError(f"unknown timestep scheme {scheme!r}; expected one of {TIMESTEP_SCHEMES}")
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, *([1] * (x0.dim() - 1))).to(x0)
+    return (1.0 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def flow_matching_loss(predicted_velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(predicted_velocity.float(), target.float())
+
+
+def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """Factor on the base learning rate for optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+
+
+def init_lora_factors(
+    in_features: int, out_features: int, rank: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's init: down kaiming-uniform (as nn.Linear, a = sqrt(5)), up zero, so training
+    starts exactly at the base model."""
+    bound = 1.0 / math.sqrt(in_features)
+    down = (torch.rand(rank, in_features, generator=generator) * 2.0 - 1.0) * bound
+    return down, torch.zeros(out_features, rank)
+
+
+def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Randomness of one optimizer step depends only on (seed, step): resuming at step k draws
+    exactly what an uninterrupted run would have drawn."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor  # (tokens, dim) text embedding
+    pooled: torch.Tensor  # (dim,) pooled embedding
+
+
+@dataclass
+class TrainingExample:
+    latent: torch.Tensor  # (C, H, W), already in the model's latent space
+    cond: Conditioning
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    learning_rate: float
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    timestep_sampling: str = "shift"
+    caption_dropout: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides the LoRA weights."""
+
+    step: int = 0
+    loss_history: list[float] = field(default_factory=list)
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+# predict(x_t, t, context, pooled) -> velocity, all batched.
+VelocityPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FlowMatchTrainer:
+    """Trains named fp32 parameters (the LoRA factors) by flow matching on fixed examples.
+
+    `examples` are grouped by latent shape (aspect buckets); a micro-batch comes from one bucket.
+    `empty_cond` replaces a caption when caption dropout fires.
+    """
+
+    def __init__(
+        self,
+        predict: VelocityPredictor,
+        examples: Sequence[TrainingExample],
+        empty_cond: Conditioning | None,
+        params: Mapping[str, torch.Tensor],
+        settings: TrainSettings,
+        state: TrainState | None = None,
+    ):
+        if not examples:
+            raise ValueError("no training examples")
+        if settings.caption_dropout > 0 and empty_cond is None:
+            raise ValueError("caption dropout needs the empty caption's conditioning")
+        self.predict = predict
+        self.examples = list(examples)
+        self.empty_cond = empty_cond
+        self.params = dict(params)
+        self.settings = settings
+        self.state = state or TrainState()
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for index, example in enumerate(self.examples):
+            buckets.setdefault(tuple(example.latent.shape), []).append(index)
+        self.buckets = list(buckets.values())
+        self.optimizer = make_optimizer(
+            settings.optimizer, list(self.params.values()), settings.learning_rate
+        )
+        self._load_optimizer_state(self.state.optimizer_state)
+
+    def run(self) -> Iterator[tuple[int, float]]:
+        """Trains up to `settings.steps`, yielding (completed step count, loss) after each
+        optimizer step; the caller may save or stop between yields."""
+        while self.state.step < self.settings.steps:
+            loss = self.train_step(self.state.step)
+            self.state.step += 1
+            self.state.loss_history.append(loss)
+            yield self.state.step, loss
+
+    def train_step(self, step: int) -> float:
+        s = self.settings
+        lr = s.learning_rate * lr_multiplier(step, s.steps, s.lr_schedule, s.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        generator = step_generator(s.seed, step)
+        total = 0.0
+        for _ in range(s.gradient_accumulation):
+            loss = self._micro_batch_loss(generator) / s.gradient_accumulation
+            loss.backward()
+            total += loss.item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _micro_batch_loss(self, generator: torch.Generator) -> torch.Tensor:
+        s = self.settings
+        sizes = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
+        bucket = self.buckets[int(torch.multinomial(sizes, 1, generator=generator))]
+        picks = torch.randperm(len(bucket), generator=generator)[: s.batch_size]
+        chosen = [self.examples[bucket[int(i)]] for i in picks]
+        dropped = torch.rand(len(chosen), generator=generator) < s.caption_dropout
+        conds = [self.empty_cond if drop else ex.cond for ex, drop in zip(chosen, dropped)]
+
+        x0 = torch.stack([ex.latent for ex in chosen])
+        noise = torch.randn(x0.shape, generator=generator)
+        t = sample_timesteps(len(chosen), s.timestep_sampling, image_token_count(*x0.shape[-2:]), generator)
+        device = chosen[0].latent.device
+        x0, noise, t = x0.float(), noise.to(device), t.to(device)
+        x_t = noisy_latents(x0, noise, t)
+        target = velocity_target(x0, noise)
+
+        # Captions of different token lengths cannot share a batch: one forward per length.
+        by_length: dict[int, list[int]] = {}
+        for i, cond in enumerate(conds):
+            by_length.setdefault(cond.context.shape[0], []).append(i)
+        loss = x0.new_zeros(())
+        for rows in by_length.values():
+            context = torch.stack([conds[i].context for i in rows])
+            pooled = torch.stack([conds[i].pooled for i in rows])
+            velocity = self.predict(x_t[rows], t[rows], context, pooled)
+            loss = loss + flow_matching_loss(velocity, target[rows]) * (len(rows) / len(chosen))
+        return loss
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state keyed by parameter name (stable across runs, unlike indices)."""
+        names = {id(p): name for name, p in self.params.items()}
+        return {
+            names[id(p)]: {k: v.detach().cpu().clone() for k, v in st.items() if torch.is_tensor(v)}
+            for p, st in self.optimizer.state.items()
+        }
+
+    def _load_optimizer_state(self, saved: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for name, tensors in saved.items():
+            param = self.params.get(name)
+            if param is None:
+                raise ValueError(f"saved optimizer state names an unknown parameter {name!r}")
+            self.optimizer.state[param] = {
+                # Adam keeps `step` on the CPU unless fused/capturable; moments live with the param.
+                k: v.clone() if k == "step" else v.to(param.device, param.dtype)
+                for k, v in tensors.items()
+            }
