@@ -1,0 +1,221 @@
+"""Recognising FLUX.1 LoRA files in the wild and rewriting the few layouts ComfyUI cannot read.
+
+ComfyUI's `comfy.lora.model_lora_keys_unet` already maps kohya `lora_unet_*`, diffusers
+`transformer.*` (q/k/v and proj_mlp as slices of the fused layers), OneTrainer
+`lora_transformer_*`, SimpleTuner `lycoris_*` and `diffusion_model.*` BFL names, with LoRA, LoHa
+and LoKr weights. `normalize_flux_lora` only rewrites what falls outside that map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+
+import safetensors
+import safetensors.torch
+import torch
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot or must not be loaded."""
+
+
+# --- format detection -------------------------------------------------------------------------
+
+# Module paths of FLUX.1 itself: BFL names, or diffusers names at the top of the path (SD UNets
+# also have `transformer_blocks`, but nested inside `attentions`).
+_FLUX_KEY = re.compile(
+    r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d"
+    r"|^(transformer\.|base_model\.model\.|lora_transformer_|lycoris_)?transformer_blocks[._]\d"
+)
+# Within FLUX, the first rule any key matches decides; LoHa/LoKr weights first, whatever names.
+_FLUX_FORMATS = (
+    ("lycoris", re.compile(r"\.(lokr|hada)_[wt]\d")),
+    ("xlabs", re.compile(r"^(double|single)_blocks\.\d+\.processor\.")),
+    ("kohya", re.compile(r"^lora_unet_")),
+    ("diffusers", re.compile(r"transformer_blocks[._]\d")),
+    ("bfl", re.compile(r"(double|single)_blocks\.\d")),
+)
+# SD families, for a clear refusal. kohya names SDXL modules the SGM way (input_blocks) and
+# SD1.5 ones the diffusers way; only SDXL has two CLIPs and transformer depth above 1.
+_SD_FORMATS = (
+    (
+        "sdxl",
+        re.compile(r"^lora_te[12]_|^text_encoder_2\.|^lora_unet_(input|output)_blocks_|transformer_blocks[._][1-9]"),
+    ),
+    ("sd15", re.compile(r"^lora_te_|^lora_unet_(down|up)_blocks_|^lora_unet_mid_block_|^(unet|text_encoder)\.")),
+)
+
+_DESCRIPTIONS = {
+    "kohya": "a kohya-ss FLUX.1 LoRA",
+    "diffusers": "a diffusers/PEFT FLUX.1 LoRA",
+    "xlabs": "an XLabs FLUX.1 LoRA",
+    "bfl": "a FLUX.1 LoRA with BFL module names",
+    "lycoris": "a LyCORIS (LoKr/LoHa) FLUX.1 LoRA",
+    "sdxl": "an SDXL LoRA, not a FLUX.1 one",
+    "sd15": "a Stable Diffusion 1.x LoRA, not a FLUX.1 one",
+}
+
+
+def _detect(keys: Iterable[str]) -> tuple[str, list[str]]:
+    """(format, the sorted keys that decided it)."""
+    keys = sorted(keys)
+    flux_keys = [k for k in keys if _FLUX_KEY.search(k)]
+    rules = _FLUX_FORMATS if flux_keys else _SD_FORMATS
+    for name, pattern in rules:
+        evidence = [k for k in (flux_keys or keys) if pattern.search(k)]
+        if evidence:
+            return name, evidence
+    return "unknown", keys
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """One of kohya, diffusers, xlabs, bfl, lycoris, sdxl, sd15, unknown."""
+    return _detect(keys)[0]
+
+
+def describe_format(keys: Iterable[str]) -> str:
+    """A sentence for error messages, e.g. 'looks like an SDXL LoRA, ... (keys such as ...)'."""
+    name, evidence = _detect(keys)
+    if not evidence:
+        return "holds no tensors"
+    examples = ", ".join(evidence[:2]) + (", ..." if len(evidence) > 2 else "")
+    if name == "unknown":
+        return f"is not a LoRA layout this pack recognises (keys such as {examples})"
+    return f"looks like {_DESCRIPTIONS[name]} (keys such as {examples})"
+
+
+# --- normalisation ----------------------------------------------------------------------------
+
+# XLabs processor LoRAs: lora1 = image stream, lora2 = text stream; single blocks have one qkv
+# (the first 3*hidden rows of linear1, core's `linear1_qkv` slice) and a proj on linear2's input.
+_XLABS_MODULES = {
+    "qkv_lora1": "img_attn.qkv",
+    "proj_lora1": "img_attn.proj",
+    "qkv_lora2": "txt_attn.qkv",
+    "proj_lora2": "txt_attn.proj",
+    "qkv_lora": "linear1_qkv",
+    "proj_lora": "linear2",
+}
+_XLABS_KEY = re.compile(r"^((?:double|single)_blocks\.\d+)\.processor\.(\w+)\.(down|up)\.weight$")
+
+_PEFT_PREFIX = "base_model.model."
+# Top-level FLUX module names, and the prefix core's key map expects in front of them.
+_BFL_TOP = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+_DIFFUSERS_TOP = (
+    "transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+    "time_text_embed", "norm_out", "proj_out",
+)  # fmt: skip
+_PREFIX_FOR_TOP = {**dict.fromkeys(_BFL_TOP, "diffusion_model."), **dict.fromkeys(_DIFFUSERS_TOP, "transformer.")}
+
+
+def _is_bfl_control_lora(sd: dict) -> bool:
+    # Core converts these itself (convert_lora_bfl_control), keyed on their bare names.
+    return "img_in.lora_A.weight" in sd and "single_blocks.0.norm.key_norm.scale" in sd
+
+
+def _normalized_key(key: str) -> str:
+    xlabs = _XLABS_KEY.match(key)
+    if xlabs and xlabs.group(2) in _XLABS_MODULES:
+        block, module, side = xlabs.groups()
+        # No .alpha is written: XLabs files carry none, and core then scales by 1.
+        return f"diffusion_model.{block}.{_XLABS_MODULES[module]}.lora_{side}.weight"
+    if key.startswith(_PEFT_PREFIX):
+        key = key[len(_PEFT_PREFIX) :]
+    prefix = _PREFIX_FOR_TOP.get(key.split(".", 1)[0])
+    return prefix + key if prefix else key
+
+
+def normalize_flux_lora(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rewrites XLabs, bare BFL/diffusers and PEFT `base_model.model.` keys into names core maps.
+
+    Every other key passes through unchanged; tensors are not copied.
+    """
+    if _is_bfl_control_lora(sd):
+        return dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        new_key = _normalized_key(key)
+        if new_key in out:
+            raise LoraFormatError(f"two keys normalise to {new_key!r} (one of them is {key!r})")
+        out[new_key] = tensor
+    return out
+
+
+# --- kohya names ------------------------------------------------------------------------------
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+
+
+def kohya_name(module_path: str) -> str:
+    """`double_blocks.0.img_attn.qkv` -> `lora_unet_double_blocks_0_img_attn_qkv`."""
+    return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
+
+
+def module_path_from_kohya_name(name: str, module_paths: Iterable[str]) -> str:
+    """The inverse of `kohya_name`; needs the real paths, since `_` also occurs inside names."""
+    matches = [p for p in module_paths if kohya_name(p) == name]
+    if len(matches) != 1:
+        found = "no module" if not matches else f"several modules ({', '.join(matches)})"
+        raise KeyError(f"{name!r} names {found}")
+    return matches[0]
+
+
+# --- reading and validation -------------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
+_PICKLE_PROTO = 0x80  # first byte of a pickle, protocol 2 and later (old torch.save, .ckpt)
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _refuse(path: str, what: str) -> LoraFormatError:
+    return LoraFormatError(
+        f"{path}: {what}, not a safetensors file. Only .safetensors LoRAs are loaded: pickled "
+        f"checkpoints (.ckpt, .pt, .bin) are refused because unpickling can run arbitrary code."
+    )
+
+
+def _check_safetensors_header(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO]):
+            raise _refuse(path, "this is a PyTorch pickle")
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 2 <= header_len <= min(size - 8, _MAX_HEADER_BYTES):
+            raise _refuse(path, "the file does not start with a safetensors header")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _refuse(path, "the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _refuse(path, "the safetensors header is not a JSON object")
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads and validates a .safetensors LoRA; never unpickles anything."""
+    path = os.fspath(path)
+    _check_safetensors_header(path)
+    try:
+        sd = safetensors.torch.load_file(path)
+    except safetensors.SafetensorError as e:
+        raise LoraFormatError(f"{path}: damaged safetensors file: {e}") from None
+    validate_lora_tensors(sd, path)
+    return sd
+
+
+def validate_lora_tensors(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raises LoraFormatError for an empty file, non-float tensors, or NaN/Inf values."""
+    if not sd:
+        raise LoraFormatError(f"{source}: the file holds no tensors")
+    for key, tensor in sd.items():
+        # kohya writes `alpha` as an int64 scalar when it defaulted to the rank.
+        allowed_integer = key.endswith(".alpha") and not tensor.dtype.is_complex and tensor.dtype != torch.bool
+        if not (tensor.is_floating_point() or allowed_integer):
+            raise LoraFormatError(f"{source}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
+        # isfinite has no float8 kernel, so those are checked as float32.
+        values = tensor.float() if tensor.element_size() == 1 and tensor.is_floating_point() else tensor
+        if not torch.isfinite(values).all():
+            raise LoraFormatError(f"{source}: tensor {key!r} contains NaN or Inf values")
