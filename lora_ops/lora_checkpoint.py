@@ -1,0 +1,174 @@
+"""kohya-format LoRA checkpoints with a resumable training state beside them.
+
+`<name>.safetensors` holds `lora_unet_<path>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+(what ComfyUI core, kohya and diffusers load) plus kohya's `ss_*` metadata. The sibling
+`<name>.trainstate` is also safetensors (never pickle): optimizer tensors keyed by parameter name,
+and the step, loss history and settings as JSON in its metadata. Its extension keeps it out of
+ComfyUI's LoRA list. Every write goes to a temporary file in the same folder, then os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .flow_match import TrainState
+from .lora_formats import kohya_name, module_path_from_kohya_name
+
+LORA_EXTENSION = ".safetensors"
+STATE_EXTENSION = ".trainstate"
+_STATE_KEY = "fluxq_train_state"
+_OPTIMIZER_PREFIX = "optimizer/"
+_STEP_SUFFIX = re.compile(r"_step(\d{6,})$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class LoraFactors:
+    down: torch.Tensor  # (rank, in)
+    up: torch.Tensor  # (out, rank)
+
+
+def lora_metadata(
+    *, base_model: str, rank: int, alpha: float, steps: int, trigger_word: str,
+    image_count: int, resolution: int,
+) -> dict[str, str]:
+    """kohya's `ss_*` keys (read by kohya, A1111/Forge and model sites) and the modelspec trigger."""
+    return {
+        "ss_network_module": "networks.lora_flux",
+        "ss_base_model_version": "flux1",
+        "ss_sd_model_name": base_model,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_steps": str(steps),
+        "ss_num_train_images": str(image_count),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "modelspec.trigger_phrase": trigger_word,
+        "fluxq_format": "kohya",
+    }
+
+
+def state_path_for(lora_path: str) -> str:
+    return os.path.splitext(lora_path)[0] + STATE_EXTENSION
+
+
+def step_checkpoint_name(name: str, step: int) -> str:
+    return f"{name}_step{step:06d}{LORA_EXTENSION}"
+
+
+def save_checkpoint(
+    lora_path: str,
+    factors: Mapping[str, LoraFactors],
+    alpha: float,
+    metadata: Mapping[str, str],
+    state: TrainState | None = None,
+    state_info: Mapping[str, object] | None = None,
+) -> None:
+    """Writes the LoRA and, with `state`, its `.trainstate` sibling (state first, so a LoRA file
+    never points at an older state than its own)."""
+    tensors = {}
+    for path, f in factors.items():
+        base = kohya_name(path)
+        tensors[f"{base}.lora_down.weight"] = f.down.detach().float().cpu().contiguous()
+        tensors[f"{base}.lora_up.weight"] = f.up.detach().float().cpu().contiguous()
+        tensors[f"{base}.alpha"] = torch.tensor(float(alpha))
+    if state is not None:
+        state_tensors = {
+            f"{_OPTIMIZER_PREFIX}{param}/{key}": value.detach().cpu().contiguous()
+            for param, values in state.optimizer_state.items()
+            for key, value in values.items()
+        }
+        info = {**(state_info or {}), "step": state.step, "loss_history": state.loss_history}
+        _atomic_save(state_tensors, {_STATE_KEY: json.dumps(info)}, state_path_for(lora_path))
+    _atomic_save(tensors, dict(metadata), lora_path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(
+    lora_path: str, module_paths: Iterable[str]
+) -> tuple[dict[str, LoraFactors], float, dict[str, str]]:
+    """Factors by module path, the (single) alpha, and the file's metadata."""
+    module_paths = list(module_paths)
+    label = os.path.basename(lora_path)
+    factors: dict[str, LoraFactors] = {}
+    alphas = set()
+    with safe_open(lora_path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        keys = set(f.keys())
+        for key in sorted(keys):
+            if not key.endswith(".lora_down.weight"):
+                continue
+            base = key[: -len(".lora_down.weight")]
+            try:
+                path = module_path_from_kohya_name(base, module_paths)
+            except KeyError as e:
+                raise CheckpointError(f"{label}: {e.args[0]} in this model") from None
+            up_key, alpha_key = f"{base}.lora_up.weight", f"{base}.alpha"
+            if up_key not in keys:
+                raise CheckpointError(f"{label}: {key} has no {up_key}")
+            factors[path] = LoraFactors(f.get_tensor(key).float(), f.get_tensor(up_key).float())
+            alphas.add(float(f.get_tensor(alpha_key)) if alpha_key in keys else float(factors[path].down.shape[0]))
+    if not factors:
+        raise CheckpointError(f"{label} holds no kohya lora_unet_* factors")
+    if len(alphas) != 1:
+        raise CheckpointError(f"{label} mixes alphas {sorted(alphas)}; it was not written by this trainer")
+    return factors, alphas.pop(), metadata
+
+
+def load_train_state(lora_path: str) -> tuple[TrainState, dict]:
+    """The state saved beside `lora_path`, and the settings recorded with it."""
+    path = state_path_for(lora_path)
+    label = os.path.basename(lora_path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"cannot resume from {label}: no {os.path.basename(path)} beside it")
+    with safe_open(path, framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get(_STATE_KEY, "null"))
+        if not isinstance(info, dict) or "step" not in info:
+            raise CheckpointError(f"{os.path.basename(path)} is not a training state")
+        optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        for key in f.keys():
+            param, _, name = key[len(_OPTIMIZER_PREFIX):].rpartition("/")
+            optimizer_state.setdefault(param, {})[name] = f.get_tensor(key)
+    state = TrainState(int(info.pop("step")), [float(x) for x in info.pop("loss_history", [])], optimizer_state)
+    return state, info
+
+
+def prune_step_checkpoints(folder: str, name: str, keep_last: int) -> list[str]:
+    """Deletes all but the newest `keep_last` `<name>_stepNNNNNN` checkpoints (0 keeps all).
+    Returns the deleted LoRA paths."""
+    if keep_last <= 0 or not os.path.isdir(folder):
+        return []
+    steps = []
+    for entry in os.listdir(folder):
+        stem, ext = os.path.splitext(entry)
+        match = _STEP_SUFFIX.search(stem)
+        if ext == LORA_EXTENSION and match and stem[: match.start()] == name:
+            steps.append((int(match.group(1)), os.path.join(folder, entry)))
+    deleted = []
+    for _, path in sorted(steps)[:-keep_last]:
+        for victim in (path, state_path_for(path)):
+            if os.path.exists(victim):
+                os.remove(victim)
+        deleted.append(path)
+    return deleted
