@@ -3,8 +3,11 @@ import os
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as QType
 
+from lora_ops.dequant import dequantize
+from lora_ops.gguf_file import read_gguf
 from lora_ops.gguf_write import encode, flux_qtype_for, write_gguf
 
 K_QUANTS = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
@@ -92,3 +95,17 @@ def test_write_gguf_failure_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         write_gguf(tmp_path / "model.gguf", {"w": np.zeros((2, 32), dtype=np.float32)}, broken_rule)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("qtype", [QType.F32, QType.F16, QType.Q8_0, QType.Q4_K], ids=lambda t: t.name)
+def test_round_trip_through_read_gguf_and_dequantize(tmp_path, qtype):
+    array = np.random.default_rng(6).normal(0.0, 0.02, size=(2, 3, 256)).astype(np.float32)
+    path = tmp_path / "round-trip.gguf"
+    write_gguf(path, {"double_blocks.0.w": array}, lambda name, a: qtype, rng=np.random.default_rng(8))
+
+    tensor = read_gguf(path, expected_arch="flux").tensors["double_blocks.0.w"]
+    assert (tensor.qtype, tensor.shape) == (qtype, array.shape)
+    raw = tensor.data.reshape(-1).view(torch.uint8) if not tensor.is_quantized else tensor.data
+    ours = dequantize(raw.contiguous(), tensor.qtype, tensor.shape)
+    expected = _reference_dequantize(encode(array, qtype, np.random.default_rng(8)), qtype, array.shape)
+    assert torch.equal(ours, torch.from_numpy(expected))
