@@ -47,8 +47,9 @@ def _shifts(values: list[int], view: tuple[int, ...], device: torch.device) -> t
 
 
 def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The fp16 field at byte `offset` of every block, as float32 of shape (n_blocks, 1)."""
-    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
+    """The fp16 field at (even) byte `offset` of every block, as float32 of shape (n_blocks, 1)."""
+    # Every block size is even and `blocks` starts 4-byte aligned, so this is a view, not a copy.
+    return blocks.view(torch.float16)[:, offset // 2:offset // 2 + 1].to(torch.float32)
 
 
 def _low_then_high_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -219,6 +220,8 @@ def dequantize(
     if raw.numel() != expected:
         raise ValueError(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {raw.numel()}")
     flat = raw.reshape(-1)
+    if flat.storage_offset() % 4:
+        flat = flat.clone()  # wider dtype views need aligned memory; file data always is aligned
     if qtype in _FLOAT_TYPES:
         return flat.view(_FLOAT_TYPES[qtype]).reshape(shape).to(dtype)
     type_size = gguf.GGML_QUANT_SIZES[qtype][1]

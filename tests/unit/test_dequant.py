@@ -113,12 +113,18 @@ def test_low_precision_output_is_the_rounded_float32_result(qtype, dtype):
     assert torch.equal(ours, oracle(raw, qtype, shape).to(dtype))
 
 
-def test_raw_from_an_offset_inside_a_larger_buffer():
-    qtype, shape = QType.Q5_0, (2, 64)
-    raw = random_valid_blocks(qtype, 4, 11).reshape(-1)
-    buffer = torch.zeros(raw.size + 6, dtype=torch.uint8)
-    buffer[6:] = torch.from_numpy(raw)
-    torch.testing.assert_close(dequantize(buffer[6:], qtype, shape), oracle(raw, qtype, shape), rtol=1e-6, atol=0)
+@pytest.mark.parametrize("start", [5, 6, 8])
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q6_K, QType.F32], ids=lambda t: t.name)
+def test_raw_from_an_offset_inside_a_larger_buffer(qtype, start):
+    shape = (2, 256)
+    if qtype == QType.F32:
+        raw = np.random.default_rng(11).standard_normal(shape).astype(np.float32).view(np.uint8).reshape(-1)
+    else:
+        raw = random_valid_blocks(qtype, 512 // gguf.GGML_QUANT_SIZES[qtype][0], 11).reshape(-1)
+    buffer = torch.zeros(raw.size + start, dtype=torch.uint8)
+    buffer[start:] = torch.from_numpy(raw)
+    ours = dequantize(buffer[start:], qtype, shape)
+    torch.testing.assert_close(ours, oracle(raw, qtype, shape), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("qtype, name", [(QType.IQ2_XXS, "IQ2_XXS"), (QType.TQ1_0, "TQ1_0"), (QType.Q8_1, "Q8_1"), (99, "99")])
