@@ -1,5 +1,6 @@
 """Thin ComfyUI V3 node classes; the work happens in lora_ops and comfy_glue."""
 
 from .loaders import NODES as _LOADERS
+from .lora import NODES as _LORA
 
-ALL_NODES = [*_LOADERS]
+ALL_NODES = [*_LOADERS, *_LORA]

@@ -1,0 +1,337 @@
+"""The seam between lora_ops (pure torch) and ComfyUI's model management.
+
+Three pieces, each reusing what ComfyUI already does and adding only what it lacks:
+- ``FluxQOps``: ComfyUI "custom operations" whose Linear/Embedding keep GGUF bytes as the
+  parameter (so ``.to()``, offloading and ``module_size`` see the quantized size) and
+  dequantize in ``forward``.
+- ``FluxQModelPatcher``: a ``ModelPatcher`` that never merges core patches (``LoraLoader``)
+  into quantized bytes; they run after dequantization, as ComfyUI's own lowvram mode does.
+- The runtime LoRA wrapper: an ``APPLY_MODEL`` wrapper holding an immutable ``LoraStack``;
+  clones carry it, so strength changes and removal never touch a weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..lora_ops.dequant import UnsupportedQuantTypeError, dequantize
+from ..lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf
+from ..lora_ops.lora_formats import (
+    LoraFormatError,
+    describe_format,
+    detect_format,
+    normalize_flux_lora,
+    read_lora_file,
+    validate_lora_tensors,
+)
+from ..lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+
+log = logging.getLogger("fluxq")
+
+DEQUANT_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --- quantized layers --------------------------------------------------------------------
+
+
+class _QuantizedWeightMixin:
+    """Holds either a float weight (ComfyUI's usual path) or GGUF bytes plus their type/shape."""
+
+    qtype = None
+    qshape = None
+    dequant_dtype = None
+
+    def _take_tensor(self, value, name: str) -> None:
+        if isinstance(value, QTensor):
+            if value.is_quantized:
+                self.qtype, self.qshape = value.qtype, tuple(value.shape)
+            value = value.data
+        setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if key in state_dict:
+                self._take_tensor(state_dict[key], name)
+            elif name == "weight" or getattr(self, "bias", None) is not None:
+                missing_keys.append(key)
+
+    def _dequantized_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        raw = self.weight.to(device, non_blocking=comfy.model_management.device_supports_non_blocking(device))
+        weight = dequantize(raw, self.qtype, self.qshape, dtype=self.dequant_dtype or dtype).to(dtype)
+        for patch in self.weight_function:
+            weight = patch(weight)
+        return weight
+
+    def _cast_bias(self, dtype: torch.dtype, device: torch.device):
+        if self.bias is None:
+            return None
+        bias = comfy.model_management.cast_to(self.bias, dtype, device, copy=len(self.bias_function) > 0)
+        for patch in self.bias_function:
+            bias = patch(bias)
+        return bias
+
+    def _state_dict_shape(self):
+        return self.qshape
+
+
+def make_ops(dequant_dtype: torch.dtype | None):
+    """Operations for ``model_options['custom_operations']``: ComfyUI's manual_cast plus GGUF layers."""
+
+    class FluxQOps(comfy.ops.manual_cast):
+        class Linear(_QuantizedWeightMixin, comfy.ops.manual_cast.Linear):
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                # No allocation here: the loader assigns the (quantized) tensors, and a full-size
+                # FLUX would otherwise allocate ~24 GB of empty float weights first.
+                torch.nn.Module.__init__(self)
+                self.in_features, self.out_features = in_features, out_features
+                self.weight = None
+                self.bias = None
+                self.dequant_dtype = dequant_dtype
+
+            def forward(self, x):
+                if self.qtype is None:
+                    return super().forward(x)
+                comfy.ops.run_every_op()
+                weight = self._dequantized_weight(x.dtype, x.device)
+                return torch.nn.functional.linear(x, weight, self._cast_bias(x.dtype, x.device))
+
+        class Embedding(_QuantizedWeightMixin, comfy.ops.manual_cast.Embedding):
+            def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
+                         scale_grad_by_freq=False, sparse=False, _weight=None, device=None, dtype=None):
+                torch.nn.Module.__init__(self)
+                self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+                self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
+                self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+                self.weight = None
+                self.bias = None
+                self.dequant_dtype = dequant_dtype
+
+            def forward(self, input, out_dtype=None):
+                if self.qtype is None:
+                    return super().forward(input, out_dtype=out_dtype)
+                dtype = out_dtype or self.dequant_dtype or torch.float32
+                weight = self._dequantized_weight(dtype, input.device)
+                return torch.nn.functional.embedding(input, weight, self.padding_idx, self.max_norm,
+                                                     self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    return FluxQOps
+
+
+def is_quantized_key(model: torch.nn.Module, key: str) -> bool:
+    module_path, _, param = key.rpartition(".")
+    module = comfy.utils.get_attr(model, module_path) if module_path else model
+    return param == "weight" and getattr(module, "qtype", None) is not None
+
+
+class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
+    """Core LoRA patches on quantized weights run after dequantization instead of being merged.
+
+    Merging would mean re-quantizing (lossy) or keeping a float copy (the memory GGUF saves).
+    This is what ComfyUI does itself for lowvram layers, so we reuse its ``LowVramPatch``.
+    """
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        if key in self.patches and is_quantized_key(self.model, key):
+            module = comfy.utils.get_attr(self.model, key.rpartition(".")[0])
+            module.weight_function = [comfy.model_patcher.LowVramPatch(key, self.patches)]
+            return
+        super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+        if unpatch_weights:
+            for module in self.model.modules():
+                if getattr(module, "qtype", None) is not None:
+                    module.weight_function = []
+
+
+class GGUFModelError(ValueError):
+    pass
+
+
+def load_flux_gguf(path: str, dequant_dtype: str = "auto") -> FluxQModelPatcher:
+    """A FLUX transformer from a .gguf file, weights kept quantized, as a ComfyUI MODEL."""
+    gguf_model = read_gguf(path, expected_arch="flux")
+    # ComfyUI's detector only reads shapes: give it meta tensors of the logical shapes.
+    shapes = {name: torch.empty(t.shape, device="meta") for name, t in gguf_model.tensors.items()}
+    model_config = comfy.model_detection.model_config_from_unet(shapes, "")
+    if model_config is None or "flux" not in type(model_config).__name__.lower():
+        detected = "nothing ComfyUI recognises" if model_config is None else type(model_config).__name__
+        raise GGUFModelError(f"{os.path.basename(path)}: not a FLUX.1 transformer (the tensors look like {detected}).")
+
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    n_params = sum(int(torch.Size(t.shape).numel()) for t in gguf_model.tensors.values())
+    supported = model_config.supported_inference_dtypes
+    unet_dtype = comfy.model_management.unet_dtype(model_params=n_params, supported_dtypes=supported)
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device, supported)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    model_config.custom_operations = make_ops(DEQUANT_DTYPES[dequant_dtype])
+
+    model = model_config.get_model(shapes, "")
+    model.load_model_weights(_loadable(gguf_model.tensors), "")
+    return FluxQModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def _loadable(tensors: dict[str, QTensor]) -> dict:
+    """Quantized tensors stay ``QTensor`` (only FluxQOps layers take them); float ones become plain tensors."""
+    return {name: t if t.is_quantized else t.data for name, t in tensors.items()}
+
+
+def load_text_encoders(clip_path: str, t5_path: str | None):
+    """CLIP-L (+ T5-XXL) for FLUX through ComfyUI's own text-encoder loader, with FluxQ layers."""
+    state_dicts = []
+    for path in (clip_path, t5_path):
+        if path is None:
+            continue
+        if path.endswith(".gguf"):
+            state_dicts.append(_loadable(read_text_encoder_gguf(path)))
+        else:
+            state_dicts.append(comfy.utils.load_torch_file(path, safe_load=True))
+    clip_type = comfy.sd.CLIPType.FLUX if t5_path else comfy.sd.CLIPType.STABLE_DIFFUSION
+    return comfy.sd.load_text_encoder_state_dicts(
+        state_dicts,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        clip_type=clip_type,
+        model_options={"custom_operations": make_ops(None)},
+    )
+
+
+# --- runtime LoRA ------------------------------------------------------------------------
+
+LORA_WRAPPER_KEY = "fluxq_lora"
+_APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+
+
+class LoraStackWrapper:
+    """Runs each model call with this patcher's LoRA stack active on the shared modules."""
+
+    def __init__(self, stack: LoraStack):
+        self.stack = stack
+
+    def __deepcopy__(self, memo):
+        return self  # the stack is immutable; ComfyUI deep-copies model_options per clone
+
+    def __call__(self, executor, *args, **kwargs):
+        install_hooks(executor.class_obj.diffusion_model, self.stack.module_paths())
+        with activate(self.stack):
+            return executor(*args, **kwargs)
+
+
+def get_lora_stack(model) -> LoraStack:
+    wrappers = model.get_wrappers(_APPLY_MODEL, LORA_WRAPPER_KEY)
+    return wrappers[0].stack if wrappers else LoraStack()
+
+
+def with_lora_stack(model, stack: LoraStack):
+    """A clone of ``model`` whose runtime LoRAs are ``stack``; the upstream model is unchanged."""
+    clone = model.clone()
+    clone.remove_wrappers_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY)
+    if not stack.is_empty:
+        clone.add_wrapper_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY, LoraStackWrapper(stack))
+    return clone
+
+
+class LoraMatchError(ValueError):
+    pass
+
+
+def _matched_keys(patches: dict, lora_sd: dict) -> set[str]:
+    """The file's keys ComfyUI consumed: the adapters' own keys plus their ``.alpha``/``.dora_scale``."""
+    loaded = set().union(*(getattr(adapter, "loaded_keys", ()) for adapter in patches.values()))
+    extras = {
+        k for k in lora_sd
+        if k.endswith((".alpha", ".dora_scale")) and any(l.startswith(k.rsplit(".", 1)[0] + ".") for l in loaded)
+    }
+    return loaded | extras
+
+
+def _runtime_adapter(target, adapter, diffusion_model, lora_name: str) -> tuple[str, LowRankAdapter]:
+    key, out_slice = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+    kind = "full weight diff" if isinstance(adapter, tuple) else type(adapter).__name__
+    if kind != "LoRAAdapter":
+        raise LoraMatchError(
+            f"{lora_name}: {key} is a {kind.replace('Adapter', '')} adapter; the runtime path supports plain "
+            "LoRA only. Use ComfyUI's core 'LoraLoaderModelOnly' for LyCORIS (LoKr/LoHa) files: it works on "
+            "FluxQ GGUF models too."
+        )
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        raise LoraMatchError(f"{lora_name}: {key} uses LoCon mid/DoRA/reshape, which the runtime path does not support.")
+    module_path = key[len("diffusion_model."):-len(".weight")]
+    module = diffusion_model.get_submodule(module_path)
+    rows = out_slice[2] if out_slice is not None else module.out_features
+    if down.shape[-1] != module.in_features or up.shape[0] != rows or up.shape[1] != down.shape[0]:
+        raise LoraMatchError(
+            f"{lora_name}: shapes do not fit {module_path}: lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}, "
+            f"layer expects ({down.shape[0]}, {module.in_features}) and ({rows}, {down.shape[0]})."
+        )
+    rank = down.shape[0]
+    scale = alpha / rank if alpha is not None else 1.0
+    offset = (out_slice[1], out_slice[2]) if out_slice is not None else None
+    return module_path, LowRankAdapter(down=down.float(), up=up.float(), scale=float(scale), out_slice=offset)
+
+
+def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_clip: float = 0.0):
+    """Parse a LoRA file with ComfyUI's own key mapping into a runtime ``LoraEntry``.
+
+    Returns ``(entry, clip_or_None, report)``. CLIP (``lora_te1_``) keys go through core patches.
+    """
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    lora_sd = read_lora_file(path)
+    validate_lora_tensors(lora_sd, lora_name)
+    fmt = detect_format(lora_sd.keys())
+    lora_sd = normalize_flux_lora(lora_sd)
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
+    diffusion_model = model.model.diffusion_model
+    adapters: dict[str, list[LowRankAdapter]] = {}
+    for target, adapter in patches.items():
+        module_path, runtime = _runtime_adapter(target, adapter, diffusion_model, lora_name)
+        adapters.setdefault(module_path, []).append(runtime)
+    matched = _matched_keys(patches, lora_sd)
+
+    clip_out = None
+    if clip is not None:
+        clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        clip_patches = comfy.lora.load_lora(lora_sd, clip_map, log_missing=False)
+        matched |= _matched_keys(clip_patches, lora_sd)
+        clip_out = clip.clone()
+        clip_out.add_patches(clip_patches, strength_clip)
+
+    if not adapters:
+        raise LoraMatchError(
+            f"{lora_name}: matched no layer of this FLUX model ({len(lora_sd)} keys, format '{fmt}'). "
+            f"It {describe_format(lora_sd.keys())}."
+        )
+    unmatched = sorted(k for k in lora_sd if k not in matched)
+    entry = LoraEntry(name=lora_name, strength=float(strength),
+                      adapters={path: tuple(a) for path, a in adapters.items()})
+    report = f"{lora_name} ({fmt}): {len(adapters)} modules matched, {len(unmatched)} keys unmatched"
+    if unmatched:
+        report += ": " + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
+        log.warning("[FluxQ] %s", report)
+    else:
+        log.info("[FluxQ] %s", report)
+    return entry, clip_out, report
+
+
+__all__ = [
+    "GGUFModelError", "LoraFormatError", "LoraMatchError", "UnsupportedQuantTypeError",
+    "FluxQModelPatcher", "make_ops", "load_flux_gguf", "get_lora_stack", "with_lora_stack", "load_lora_entry",
+]

@@ -1,0 +1,74 @@
+"""GGUF loaders: the FLUX transformer and its text encoders, weights kept quantized."""
+
+import folder_paths
+from comfy_api.latest import io
+
+from .comfy_glue import DEQUANT_DTYPES, load_flux_gguf, load_text_encoders
+
+CATEGORY = "Flux QLoRA Lab/loaders"
+NO_T5 = "none"
+
+# ComfyUI lists only .safetensors/.ckpt/... in its model folders; register .gguf views of the
+# same folders so the dropdowns show them. The folder lists are shared, not copied, so paths
+# added later (extra_model_paths.yaml) appear here too.
+GGUF_UNET_FOLDER = "fluxq_gguf_unet"
+TEXT_ENCODER_FOLDER = "fluxq_text_encoders"
+folder_paths.folder_names_and_paths[GGUF_UNET_FOLDER] = (folder_paths.folder_names_and_paths["diffusion_models"][0], {".gguf"})
+folder_paths.folder_names_and_paths[TEXT_ENCODER_FOLDER] = (
+    folder_paths.folder_names_and_paths["text_encoders"][0], {".gguf", ".safetensors", ".sft"}
+)
+
+
+class FluxQLoadGGUF(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxQLoadGGUF",
+            display_name="Load FLUX GGUF (FluxQ)",
+            category=CATEGORY,
+            description="Loads a FLUX.1 dev/schnell transformer from a .gguf file. Weights stay quantized in "
+                        "memory and are dequantized layer by layer at run time.",
+            inputs=[
+                io.Combo.Input("gguf_name", options=folder_paths.get_filename_list(GGUF_UNET_FOLDER),
+                               tooltip="A FLUX.1 .gguf from models/diffusion_models or models/unet "
+                                       "(e.g. flux1-dev-Q8_0.gguf)."),
+                io.Combo.Input("dequant_dtype", options=list(DEQUANT_DTYPES), default="auto",
+                               tooltip="Precision the quantized weights are expanded to. 'auto' uses the "
+                                       "model's compute dtype (bf16 on recent GPUs, fp32 on CPU)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, gguf_name, dequant_dtype) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(GGUF_UNET_FOLDER, gguf_name)
+        return io.NodeOutput(load_flux_gguf(path, dequant_dtype))
+
+
+class FluxQLoadTextEncodersGGUF(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        encoders = folder_paths.get_filename_list(TEXT_ENCODER_FOLDER)
+        return io.Schema(
+            node_id="FluxQLoadTextEncodersGGUF",
+            display_name="Load FLUX Text Encoders GGUF (FluxQ)",
+            category=CATEGORY,
+            description="Loads CLIP-L and T5-XXL for FLUX from .gguf or .safetensors files in "
+                        "models/text_encoders (or models/clip). Quantized weights stay quantized.",
+            inputs=[
+                io.Combo.Input("clip_name", options=encoders, tooltip="CLIP-L, e.g. clip_l.safetensors."),
+                io.Combo.Input("t5_name", options=[NO_T5, *encoders], default=NO_T5,
+                               tooltip="T5-XXL, e.g. t5-v1_1-xxl-encoder-Q8_0.gguf. 'none' loads CLIP-L alone "
+                                       "(only for models whose text input is 768 wide, such as the tiny test models)."),
+            ],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip_name, t5_name) -> io.NodeOutput:
+        clip_path = folder_paths.get_full_path_or_raise(TEXT_ENCODER_FOLDER, clip_name)
+        t5_path = None if t5_name == NO_T5 else folder_paths.get_full_path_or_raise(TEXT_ENCODER_FOLDER, t5_name)
+        return io.NodeOutput(load_text_encoders(clip_path, t5_path))
+
+
+NODES = [FluxQLoadGGUF, FluxQLoadTextEncodersGGUF]

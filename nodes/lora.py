@@ -1,0 +1,75 @@
+"""Runtime LoRA nodes: apply (with strength) and remove, without touching any weight."""
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..lora_ops.lora_runtime import REMOVE_ALL
+from .comfy_glue import get_lora_stack, load_lora_entry, with_lora_stack
+
+CATEGORY = "Flux QLoRA Lab/lora"
+
+
+class FluxQApplyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxQApplyLoRA",
+            display_name="Apply LoRA (FluxQ runtime)",
+            category=CATEGORY,
+            description="Adds a LoRA as a separate low-rank path beside the (quantized) weights: "
+                        "y = Wx + strength·(alpha/rank)·B(Ax). Nothing is merged, so strength changes and "
+                        "removal are instant and exact. Chain several to stack them. Reads kohya, diffusers/PEFT "
+                        "(ai-toolkit), XLabs and BFL-native FLUX LoRAs.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A FLUX.1 LoRA from models/loras (.safetensors)."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the LoRA on the transformer; 0 gives exactly the base model."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Connect to also apply the LoRA's CLIP-L (lora_te1_) part, if it has one."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the LoRA on CLIP-L (core ComfyUI patching)."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, clip=None, strength_clip=1.0) -> io.NodeOutput:
+        entry, clip_out, report = load_lora_entry(model, lora_name, strength_model, clip, strength_clip)
+        patched = with_lora_stack(model, get_lora_stack(model).with_lora(entry))
+        _show_text(report, cls.hidden.unique_id)
+        return io.NodeOutput(patched, clip_out if clip_out is not None else clip, ui={"text": [report]})
+
+
+class FluxQRemoveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxQRemoveLoRA",
+            display_name="Remove LoRA (FluxQ runtime)",
+            category=CATEGORY,
+            description="Removes a LoRA applied upstream by 'Apply LoRA (FluxQ runtime)'. The result is bit for bit "
+                        "the model without it; no weights are reloaded.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=[REMOVE_ALL, *folder_paths.get_filename_list("loras")],
+                               default=REMOVE_ALL, tooltip="The LoRA to remove, or 'all'."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name) -> io.NodeOutput:
+        return io.NodeOutput(with_lora_stack(model, get_lora_stack(model).without(lora_name)))
+
+
+def _show_text(text: str, node_id) -> None:
+    from server import PromptServer
+
+    if node_id is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
+NODES = [FluxQApplyLoRA, FluxQRemoveLoRA]

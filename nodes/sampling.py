@@ -1,0 +1,353 @@
+"""FLUX sampling with core's own pieces (ModelSamplingFlux, FluxGuidance's conditioning values,
+comfy.sample) and the A/B LoRA compare grid."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+import node_helpers
+import torch
+from comfy_api.latest import io, ui
+from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+
+from ..lora_ops import grid
+from .comfy_glue import get_lora_stack, load_lora_entry, with_lora_stack
+
+CATEGORY = "Flux QLoRA Lab/sampling"
+SETTINGS = io.Custom("FLUX_SAMPLER_SETTINGS")
+NO_LORA = "none"
+
+# ModelSamplingFlux's defaults: mu on a line through (256 tokens, 0.5) and (4096 tokens, 1.15),
+# the values of BFL's flux/sampling.py get_schedule and diffusers' FluxPipeline.
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+
+@dataclass(frozen=True)
+class FluxSamplerSettings:
+    """What FluxQSamplerSettings hands to the sampler and the grid (the FLUX_SAMPLER_SETTINGS value)."""
+
+    preset: str
+    steps: int
+    guidance: float | None  # None leaves the conditioning alone: schnell has no guidance input
+    sampler_name: str
+    scheduler: str
+    shift_mode: str  # "auto": from the image size as ModelSamplingFlux; "fixed": `shift`
+    shift: float  # the sigma-shift factor s = e^mu
+    width: int
+    height: int
+    denoise: float
+
+
+PRESETS = {
+    # diffusers' FluxPipeline: 28 steps, guidance 3.5; BFL and ComfyUI's template: euler, simple,
+    # resolution-dependent shift.
+    "flux-dev": dict(steps=28, guidance=3.5, sampler_name="euler", scheduler="simple", shift_mode="auto"),
+    # BFL's CLI: 4 steps, unshifted schedule (get_schedule(shift=False)); schnell has no guidance input.
+    "flux-schnell": dict(steps=4, guidance=None, sampler_name="euler", scheduler="simple",
+                         shift_mode="fixed", shift=1.0),
+}
+
+
+def patch_flow_shift(model, settings: FluxSamplerSettings, width: int, height: int):
+    """The model with the sigma shift `settings` ask for, patched by core's own nodes."""
+    if model.model.model_type == comfy.model_base.ModelType.FLUX:  # guidance-distilled (dev)
+        if settings.shift_mode == "auto":
+            return ModelSamplingFlux().patch(model, MAX_SHIFT, BASE_SHIFT, width, height)[0]
+        mu = math.log(settings.shift)
+        # A flat line (base = max = mu) makes core's node use mu whatever the size.
+        return ModelSamplingFlux().patch(model, mu, mu, width, height)[0]
+    # schnell is a plain flow model (ModelType.FLOW) that BFL samples unshifted: never give it
+    # ModelSamplingFlux; a fixed shift other than its own goes through core's ModelSamplingSD3.
+    native = model.get_model_object("model_sampling")
+    if settings.shift_mode == "auto" or settings.shift == native.shift:
+        return model
+    return ModelSamplingSD3().patch(model, settings.shift, multiplier=native.multiplier)[0]
+
+
+def shift_factor(model) -> float:
+    """The s = e^mu the model samples with (ModelSamplingFlux stores mu, the flow samplers s)."""
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingFlux):
+        return math.exp(sampling.shift)
+    return float(sampling.shift)
+
+
+def empty_latent(settings: FluxSamplerSettings) -> dict:
+    # As core's EmptySD3LatentImage, which FLUX templates use: 16 channels at 1/8 size.
+    shape = [1, 16, settings.height // 8, settings.width // 8]
+    return {"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())}
+
+
+def prepare(model, positive, settings: FluxSamplerSettings, latent: dict):
+    """(model with the shift, conditioning with the guidance), as ModelSamplingFlux + FluxGuidance."""
+    height, width = latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+    model = patch_flow_shift(model, settings, width, height)
+    if settings.guidance is not None:
+        positive = node_helpers.conditioning_set_values(positive, {"guidance": settings.guidance})
+    return model, positive
+
+
+def sample_latent(model, positive, settings: FluxSamplerSettings, seed: int, latent: dict, callback) -> dict:
+    """nodes.common_ksampler at cfg 1.0 with a caller's callback. FLUX is guidance-distilled: at
+    cfg 1.0 core never evaluates the negative, so the positive stands in for it."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    samples = comfy.sample.sample(
+        model, noise, settings.steps, 1.0, settings.sampler_name, settings.scheduler, positive, positive,
+        latent_image, denoise=settings.denoise, noise_mask=latent.get("noise_mask"), callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )
+    return {**latent, "samples": samples}
+
+
+def describe(settings: FluxSamplerSettings, model) -> str:
+    guidance = "no guidance" if settings.guidance is None else f"guidance {settings.guidance:g}"
+    text = (f"steps {settings.steps} · {guidance} · {settings.sampler_name} / {settings.scheduler} · "
+            f"shift {shift_factor(model):.3g} ({settings.shift_mode})")
+    return text if settings.denoise == 1.0 else f"{text} · denoise {settings.denoise:g}"
+
+
+class FluxQSamplerSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxQSamplerSettings",
+            display_name="FLUX Sampler Settings (FluxQ)",
+            category=CATEGORY,
+            description="FLUX sampling settings from a preset (dev or schnell) or your own values, for "
+                        "FluxQSampler and FluxQCompareGrid.",
+            inputs=[
+                io.Combo.Input("preset", options=[*PRESETS, "custom"], default="flux-dev",
+                               tooltip="flux-dev: 28 steps (diffusers' FluxPipeline default), guidance 3.5, "
+                                       "euler / simple (ComfyUI's FLUX template), shift from the image size "
+                                       "(BFL, ModelSamplingFlux). flux-schnell: 4 steps (BFL's CLI), no "
+                                       "guidance, no shift (1.0). custom: the widgets below. width, height "
+                                       "and denoise always apply."),
+                io.Int.Input("steps", default=28, min=1, max=10000,
+                             tooltip="custom only. 28 is diffusers' FluxPipeline default for dev; ComfyUI's "
+                                     "template uses 20; schnell needs 4."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="custom only. FLUX-dev's distilled guidance, as FluxGuidance sets it; "
+                                       "3.5 is the default of BFL, diffusers and ComfyUI. CFG stays 1.0."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="custom only. euler matches BFL's reference sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               tooltip="custom only. simple spaces the shifted sigmas like BFL's schedule."),
+                io.Combo.Input("shift_mode", options=["auto", "fixed"], default="auto",
+                               tooltip="custom only. auto: for dev, mu from width x height exactly as "
+                                       "ModelSamplingFlux (base_shift 0.5, max_shift 1.15); schnell stays "
+                                       "unshifted as in BFL. fixed: the shift below."),
+                io.Float.Input("shift", default=round(math.exp(MAX_SHIFT), 4), min=0.01, max=100.0, step=0.01,
+                               tooltip="custom + fixed only: the sigma-shift factor s = e^mu. 3.1582 = e^1.15 is "
+                                       "dev's auto value at 1024x1024 (and kohya's discrete_flow_shift); "
+                                       "1.0 = no shift."),
+                io.Int.Input("width", default=1024, min=16, max=16384, step=16,
+                             tooltip="Image width; a multiple of 16 (8x VAE, 2x2 patches)."),
+                io.Int.Input("height", default=1024, min=16, max=16384, step=16,
+                             tooltip="Image height; a multiple of 16 (8x VAE, 2x2 patches)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="As KSampler's denoise; below 1.0 only makes sense with a latent_image."),
+            ],
+            outputs=[SETTINGS.Output(display_name="settings")],
+        )
+
+    @classmethod
+    def execute(cls, preset, steps, guidance, sampler_name, scheduler, shift_mode, shift, width, height,
+                denoise) -> io.NodeOutput:
+        for name, value in (("width", width), ("height", height)):
+            if value % 16:
+                raise ValueError(f"{name} {value} is not a multiple of 16 (FLUX packs 2x2 patches of the 8x "
+                                 f"smaller latent); use {value - value % 16} or {value - value % 16 + 16}.")
+        values = dict(steps=steps, guidance=guidance, sampler_name=sampler_name, scheduler=scheduler,
+                      shift_mode=shift_mode, shift=shift)
+        values.update(PRESETS.get(preset, {}))
+        return io.NodeOutput(FluxSamplerSettings(preset=preset, width=width, height=height, denoise=denoise,
+                                                 **values))
+
+
+class FluxQSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxQSampler",
+            display_name="FLUX Sampler (FluxQ)",
+            category=CATEGORY,
+            description="Samples FLUX with the settings' shift and guidance: the same latent as "
+                        "ModelSamplingFlux + FluxGuidance + KSampler (cfg 1.0) for the same seed.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="FLUX needs no negative: it samples at cfg 1.0."),
+                SETTINGS.Input("settings"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Latent.Input("latent_image", optional=True,
+                                tooltip="Start latent (img2img with denoise < 1). Without it an empty latent "
+                                        "of the settings' size is used. The auto shift follows this latent's size."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, settings, seed, latent_image=None) -> io.NodeOutput:
+        latent = latent_image if latent_image is not None else empty_latent(settings)
+        model, positive = prepare(model, positive, settings, latent)
+        callback = latent_preview.prepare_callback(model, settings.steps)
+        return io.NodeOutput(sample_latent(model, positive, settings, seed, latent, callback))
+
+
+def compared_stack(model, loras: list[str]):
+    """The upstream LoRA stack plus every LoRA in `loras` not applied upstream (loaded once here)."""
+    stack = get_lora_stack(model)
+    reports = []
+    for name in loras:
+        if name not in stack.names():
+            entry, _, report = load_lora_entry(model, name, 1.0)
+            stack = stack.with_lora(entry)
+            reports.append(report)
+    return stack, reports
+
+
+def cell_stack(stack, row: grid.GridRow, loras: list[str]):
+    """A row's stack: the compared LoRAs removed, except the row's own at the row's strength."""
+    for name in loras:
+        if name != row.lora:
+            stack = stack.without(name)
+    return stack if row.is_baseline else stack.with_strength(row.lora, row.strength)
+
+
+class FluxQCompareGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        loras = folder_paths.get_filename_list("loras")
+        return io.Schema(
+            node_id="FluxQCompareGrid",
+            display_name="FLUX LoRA Compare Grid (FluxQ)",
+            category=CATEGORY,
+            description="Renders a LoRA at several strengths (rows) and seeds (columns) with one model load; "
+                        "the node shows an interactive A/B compare view of any two cells.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Vae.Input("vae"),
+                SETTINGS.Input("settings"),
+                io.Combo.Input("lora_name", options=loras,
+                               tooltip="The LoRA to vary. If it is already applied upstream (FluxQApplyLoRA) its "
+                                       "strength is varied; otherwise it is loaded once here."),
+                io.String.Input("strengths", default="0, 0.5, 1.0",
+                                tooltip="LoRA strengths, one row each (commas or spaces). 0 is the render "
+                                        "without the LoRA."),
+                io.String.Input("seeds", default="0, 1",
+                                tooltip="Seeds, one column each. Every cell of a column starts from the same noise."),
+                io.Combo.Input("lora_name_b", options=[NO_LORA, *loras], default=NO_LORA, optional=True,
+                               tooltip="A second LoRA for LoRA-vs-LoRA: each strength gets an A row and a B row, "
+                                       "each LoRA alone on top of the upstream ones."),
+                io.Boolean.Input("difference", default=False, optional=True,
+                                 tooltip="Show each cell as |cell - baseline| (same seed, without the compared "
+                                         "LoRAs), brightened, with its mean difference as a label."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid"),
+                io.Image.Output(display_name="cells", tooltip="Every cell, row by row, as an image batch."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, strengths=None, seeds=None) -> bool | str:
+        # Queue-time check of the lists when they are widgets; the cell limit is checked in execute.
+        try:
+            if strengths is not None:
+                grid.parse_strengths(strengths)
+            if seeds is not None:
+                grid.parse_seeds(seeds)
+        except grid.GridInputError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, vae, settings, lora_name, strengths, seeds, lora_name_b=NO_LORA,
+                difference=False) -> io.NodeOutput:
+        lora_b = None if lora_name_b in (None, NO_LORA) else lora_name_b
+        plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference)
+        loras = [lora_name] if lora_b is None else [lora_name, lora_b]
+        stack, _ = compared_stack(model, loras)
+
+        latent = empty_latent(settings)
+        model, positive = prepare(model, positive, settings, latent)
+        cells = [(row, seed) for row in plan.rows for seed in plan.seeds]
+        node_id = cls.hidden.unique_id if cls.hidden else None  # None when called outside an executor
+        images = render_cells(node_id, model, positive, vae, settings, latent, stack, loras, cells)
+
+        header = header_lines(model, settings, plan, lora_name, lora_b, stack, loras)
+        shown, captions = images, None
+        if difference:
+            baselines = images[[plan.baseline_cell(i) for i in range(len(cells))]]
+            shown, means, gain = grid.difference_images(images, baselines)
+            captions = [None if row.is_baseline else f"mean diff {mean:.4f}" for (row, _), mean in zip(cells, means)]
+            header.append(f"difference view: |cell - baseline| brightened x{gain:.1f}; label = mean difference (0-1)")
+        grid_image = grid.draw_grid(list(shown), len(plan.rows), len(plan.seeds), plan.row_labels(),
+                                    plan.column_labels(), header, captions)
+        return io.NodeOutput(grid_image, images, ui=compare_view_payload(images, plan, cells, header[0]))
+
+
+def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, cells) -> torch.Tensor:
+    """Samples and decodes each cell in turn; the model stays loaded and only the LoRA stack changes."""
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+    progress = comfy.utils.ProgressBar(len(cells) * settings.steps)
+    images = []
+    for index, (row, seed) in enumerate(cells):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        report_progress_text(node_id, f"cell {index + 1}/{len(cells)}: {row.label}, seed {seed}")
+
+        def callback(step, x0, x, total_steps, index=index):
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+            progress.update_absolute(index * total_steps + step + 1, len(cells) * total_steps, preview)
+
+        cell_model = with_lora_stack(model, cell_stack(stack, row, loras))
+        samples = sample_latent(cell_model, positive, settings, seed, latent, callback)["samples"]
+        # Decode now and keep only CPU pixels, so a big grid holds no latents or device memory.
+        images.append(vae.decode(samples)[0].cpu())
+    return torch.stack(images)
+
+
+def report_progress_text(node_id, text: str) -> None:
+    # Only a running ComfyUI has imported its server; nodes called as a library have none to tell.
+    prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if prompt_server is not None and node_id is not None:
+        prompt_server.send_progress_text(text, node_id)
+
+
+def header_lines(model, settings, plan, lora_a, lora_b, stack, loras) -> list[str]:
+    seeds = ", ".join(str(seed) for seed in plan.seeds)
+    lines = [f"LoRA: {lora_a}" if lora_b is None else f"A: {lora_a}   B: {lora_b}",
+             f"{describe(settings, model)} · {settings.width}x{settings.height} · seeds {seeds}"]
+    others = [entry for entry in stack.entries if entry.name not in loras]
+    if others:
+        lines.append("also applied: " + ", ".join(f"{e.name} @ {e.strength:g}" for e in others))
+    return lines
+
+
+def compare_view_payload(images: torch.Tensor, plan: grid.GridPlan, cells, title: str) -> dict:
+    """Cells saved to the temp folder like PreviewImage, with the labels js/fluxq_compare.js needs."""
+    prefix = "fluxq_compare_" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+    saved = ui.ImageSaveHelper.save_images(images, prefix, io.FolderType.temp, cls=None, compress_level=1)
+    entries = [
+        {**result, "label": f"{row.label} · seed {seed}", "row": index // len(plan.seeds),
+         "col": index % len(plan.seeds)}
+        for index, (result, (row, seed)) in enumerate(zip(saved, cells))
+    ]
+    layout = {"title": title, "rows": plan.row_labels(), "cols": plan.column_labels()}
+    return {"fluxq_cells": entries, "fluxq_grid": [layout]}
+
+
+NODES = [FluxQSamplerSettings, FluxQSampler, FluxQCompareGrid]

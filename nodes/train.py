@@ -1,0 +1,391 @@
+"""FluxQTrainLoRA: trains a kohya-format LoRA on a frozen FLUX base (GGUF-quantized or not).
+
+The math and the loop live in lora_ops (flow_match, dataset, lora_checkpoint); this module only
+wires them to ComfyUI: VAE/CLIP encoding, device placement, progress, cancel, model folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+from PIL import Image, ImageDraw
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..lora_ops import dataset as ds
+from ..lora_ops import flow_match as fm
+from ..lora_ops import lora_checkpoint as ckpt
+from ..lora_ops.lora_runtime import LoraEntry, LowRankAdapter, activate, install_hooks
+from .comfy_glue import get_lora_stack, with_lora_stack
+
+CATEGORY = "Flux QLoRA Lab/training"
+NONE = "[none]"
+# kohya's FLUX targets: every linear layer inside the transformer blocks.
+BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+
+log = logging.getLogger("fluxq")
+
+
+def dataset_options() -> list[str]:
+    input_dir = folder_paths.get_input_directory()
+    archives = [f for f in os.listdir(input_dir) if ds.is_archive(f)] if os.path.isdir(input_dir) else []
+    return [NONE, *sorted(folder_paths.get_input_subfolders()), *sorted(archives)]
+
+
+class FluxQTrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxQTrainLoRA",
+            display_name="Train FLUX LoRA (FluxQ)",
+            category=CATEGORY,
+            description="Trains a LoRA on a frozen FLUX model (QLoRA on GGUF bases) by flow matching and saves it "
+                        "in kohya format to models/loras, loadable by core LoraLoader, FluxQ and diffusers.",
+            is_output_node=True,
+            is_input_list=True,  # so `images`/`captions` can come from core's dataset nodes (lists)
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX dev or schnell; stays frozen."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE; images are encoded once."),
+                io.Clip.Input("clip", tooltip="Text encoders; every caption is encoded once, then they can leave the device."),
+                io.Combo.Input("dataset", options=dataset_options(), default=NONE,
+                               tooltip="A folder under input/ (or a .zip/.tar there) of images with same-name .txt captions."),
+                io.String.Input("trigger_word", default="TOK", tooltip="Prepended to every caption."),
+                io.Int.Input("rank", default=16, min=1, max=256),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.01, tooltip="Scale is alpha / rank."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Total optimizer steps (a resumed run counts on)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=256),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
+                             tooltip="Target side; images go to aspect-ratio buckets of about resolution² pixels."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False),
+                io.Combo.Input("optimizer", options=list(fm.OPTIMIZERS), default="adamw"),
+                io.Combo.Input("lr_schedule", options=list(fm.LR_SCHEDULES), default="constant"),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000),
+                io.Float.Input("caption_dropout", default=0.05, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("timestep_sampling", options=list(fm.TIMESTEP_SCHEMES), default="shift",
+                               tooltip="shift: logit-normal with FLUX's resolution-dependent shift; uniform: t ~ U(0, 1)."),
+                io.Boolean.Input("gradient_checkpointing", default=True),
+                io.String.Input("layer_regex", default="", tooltip="Only train layers whose path matches, e.g. ^double_blocks\\. (empty: all block linears)."),
+                io.Int.Input("save_every", default=250, min=0, max=100000, tooltip="Checkpoint every N steps (0: only at the end)."),
+                io.Int.Input("keep_last", default=3, min=0, max=1000, tooltip="Step checkpoints to keep (0: all)."),
+                io.String.Input("lora_name", default="fluxq_lora", tooltip="File name in models/loras (no folders)."),
+                io.Combo.Input("resume", options=[NONE, *folder_paths.get_filename_list("loras")], default=NONE,
+                               tooltip="Continue from a LoRA this node saved (needs its .trainstate beside it)."),
+                io.Image.Input("images", optional=True, tooltip="Images from core dataset nodes, instead of `dataset`."),
+                io.String.Input("captions", optional=True, force_input=True, tooltip="Captions matching `images`."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
+                io.String.Output(display_name="lora_file", tooltip="Saved file name in models/loras."),
+                io.Image.Output(display_name="loss_curve"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, images=None, captions=None, **lists) -> io.NodeOutput:
+        args = {name: values[0] for name, values in lists.items()}  # scalars arrive as 1-lists
+        model, vae, clip = args.pop("model"), args.pop("vae"), args.pop("clip")
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        run = TrainingRun(model, collect_samples(args["dataset"], images, captions), node_id=node_id, **args)
+        trained_model, lora_file, losses = run.train(vae, clip)
+        curve = draw_loss_curve(losses)
+        return io.NodeOutput(trained_model, lora_file, curve, ui=ui.PreviewImage(curve, cls=cls))
+
+
+def checked_lora_name(name: str) -> str:
+    name = name.strip()
+    if name.lower().endswith(ckpt.LORA_EXTENSION):
+        name = name[: -len(ckpt.LORA_EXTENSION)]
+    if not name or name.startswith(".") or re.search(r"[/\\:\x00]", name):
+        raise ValueError(f"lora_name {name!r} must be a plain file name (no folders, not starting with '.')")
+    return name
+
+
+def collect_samples(dataset: str, images, captions) -> list[ds.Sample]:
+    """From the `dataset` folder/archive, or from `images` (+ `captions`) given by core nodes."""
+    if dataset != NONE and images:
+        raise ValueError("give either `dataset` or `images`, not both")
+    if dataset != NONE:
+        path = os.path.join(folder_paths.get_input_directory(), dataset)
+        input_dir = os.path.abspath(folder_paths.get_input_directory())
+        if os.path.commonpath([input_dir, os.path.abspath(path)]) != input_dir:
+            raise ValueError(f"dataset {dataset!r} is outside the input folder")
+        return ds.read_dataset(path)
+    if not images:
+        raise ValueError("no training images: choose a `dataset` or connect `images`")
+    frames = [frame for batch in images for frame in batch]
+    texts = list(captions or [])
+    if texts and len(texts) != len(frames):
+        raise ValueError(f"{len(texts)} captions for {len(frames)} images")
+    return [
+        ds.Sample(f"images[{i}]", Image.fromarray((frame.cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)),
+                  texts[i] if texts else None)
+        for i, frame in enumerate(frames)
+    ]
+
+
+def trainable_layers(diffusion_model: torch.nn.Module, layer_regex: str, rank: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each block linear the LoRA trains."""
+    try:
+        pattern = re.compile(layer_regex) if layer_regex.strip() else None
+    except re.error as e:
+        raise ValueError(f"layer_regex {layer_regex!r} is not a valid regular expression: {e}") from None
+    layers = {}
+    for path, module in diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and path.startswith(BLOCK_PREFIXES):
+            if pattern is None or pattern.search(path):
+                layers[path] = (module.in_features, module.out_features)
+    if not layers:
+        raise ValueError(f"layer_regex {layer_regex!r} matches no linear layer of the transformer blocks")
+    too_small = [f"{p} ({i}->{o})" for p, (i, o) in layers.items() if rank > min(i, o)]
+    if too_small:
+        raise ValueError(f"rank {rank} is larger than layer(s) {', '.join(too_small[:3])}")
+    return layers
+
+
+def make_autograd_safe(module: torch.nn.Module) -> None:
+    """ComfyUI runs nodes under inference_mode, so weights it loaded are inference tensors, which
+    autograd may not save for backward (needed to reach the LoRAs of earlier layers). Swap the float
+    ones for ordinary copies, once; quantized bytes are only dequantized, never saved, so they stay."""
+    with torch.inference_mode(False):
+        for name, param in list(module.named_parameters()):
+            if param.is_inference() and param.is_floating_point():
+                comfy.utils.set_attr_param(module, name, param.detach().clone())
+        for name, buffer in list(module.named_buffers()):
+            if buffer.is_inference():
+                comfy.utils.set_attr(module, name, buffer.clone())
+
+
+class TrainingRun:
+    """One press of the node: checks everything that can be checked before any heavy work."""
+
+    def __init__(self, model, samples: list[ds.Sample], *, node_id, dataset, trigger_word, rank, alpha,
+                 learning_rate, steps, batch_size, gradient_accumulation, resolution, seed, optimizer,
+                 lr_schedule, warmup_steps, caption_dropout, timestep_sampling, gradient_checkpointing,
+                 layer_regex, save_every, keep_last, lora_name, resume):
+        self.model, self.samples, self.node_id = model, samples, node_id
+        self.name = checked_lora_name(lora_name)
+        self.folder = folder_paths.get_folder_paths("loras")[0]
+        self.trigger_word, self.resolution = trigger_word, resolution
+        self.buckets = ds.bucket_sizes(resolution)
+        self.rank, self.alpha = rank, alpha
+        self.gradient_checkpointing = gradient_checkpointing
+        self.save_every, self.keep_last = save_every, keep_last
+        self.settings = fm.TrainSettings(
+            steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+            gradient_accumulation=gradient_accumulation, optimizer=optimizer, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, timestep_sampling=timestep_sampling, caption_dropout=caption_dropout,
+            seed=seed,
+        )
+        self.diffusion_model = model.model.diffusion_model
+        self.layers = trainable_layers(self.diffusion_model, layer_regex, rank)
+        self.state_info = {"optimizer": optimizer, "rank": rank, "alpha": alpha, "seed": seed,
+                           "layer_regex": layer_regex, "resolution": resolution}
+        self.resumed_factors, self.state = self._load_resume(resume)
+
+    def _load_resume(self, resume: str):
+        if resume == NONE:
+            return None, None
+        path = folder_paths.get_full_path_or_raise("loras", resume)
+        state, info = ckpt.load_train_state(path)
+        factors, alpha, _ = ckpt.load_checkpoint(path, self.diffusion_model_paths())
+        for key in ("optimizer", "rank", "alpha", "layer_regex"):
+            if info.get(key) != self.state_info[key]:
+                raise ValueError(f"cannot resume {resume}: it was trained with {key}={info.get(key)!r}, "
+                                 f"this run asks for {self.state_info[key]!r}")
+        if set(factors) != set(self.layers):
+            raise ValueError(f"cannot resume {resume}: its layers differ from this model's selection")
+        if state.step >= self.settings.steps:
+            raise ValueError(f"{resume} has already trained {state.step} steps; raise `steps` to continue")
+        return factors, state
+
+    def diffusion_model_paths(self) -> list[str]:
+        return [path for path, _ in self.diffusion_model.named_modules()]
+
+    def train(self, vae, clip):
+        examples, empty_cond = self._encode(vae, clip)
+        # The text encoders and VAE are done: loading only the transformer lets ComfyUI evict them.
+        comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
+        device = self.model.load_device
+        make_autograd_safe(self.diffusion_model)
+        self.diffusion_model.requires_grad_(False)
+        with torch.inference_mode(False):
+            examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device)) for e in examples]
+            empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
+            factors = self._initial_factors(device)
+            stack = get_lora_stack(self.model).with_lora(LoraEntry(self.name, 1.0, {
+                path: (LowRankAdapter(f.down, f.up, self.alpha / self.rank),) for path, f in factors.items()
+            }))
+            install_hooks(self.diffusion_model, stack.module_paths())
+            params = {f"{path}.{part}": getattr(f, part) for path, f in factors.items() for part in ("down", "up")}
+            trainer = fm.FlowMatchTrainer(self._predictor(stack, device), examples, empty_cond, params,
+                                          self.settings, self.state)
+            lora_file = self._loop(trainer, factors, image_count=len(examples))
+        trained = {path: (LowRankAdapter(f.down.detach().clone(), f.up.detach().clone(), self.alpha / self.rank),)
+                   for path, f in factors.items()}
+        model = with_lora_stack(self.model, get_lora_stack(self.model).with_lora(LoraEntry(self.name, 1.0, trained)))
+        return model, lora_file, trainer.state.loss_history
+
+    @staticmethod
+    def _cond_to(cond: fm.Conditioning, device) -> fm.Conditioning:
+        return fm.Conditioning(cond.context.to(device).clone(), cond.pooled.to(device).clone())
+
+    def _encode(self, vae, clip) -> tuple[list[fm.TrainingExample], fm.Conditioning | None]:
+        latent_format = self.model.model.process_latent_in  # FLUX: (z - 0.1159) * 0.3611
+        embeddings: dict[str, fm.Conditioning] = {}
+
+        def embed(text: str) -> fm.Conditioning:
+            if text not in embeddings:
+                context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                embeddings[text] = fm.Conditioning(context[0].float().cpu(), pooled[0].float().cpu())
+            return embeddings[text]
+
+        examples = []
+        for sample in self.samples:
+            size = ds.nearest_bucket(sample.image.width, sample.image.height, self.buckets)
+            pixels = ds.image_to_tensor(ds.fit_to_bucket(sample.image, size))[None]
+            latent = latent_format(vae.encode(pixels)).float().cpu()[0]
+            examples.append(fm.TrainingExample(latent, embed(ds.compose_caption(self.trigger_word, sample.caption))))
+        empty = embed("") if self.settings.caption_dropout > 0 else None
+        log.info("FluxQTrainLoRA: %d images in %d bucket(s), %d captions encoded", len(examples),
+                 len({tuple(e.latent.shape) for e in examples}), len(embeddings))
+        return examples, empty
+
+    def _initial_factors(self, device) -> dict[str, ckpt.LoraFactors]:
+        if self.resumed_factors is not None:
+            source = self.resumed_factors
+        else:
+            generator = torch.Generator().manual_seed(self.settings.seed)
+            source = {}
+            for path, (in_features, out_features) in self.layers.items():
+                down, up = fm.init_lora_factors(in_features, out_features, self.rank, generator)
+                source[path] = ckpt.LoraFactors(down, up)
+        return {path: ckpt.LoraFactors(f.down.to(device).requires_grad_(True), f.up.to(device).requires_grad_(True))
+                for path, f in source.items()}
+
+    def _predictor(self, stack, device) -> fm.VelocityPredictor:
+        diffusion_model = self.diffusion_model
+        dtype = self.model.model.manual_cast_dtype or self.model.model.get_dtype()
+        guidance_embed = getattr(diffusion_model.params, "guidance_embed", False)
+        options = {"patches_replace": {"dit": self._checkpointed_blocks(stack)}} if self.gradient_checkpointing else {}
+        use_autocast = device.type == "cuda"
+        if use_autocast:
+            dtype = torch.bfloat16
+
+        def predict(x_t, t, context, pooled):
+            # FLUX dev is trained with its distilled guidance fixed at 1.0 (kohya's advice for dev).
+            guidance = torch.ones_like(t) if guidance_embed else None
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+            with activate(stack), autocast:
+                return diffusion_model(x_t.to(dtype), t.float(), context=context.to(dtype), y=pooled.to(dtype),
+                                       guidance=guidance, transformer_options=dict(options))
+
+        return predict
+
+    def _checkpointed_blocks(self, stack) -> dict:
+        """ComfyUI's block-replace patches wrap each block in activation checkpointing. The block is
+        bound here, not taken from `original_block`: that closure late-binds the loop variable, so by
+        the time backward recomputes it would call the last block. The stack is re-activated inside,
+        because the recomputation runs during backward (maybe on another thread)."""
+
+        def double(block):
+            def run(img, txt, vec, pe, attn_mask, options):
+                with activate(stack):
+                    return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
+
+            def replace(args, extra):
+                img, txt = torch.utils.checkpoint.checkpoint(
+                    run, args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
+                    args.get("transformer_options", {}), use_reentrant=False)
+                return {"img": img, "txt": txt}
+
+            return replace
+
+        def single(block):
+            def run(img, vec, pe, attn_mask, options):
+                with activate(stack):
+                    return block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
+
+            def replace(args, extra):
+                return {"img": torch.utils.checkpoint.checkpoint(
+                    run, args["img"], args["vec"], args["pe"], args.get("attn_mask"),
+                    args.get("transformer_options", {}), use_reentrant=False)}
+
+            return replace
+
+        model = self.diffusion_model
+        patches = {("double_block", i): double(b) for i, b in enumerate(model.double_blocks)}
+        patches.update({("single_block", i): single(b) for i, b in enumerate(model.single_blocks)})
+        return patches
+
+    def _loop(self, trainer: fm.FlowMatchTrainer, factors, image_count: int) -> str:
+        total = self.settings.steps
+        progress = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        progress.update_absolute(trainer.state.step)
+        started, first_step = time.perf_counter(), trainer.state.step
+        for step, loss in trainer.run():
+            rate = (step - first_step) / (time.perf_counter() - started)
+            progress.update_absolute(step)
+            self._progress_text(f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} it/s")
+            if not torch.isfinite(torch.tensor(loss)):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
+            if comfy.model_management.processing_interrupted():
+                self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
+                comfy.model_management.throw_exception_if_processing_interrupted()
+            if self.save_every and step % self.save_every == 0 and step < total:
+                self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
+        return self._save(trainer, factors, image_count, self.name + ckpt.LORA_EXTENSION)
+
+    def _save(self, trainer, factors, image_count: int, file_name: str) -> str:
+        metadata = ckpt.lora_metadata(
+            base_model="flux1-dev" if getattr(self.diffusion_model.params, "guidance_embed", False) else "flux1-schnell",
+            rank=self.rank, alpha=self.alpha, steps=trainer.state.step, trigger_word=self.trigger_word,
+            image_count=image_count, resolution=self.resolution,
+        )
+        state = fm.TrainState(trainer.state.step, list(trainer.state.loss_history), trainer.optimizer_state())
+        ckpt.save_checkpoint(os.path.join(self.folder, file_name), factors, self.alpha, metadata, state, self.state_info)
+        ckpt.prune_step_checkpoints(self.folder, self.name, self.keep_last)
+        log.info("FluxQTrainLoRA: saved %s at step %d", file_name, trainer.state.step)
+        return file_name
+
+    def _progress_text(self, text: str) -> None:
+        from server import PromptServer
+
+        server = getattr(PromptServer, "instance", None)
+        if server is not None and self.node_id is not None:
+            server.send_progress_text(text, self.node_id)
+
+
+def draw_loss_curve(losses: list[float], size: tuple[int, int] = (512, 256)) -> torch.Tensor:
+    """The loss per step as a ComfyUI IMAGE (1, H, W, 3)."""
+    width, height = size
+    margin = 36
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.line([(margin, 4), (margin, height - margin), (width - 4, height - margin)], fill="black")
+    if losses:
+        low, high = min(losses), max(losses)
+        span = (high - low) or 1.0
+        plot_w, plot_h = width - margin - 8, height - margin - 8
+        points = [(margin + plot_w * i / max(1, len(losses) - 1), 4 + plot_h * (high - v) / span)
+                  for i, v in enumerate(losses)]
+        draw.line(points if len(points) > 1 else points * 2, fill=(30, 90, 200), width=2)
+        draw.text((2, 2), f"{high:.3g}", fill="black")
+        draw.text((2, height - margin - 10), f"{low:.3g}", fill="black")
+        draw.text((margin, height - margin + 6), f"loss, {len(losses)} steps", fill="black")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+NODES = [FluxQTrainLoRA]

@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Run a ComfyUI workflow headless: queue it, follow its progress, download what it made.
+
+Usage:
+    python scripts/fluxq_client.py WORKFLOW.json [--server http://127.0.0.1:8188]
+        [--map scripts/tiny_model_map.json] [--set NODE.input=value ...]
+        [--out DIR] [--timeout SECONDS] [--print-prompt]
+
+WORKFLOW.json is an API-format prompt (the frontend's "Export (API)", or `workflows/api/*.json`)
+or a UI workflow as the frontend saves it; a UI workflow is converted with the server's
+`/object_info`, by the same rules the frontend uses when it queues.
+
+--set NODE.input=value   Override one input. NODE is a node id or a node's title
+                         (`_meta.title`); the value is parsed as JSON when it parses (numbers,
+                         true/false, quoted strings), else taken as a plain string. Repeatable.
+                         Example: --set "Prompt.text=a red fox" --set Sampler.seed=7
+--map FILE               A JSON object {old value: new value}: every input value equal to a key
+                         is replaced (e.g. real model file names -> small test models). Applied
+                         before --set.
+--out DIR                Where the output images/latents are saved (default: ./out). Each saved
+                         path is printed on stdout; progress goes to stderr.
+--print-prompt           Print the final API prompt (after conversion, --map and --set) and exit
+                         without queueing it.
+
+Exit status: 0 on success; 1 when the server rejects the prompt (validation errors are printed
+per node) or execution fails or is interrupted; 2 on a bad command line or unreadable file;
+3 on --timeout (the prompt is then removed from the queue or interrupted).
+
+Uses the standard library and aiohttp (a ComfyUI dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+HISTORY_POLL_SECONDS = 0.5
+
+
+def _load_workflow_convert():
+    # Loaded by path so the client needs neither the pack on sys.path nor lora_ops' torch imports.
+    path = Path(__file__).resolve().parent.parent / "lora_ops" / "workflow_convert.py"
+    spec = importlib.util.spec_from_file_location("fluxq_workflow_convert", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+workflow_convert = _load_workflow_convert()
+
+
+class ClientError(Exception):
+    """A failure to report to the user, with the exit status to leave with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --- building the prompt -------------------------------------------------------------------------
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`NODE.input=value` -> (node, input, value); NODE may itself contain dots (a title)."""
+    target, sep, raw_value = text.partition("=")
+    node, dot, input_name = target.rpartition(".")
+    if not sep or not dot or not node or not input_name:
+        raise ClientError(f"--set {text!r}: expected NODE.input=value", EXIT_USAGE)
+    return node, input_name, parse_value(raw_value)
+
+
+def find_node(prompt: dict, node_ref: str) -> str:
+    if node_ref in prompt:
+        return node_ref
+    matches = [node_id for node_id, node in prompt.items() if node.get("_meta", {}).get("title") == node_ref]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ClientError(f"--set: title {node_ref!r} is used by nodes {', '.join(matches)}; use a node id", EXIT_USAGE)
+    known = ", ".join(f"{node_id} ({node.get('_meta', {}).get('title', node['class_type'])})" for node_id, node in prompt.items())
+    raise ClientError(f"--set: no node with id or title {node_ref!r}; nodes: {known}", EXIT_USAGE)
+
+
+def apply_value_map(prompt: dict, value_map: dict) -> None:
+    for node in prompt.values():
+        inputs = node.get("inputs", {})
+        for name, value in inputs.items():
+            if isinstance(value, str) and value in value_map:
+                inputs[name] = value_map[value]
+
+
+def apply_overrides(prompt: dict, overrides: list[str]) -> None:
+    for text in overrides:
+        node_ref, input_name, value = parse_override(text)
+        node = prompt[find_node(prompt, node_ref)]
+        if input_name not in node["inputs"]:
+            print(f"note: node {node_ref!r} had no input {input_name!r}; adding it", file=sys.stderr)
+        node["inputs"][input_name] = value
+
+
+def read_json(path: str, what: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ClientError(f"cannot read {what} {path}: {error}", EXIT_USAGE) from error
+
+
+async def build_prompt(session: aiohttp.ClientSession, args) -> dict:
+    data = read_json(args.workflow, "workflow")
+    if workflow_convert.is_ui_workflow(data):
+        object_info = await get_json(session, "/object_info")
+        try:
+            prompt = workflow_convert.ui_to_api(data, object_info)
+        except workflow_convert.WorkflowConvertError as error:
+            raise ClientError(f"cannot convert {args.workflow}: {error}") from error
+    elif isinstance(data, dict) and all(isinstance(node, dict) and "class_type" in node for node in data.values()):
+        prompt = data
+    else:
+        raise ClientError(f"{args.workflow} is neither an API prompt nor a UI workflow", EXIT_USAGE)
+    if args.map:
+        value_map = read_json(args.map, "map file")
+        if not isinstance(value_map, dict):
+            raise ClientError(f"map file {args.map} must hold a JSON object", EXIT_USAGE)
+        apply_value_map(prompt, value_map)
+    apply_overrides(prompt, args.set)
+    return prompt
+
+
+# --- talking to the server -----------------------------------------------------------------------
+
+
+async def get_json(session: aiohttp.ClientSession, path: str):
+    async with session.get(path) as response:
+        if response.status != 200:
+            raise ClientError(f"GET {path}: HTTP {response.status}: {(await response.text())[:500]}")
+        return await response.json()
+
+
+def describe_node(prompt: dict, node_id) -> str:
+    node = prompt.get(str(node_id), {})
+    title = node.get("_meta", {}).get("title")
+    class_type = node.get("class_type", "?")
+    return f'node {node_id} "{title}" ({class_type})' if title and title != class_type else f"node {node_id} ({class_type})"
+
+
+def format_validation_error(body: dict, prompt: dict) -> str:
+    error = body.get("error", {})
+    if isinstance(error, str):
+        error = {"message": error}
+    lines = [f"server rejected the prompt: {error.get('message', 'unknown error')}"]
+    if error.get("details"):
+        lines.append(f"  {error['details']}")
+    for node_id, node_error in (body.get("node_errors") or {}).items():
+        for item in node_error.get("errors", []):
+            detail = f": {item['details']}" if item.get("details") else ""
+            lines.append(f"  {describe_node(prompt, node_id)}: {item.get('message', '')}{detail}")
+    return "\n".join(lines)
+
+
+async def queue_prompt(session: aiohttp.ClientSession, prompt: dict, client_id: str) -> str:
+    async with session.post("/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
+        text = await response.text()
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            body = None
+        if response.status == 400 and isinstance(body, dict):
+            raise ClientError(format_validation_error(body, prompt))
+        if response.status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
+            raise ClientError(f"POST /prompt: HTTP {response.status}: {text[:500]}")
+        return body["prompt_id"]
+
+
+class ProgressDisplay:
+    """A one-line text progress bar on stderr (redrawn on a terminal, sparse lines otherwise)."""
+
+    BAR_WIDTH = 24
+
+    def __init__(self, prompt: dict, stream=sys.stderr):
+        self.prompt = prompt
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self.finished_nodes: set[str] = set()
+        self.current_node: str | None = None
+        self.last_decile: int | None = None
+
+    def _nodes_text(self) -> str:
+        return f"[{len(self.finished_nodes)}/{len(self.prompt)} nodes]"
+
+    def _emit(self, line: str) -> None:
+        if self.interactive:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def cached(self, node_ids) -> None:
+        self.finished_nodes.update(str(node_id) for node_id in node_ids)
+
+    def node_started(self, node_id) -> None:
+        if self.current_node is not None:
+            self.finished_nodes.add(self.current_node)
+        self.current_node, self.last_decile = str(node_id), None
+        self._emit(f"{self._nodes_text()} {describe_node(self.prompt, node_id)}")
+
+    def progress(self, node_id, value: int, maximum: int) -> None:
+        fraction = value / maximum if maximum else 1.0
+        decile = int(fraction * 10)
+        if not self.interactive and decile == self.last_decile and value != maximum:
+            return
+        self.last_decile = decile
+        filled = int(fraction * self.BAR_WIDTH)
+        bar = "#" * filled + "-" * (self.BAR_WIDTH - filled)
+        self._emit(f"{self._nodes_text()} {describe_node(self.prompt, node_id)} [{bar}] {value}/{maximum}")
+
+    def done(self, message: str) -> None:
+        if self.current_node is not None:
+            self.finished_nodes.add(self.current_node)
+        self._emit(f"{self._nodes_text()} {message}")
+        if self.interactive:
+            self.stream.write("\n")
+
+
+async def follow_progress(ws: aiohttp.ClientWebSocketResponse, prompt_id: str, display: ProgressDisplay) -> None:
+    """Consume websocket messages until the server says our prompt is finished."""
+    async for message in ws:
+        if message.type != aiohttp.WSMsgType.TEXT:
+            continue  # binary frames are latent previews
+        event = json.loads(message.data)
+        kind, data = event.get("type"), event.get("data") or {}
+        if data.get("prompt_id") not in (None, prompt_id):
+            continue
+        if kind == "execution_cached":
+            display.cached(data.get("nodes", []))
+        elif kind == "executing":
+            if data.get("node") is None:
+                if data.get("prompt_id") == prompt_id:
+                    return
+            else:
+                display.node_started(data["node"])
+        elif kind == "progress":
+            display.progress(data.get("node"), data.get("value", 0), data.get("max", 0))
+        elif kind in ("execution_error", "execution_interrupted"):
+            display.done(f"{kind.replace('_', ' ')} at {describe_node(display.prompt, data.get('node_id'))}")
+    # The socket closed early (server restart, proxy): the history will tell how it ended.
+
+
+async def wait_for_history(session: aiohttp.ClientSession, prompt_id: str) -> dict:
+    while True:
+        history = await get_json(session, f"/history/{prompt_id}")
+        if prompt_id in history:
+            return history[prompt_id]
+        await asyncio.sleep(HISTORY_POLL_SECONDS)
+
+
+def execution_failure(entry: dict, prompt: dict) -> str | None:
+    """The error text for a failed run from its history entry, or None when it succeeded."""
+    status = entry.get("status") or {}
+    if status.get("status_str") != "error":
+        return None
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            return (
+                f"execution failed at {describe_node(prompt, data.get('node_id'))}: "
+                f"{data.get('exception_type', 'Exception')}: {data.get('exception_message', '').strip()}"
+            )
+        if kind == "execution_interrupted":
+            return f"execution was interrupted at {describe_node(prompt, data.get('node_id'))}"
+    return "execution failed (the server gave no error message)"
+
+
+async def cancel_prompt(session: aiohttp.ClientSession, prompt_id: str) -> None:
+    """Take our prompt out of the queue, or stop it if it is running (never anyone else's)."""
+    async with session.post("/queue", json={"delete": [prompt_id]}):
+        pass
+    async with session.post("/interrupt", json={"prompt_id": prompt_id}):
+        pass
+
+
+# --- saving outputs ------------------------------------------------------------------------------
+
+
+def output_files(entry: dict) -> list[dict]:
+    """Every file a node reported (images, latents, ...) as {filename, subfolder, type}, once each."""
+    files, seen = [], set()
+    for node_output in (entry.get("outputs") or {}).values():
+        for items in node_output.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+                    continue
+                key = (item.get("type", "output"), item.get("subfolder", ""), item["filename"])
+                if key not in seen:
+                    seen.add(key)
+                    files.append({"type": key[0], "subfolder": key[1], "filename": key[2]})
+    return files
+
+
+def safe_local_path(out_dir: Path, subfolder: str, filename: str) -> Path:
+    """A file name inside out_dir built from the server's subfolder + name, never escaping out_dir."""
+    parts = [part for part in re.split(r"[\\/]+", f"{subfolder}/{filename}") if part not in ("", ".", "..")]
+    name = "_".join(re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in parts).lstrip(".") or "output"
+    candidate, counter = out_dir / name, 1
+    while candidate.exists():
+        stem, suffix = Path(name).stem, Path(name).suffix
+        candidate, counter = out_dir / f"{stem}-{counter}{suffix}", counter + 1
+    if candidate.resolve().parent != out_dir.resolve():
+        raise ClientError(f"refusing to write {filename!r} outside {out_dir}")
+    return candidate
+
+
+async def download_outputs(session: aiohttp.ClientSession, entry: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for item in output_files(entry):
+        target = safe_local_path(out_dir, item["subfolder"], item["filename"])
+        async with session.get("/view", params=item) as response:
+            if response.status != 200:
+                raise ClientError(f"GET /view {item}: HTTP {response.status}")
+            with open(target, "wb") as handle:
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    handle.write(chunk)
+        saved.append(target)
+    return saved
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+async def run(args) -> int:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(base_url=args.server.rstrip("/") + "/", timeout=timeout) as session:
+        prompt = await build_prompt(session, args)
+        if args.print_prompt:
+            print(json.dumps(prompt, indent=2))
+            return EXIT_OK
+
+        client_id = uuid.uuid4().hex
+        display = ProgressDisplay(prompt)
+        # Connect before queueing so no message of a fast prompt is missed.
+        async with session.ws_connect(f"/ws?clientId={client_id}", heartbeat=30) as ws:
+            prompt_id = await queue_prompt(session, prompt, client_id)
+            print(f"queued prompt {prompt_id}", file=sys.stderr)
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(follow_progress(ws, prompt_id, display), args.timeout)
+                remaining = args.timeout - (time.monotonic() - started)
+                entry = await asyncio.wait_for(wait_for_history(session, prompt_id), max(remaining, 1.0))
+            except asyncio.TimeoutError:
+                await cancel_prompt(session, prompt_id)
+                raise ClientError(f"timed out after {args.timeout:g} s; prompt {prompt_id} cancelled", EXIT_TIMEOUT)
+
+        failure = execution_failure(entry, prompt)
+        if failure:
+            raise ClientError(failure)
+        display.done("finished")
+        for path in await download_outputs(session, entry, Path(args.out)):
+            print(path)
+    return EXIT_OK
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run a ComfyUI workflow (API or UI format) headless and download its outputs.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("workflow", help="workflow JSON file (API or UI format)")
+    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI base URL (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.input=value", help="override an input (repeatable)")
+    parser.add_argument("--map", metavar="FILE", help="JSON {old value: new value} applied to every input value")
+    parser.add_argument("--out", default="out", metavar="DIR", help="folder for downloaded outputs (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after this long (default: %(default)s)")
+    parser.add_argument("--print-prompt", action="store_true", help="print the final API prompt and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except aiohttp.ClientError as error:
+        print(f"error: cannot talk to {args.server}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Writes the embedded default models: tiny FLUX-architecture models with random weights.
+
+No weights can be downloaded, so the demo and the tests run on models built here, in the real
+file formats, from ComfyUI's own classes (so ComfyUI's detectors recognise them):
+
+- a FLUX.1-dev-shaped transformer (hidden 3072 — ComfyUI's detector fixes 24 heads x 128 —
+  but 1 double + 1 single block, context/vec dims 768 so CLIP-L alone conditions it), as F32
+  .safetensors (the reference for core's UNETLoader) and as .gguf in several quant types;
+- the same for schnell (no ``guidance_in``);
+- a random CLIP-L and a random FLUX VAE (16 latent channels);
+- two small random kohya-format LoRAs.
+
+Random weights draw noise: these files prove the plumbing and the numerics, not image quality.
+Generation is deterministic (fixed seeds) and skipped for files that already exist.
+
+    python scripts/make_tiny_models.py --comfyui PATH_TO_COMFYUI [--force]
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+
+TINY_FLUX_PARAMS = dict(
+    in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072,
+    mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+    theta=10000, patch_size=2, qkv_bias=True,
+)
+GGUF_TYPES_DEV = ("F32", "F16", "Q8_0", "Q4_K")
+LORA_RANK = 4
+
+
+def import_comfy(comfy_dir: Path):
+    """Import ComfyUI as a library: CPU mode, so it never probes for a GPU."""
+    sys.path.insert(0, str(comfy_dir))
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.ops
+
+    return comfy
+
+
+def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
+    """Every tensor set explicitly: ComfyUI builds modules uninitialised (torch.empty garbage)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, tensor in module.state_dict().items():
+        shape = tuple(tensor.shape)
+        if tensor.ndim >= 2:
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+        elif "norm" in name and name.endswith(("weight", "scale")):
+            value = np.ones(shape, np.float32)
+        else:
+            value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        out[name] = value.astype(np.float32)
+    return out
+
+
+def tiny_flux(comfy, guidance: bool, seed: int) -> dict[str, np.ndarray]:
+    import comfy.ldm.flux.model
+
+    with torch.device("meta"):
+        model = comfy.ldm.flux.model.Flux(
+            operations=comfy.ops.disable_weight_init, guidance_embed=guidance, **TINY_FLUX_PARAMS
+        )
+    return random_state_dict(model, seed)
+
+
+def tiny_clip_l(comfy, seed: int) -> dict[str, np.ndarray]:
+    import json
+
+    import comfy.clip_model
+
+    config = json.loads((Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json").read_text())
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    sd = random_state_dict(model, seed)
+    # position ids are integer indices, not weights
+    sd.pop("text_model.embeddings.position_ids", None)
+    return sd
+
+
+def tiny_flux_vae(comfy, seed: int) -> dict[str, np.ndarray]:
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        model = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig},
+        )
+    return random_state_dict(model, seed)
+
+
+def tiny_kohya_lora(flux_sd: dict[str, np.ndarray], seed: int, scale: float) -> dict[str, np.ndarray]:
+    """Rank-4 kohya LoRA on every 2-D block weight, random up and down (a trained one is not zero)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, weight in flux_sd.items():
+        if weight.ndim != 2 or not name.startswith(("double_blocks.", "single_blocks.")):
+            continue
+        prefix = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        rows, cols = weight.shape
+        out[prefix + ".lora_down.weight"] = rng.standard_normal((LORA_RANK, cols), dtype=np.float32) / np.sqrt(cols)
+        out[prefix + ".lora_up.weight"] = scale * rng.standard_normal((rows, LORA_RANK), dtype=np.float32) / np.sqrt(LORA_RANK)
+        out[prefix + ".alpha"] = np.array(float(LORA_RANK), np.float32)
+    return out
+
+
+def save_safetensors(path: Path, sd: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--comfyui", required=True, type=Path, help="ComfyUI root whose models/ folders receive the files")
+    parser.add_argument("--force", action="store_true", help="rewrite files that already exist")
+    args = parser.parse_args()
+
+    models = args.comfyui / "models"
+    comfy = import_comfy(args.comfyui)
+    sys.path.insert(0, str(PACK_DIR))
+    from gguf import GGMLQuantizationType
+
+    from lora_ops.gguf_write import flux_qtype_for, write_gguf
+
+    def wanted(path: Path) -> bool:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not args.force:
+            return False
+        print(f"[tiny-models] writing {path}", flush=True)
+        return True
+
+    diffusion = models / "diffusion_models"
+    dev_paths = [diffusion / "fluxq-tiny-dev.safetensors"] + [diffusion / f"fluxq-tiny-dev-{t}.gguf" for t in GGUF_TYPES_DEV]
+    lora_paths = [models / "loras" / "fluxq-tiny-lora.safetensors", models / "loras" / "fluxq-tiny-lora-b.safetensors"]
+    if any(wanted(p) for p in dev_paths + lora_paths):
+        dev = tiny_flux(comfy, guidance=True, seed=1)
+        if wanted(dev_paths[0]):
+            save_safetensors(dev_paths[0], dev)
+        for qtype_name, path in zip(GGUF_TYPES_DEV, dev_paths[1:]):
+            if wanted(path):
+                write_gguf(path, dev, flux_qtype_for(GGMLQuantizationType[qtype_name]), rng=np.random.default_rng(7))
+        for seed, path in enumerate(lora_paths):
+            if wanted(path):
+                save_safetensors(path, tiny_kohya_lora(dev, seed=10 + seed, scale=0.5), {"ss_network_dim": str(LORA_RANK)})
+        del dev
+
+    schnell_path = diffusion / "fluxq-tiny-schnell-Q8_0.gguf"
+    if wanted(schnell_path):
+        schnell = tiny_flux(comfy, guidance=False, seed=2)
+        write_gguf(schnell_path, schnell, flux_qtype_for(GGMLQuantizationType.Q8_0))
+        del schnell
+
+    clip_path = models / "text_encoders" / "fluxq-tiny-clip_l.safetensors"
+    if wanted(clip_path):
+        save_safetensors(clip_path, tiny_clip_l(comfy, seed=3))
+
+    vae_path = models / "vae" / "fluxq-tiny-ae.safetensors"
+    if wanted(vae_path):
+        save_safetensors(vae_path, tiny_flux_vae(comfy, seed=4))
+    print(f"[tiny-models] ready in {models}")
+
+
+if __name__ == "__main__":
+    main()

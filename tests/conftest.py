@@ -1,0 +1,108 @@
+"""Shared test setup: a real ComfyUI (as a library and as a server) with the pack and tiny models.
+
+The harness (scripts/setup_harness.sh) provides ComfyUI 0.3.75 in .harness/ComfyUI, or the
+user's checkout in $COMFYUI_PATH, with the tiny random FLUX models in its model folders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".harness" / "ComfyUI")
+# ComfyUI imports a pack by its folder path; in-process tests import it under this fixed name
+# (the checkout's folder name may be anything, even "main", which ComfyUI's main.py shadows).
+PACK_NAME = "comfyui_flux_qlora"
+
+for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from comfy_server import ComfyServer, ExecutionFailed  # noqa: E402,F401  (re-exported for tests)
+
+if (COMFY_DIR / "main.py").exists() and str(COMFY_DIR) not in sys.path:
+    # ComfyUI as a library: CPU mode, parsed once at import; without it comfy probes for CUDA.
+    sys.path.insert(0, str(COMFY_DIR))
+    _argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses the --cpu above)
+
+    sys.argv = _argv
+
+TINY = {
+    "dev_f32": "fluxq-tiny-dev.safetensors",
+    "dev_gguf": {q: f"fluxq-tiny-dev-{q}.gguf" for q in ("F32", "F16", "Q8_0", "Q4_K")},
+    "schnell_gguf": "fluxq-tiny-schnell-Q8_0.gguf",
+    "clip_l": "fluxq-tiny-clip_l.safetensors",
+    "vae": "fluxq-tiny-ae.safetensors",
+    "lora": "fluxq-tiny-lora.safetensors",
+    "lora_b": "fluxq-tiny-lora-b.safetensors",
+}
+
+
+def _require_harness():
+    if not (COMFY_DIR / "main.py").exists():
+        pytest.fail(f"no ComfyUI at {COMFY_DIR}: run scripts/setup_harness.sh (make setup) first")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    _require_harness()
+    return COMFY_DIR / "models"
+
+
+@pytest.fixture(scope="session")
+def scratch_models(tmp_path_factory) -> Path:
+    """Model folders for files the tests write (LoRAs, GGUFs), registered with both ComfyUIs."""
+    root = tmp_path_factory.mktemp("fluxq_models")
+    for folder in ("loras", "diffusion_models", "text_encoders"):
+        (root / folder).mkdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def pack(scratch_models):
+    """The pack imported in-process as ComfyUI would, with the scratch folders registered."""
+    _require_harness()
+    import importlib.util
+
+    import folder_paths
+
+    for folder in ("loras", "diffusion_models", "text_encoders"):
+        folder_paths.add_model_folder_path(folder, str(scratch_models / folder))
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    importlib.import_module(PACK_NAME + ".nodes")
+    return sys.modules[PACK_NAME]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(scratch_models, tmp_path_factory):
+    _require_harness()
+    server = ComfyServer(COMFY_DIR, tmp_path_factory.mktemp("comfy_server"), extra_model_root=scratch_models)
+    yield server
+    server.stop()
+    if server.process.returncode not in (0, -15):
+        print(server.log_tail())
+
+
+def load_latent(path: Path):
+    """The tensor inside a SaveLatent file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+def saved_latent(server: ComfyServer, history: dict, node_id: str):
+    return load_latent(server.output_file(history["outputs"][node_id]["latents"][0]))

@@ -1,0 +1,45 @@
+"""Helpers for the in-process oracle tests (ComfyUI as a library; see tests/conftest.py)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+TINY_LATENT = (1, 16, 8, 8)  # 64x64 pixels
+
+
+def flux_conditioning(seed: int = 0, guidance: float | None = 3.5):
+    """A fixed random CLIP-L-shaped conditioning (77x768 tokens + 768 pooled) for the tiny FLUX."""
+    g = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, 768, generator=g)}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(1, 77, 768, generator=g), extra]]
+
+
+def sample(model, seed: int = 0, steps: int = 2, positive=None, latent_shape=TINY_LATENT) -> torch.Tensor:
+    """ComfyUI's own sampler (what KSampler runs), euler/simple, cfg 1."""
+    import comfy.sample
+
+    positive = positive or flux_conditioning()
+    latent = torch.zeros(latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent, seed=seed)
+
+
+def dequantized_state_dict(gguf_path) -> dict[str, torch.Tensor]:
+    """The oracle: every tensor of a .gguf dequantized by the gguf package (numpy), as float32."""
+    reader = gguf.GGUFReader(str(gguf_path))
+    out = {}
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        out[t.name] = torch.from_numpy(values.reshape(tuple(reversed([int(d) for d in t.shape]))).copy())
+    return out
+
+
+def core_model(state_dict: dict[str, torch.Tensor]):
+    """The same weights loaded the way core UNETLoader loads a .safetensors."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(dict(state_dict))
