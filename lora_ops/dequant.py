@@ -220,8 +220,10 @@ def dequantize(
     if raw.numel() != expected:
         raise ValueError(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {raw.numel()}")
     flat = raw.reshape(-1)
-    if flat.storage_offset() % 4:
-        flat = flat.clone()  # wider dtype views need aligned memory; file data always is aligned
+    # Wider dtype views need a 4-byte aligned start. File data always is; a slice of some other
+    # buffer may not be. (storage_offset() cannot be traced: compiled callers pass aligned data.)
+    if not torch.compiler.is_compiling() and flat.storage_offset() % 4:
+        flat = flat.clone()
     if qtype in _FLOAT_TYPES:
         return flat.view(_FLOAT_TYPES[qtype]).reshape(shape).to(dtype)
     type_size = gguf.GGML_QUANT_SIZES[qtype][1]

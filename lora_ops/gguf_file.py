@@ -133,8 +133,8 @@ class _HeaderScanner:
                 for _ in range(count):
                     self.skip_value(item_type, what, depth + 1)
 
-    def scan(self) -> tuple[list[_TensorInfo], int]:
-        """Return the tensor infos and the absolute offset of the data section."""
+    def scan(self) -> list[_TensorInfo]:
+        """Return the tensor infos, each checked to lie inside the file's data section."""
         if self.size < _FIXED_HEADER.size:
             raise self.error(f"file truncated: {self.size} bytes is shorter than the {_FIXED_HEADER.size}-byte GGUF header")
         magic, version, tensor_count, kv_count = _FIXED_HEADER.unpack_from(self.buf, 0)
@@ -164,7 +164,7 @@ class _HeaderScanner:
         infos = [self.tensor_info(index) for index in range(tensor_count)]
         data_start = -(-self.pos // alignment) * alignment
         self.check_data_ranges(infos, data_start, alignment)
-        return infos, data_start
+        return infos
 
     def tensor_info(self, index: int) -> _TensorInfo:
         name = self.string(f"name of tensor #{index}")
@@ -218,8 +218,7 @@ def _scan_header(path: str) -> list[_TensorInfo]:
         if size == 0:
             raise GGUFFormatError(f"{path}: file is empty")
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            infos, _ = _HeaderScanner(path, buf, size).scan()
-    return infos
+            return _HeaderScanner(path, buf, size).scan()
 
 
 def _scalar_metadata(reader: gguf.GGUFReader) -> dict[str, object]:

@@ -154,3 +154,19 @@ def test_quantized_nbytes():
     assert quantized_nbytes(int(QType.F32), (7, 3)) == 84
     with pytest.raises(ValueError, match="not a multiple of the Q6_K block size 256"):
         quantized_nbytes(QType.Q6_K, (4, 100))
+
+
+def test_traces_as_one_graph_for_torch_compile():
+    # fullgraph=True fails on any graph break (Python loop over data, .item(), untraceable call);
+    # the "eager" backend checks tracing without needing a C++ compiler.
+    shape = (2, 256)
+    for qtype in sorted(SUPPORTED_QTYPES):
+        block_size = gguf.GGML_QUANT_SIZES[qtype][0]
+        if qtype in SCALE_FIELDS:
+            raw = random_valid_blocks(qtype, 512 // block_size, 13)
+        else:
+            raw = gguf.quants.quantize(np.random.default_rng(13).standard_normal(shape).astype(np.float32), qtype)
+        raw = torch.from_numpy(raw.view(np.uint8).reshape(-1))
+        torch._dynamo.reset()
+        compiled = torch.compile(dequantize, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(raw, qtype, shape, torch.bfloat16), dequantize(raw, qtype, shape, torch.bfloat16))
