@@ -1,3 +1,5 @@
+import json
+import os
 import struct
 import sys
 import tracemalloc
@@ -285,9 +287,6 @@ def comfyui_t5_xxl_keys(monkeypatch) -> set[str]:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import json
-    import os
-
     import comfy.ops
     import comfy.text_encoders.t5 as comfy_t5
 
@@ -297,7 +296,7 @@ def comfyui_t5_xxl_keys(monkeypatch) -> set[str]:
     return set(model.state_dict())
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir(COMFYUI_ROOT), reason="needs the harness ComfyUI tree")
+@pytest.mark.skipif(not os.path.isdir(COMFYUI_ROOT), reason="needs the harness ComfyUI tree")
 def test_llama_cpp_t5_names_map_onto_comfyui_t5_xxl(tmp_path, monkeypatch):
     path = tmp_path / "t5.gguf"
     tiny_llama_cpp_t5(path)
