@@ -2,5 +2,6 @@
 
 from .loaders import NODES as _LOADERS
 from .lora import NODES as _LORA
+from .sampling import NODES as _SAMPLING
 
-ALL_NODES = [*_LOADERS, *_LORA]
+ALL_NODES = [*_LOADERS, *_LORA, *_SAMPLING]
