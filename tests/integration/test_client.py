@@ -1,0 +1,186 @@
+"""The headless client (scripts/fluxq_client.py): its helpers, and its success and failure paths
+against the real ComfyUI server from tests/conftest.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLIENT = REPO_ROOT / "scripts" / "fluxq_client.py"
+TINY_MAP = REPO_ROOT / "scripts" / "tiny_model_map.json"
+DEV_WORKFLOW = REPO_ROOT / "workflows" / "api" / "flux_dev_gguf_lora_txt2img.json"
+DEV_WORKFLOW_UI = REPO_ROOT / "workflows" / "flux_dev_gguf_lora_txt2img.json"
+# Tiny-model sizes for the dev workflow; the shipped file keeps the real 1024x1024 / 28 steps.
+TINY_DEV = ["Sampler settings.preset=custom", "Sampler settings.steps=2",
+            "Sampler settings.width=64", "Sampler settings.height=64"]
+
+
+def load_client():
+    spec = importlib.util.spec_from_file_location("fluxq_client", CLIENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+client = load_client()
+
+
+def set_args(overrides) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def run_client(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLIENT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+# --- helpers, no server -------------------------------------------------------------------------
+
+
+def sample_prompt():
+    return {
+        "1": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["2", 0]}, "_meta": {"title": "Prompt"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}, "_meta": {"title": "Load VAE"}},
+        "3": {"class_type": "FluxQSampler", "inputs": {"seed": 1}, "_meta": {"title": "Sampler.v2"}},
+    }
+
+
+@pytest.mark.parametrize("text, value", [("7", 7), ("0.5", 0.5), ("true", True), ('"0"', "0"),
+                                         ("a red fox", "a red fox"), ("0, 1", "0, 1"), ("[1, 2]", [1, 2])])
+def test_set_values_are_json_when_they_parse_else_strings(text, value):
+    assert client.parse_value(text) == value
+
+
+def test_set_finds_nodes_by_id_or_title_and_titles_may_contain_dots():
+    prompt = sample_prompt()
+    client.apply_overrides(prompt, ["Prompt.text=a cat=dog", "2.vae_name=x.safetensors", "Sampler.v2.seed=9"])
+    assert prompt["1"]["inputs"]["text"] == "a cat=dog"
+    assert prompt["2"]["inputs"]["vae_name"] == "x.safetensors"
+    assert prompt["3"]["inputs"]["seed"] == 9
+
+
+@pytest.mark.parametrize("override, message", [("Nope.text=1", "no node with id or title 'Nope'"),
+                                               ("Prompt=1", "expected NODE.input=value"),
+                                               ("Prompt.text", "expected NODE.input=value")])
+def test_bad_set_is_a_usage_error(override, message):
+    with pytest.raises(client.ClientError, match=message) as caught:
+        client.apply_overrides(sample_prompt(), [override])
+    assert caught.value.exit_code == client.EXIT_USAGE
+
+
+def test_ambiguous_title_asks_for_an_id():
+    prompt = sample_prompt()
+    prompt["2"]["_meta"]["title"] = "Prompt"
+    with pytest.raises(client.ClientError, match="used by nodes 1, 2"):
+        client.apply_overrides(prompt, ["Prompt.text=x"])
+
+
+def test_value_map_replaces_equal_values_only_and_leaves_links_alone():
+    prompt = sample_prompt()
+    client.apply_value_map(prompt, {"ae.safetensors": "tiny-ae.safetensors", "a": "b", "2": "9"})
+    assert prompt["2"]["inputs"]["vae_name"] == "tiny-ae.safetensors"
+    assert prompt["1"]["inputs"] == {"text": "a fox", "clip": ["2", 0]}
+
+
+@pytest.mark.parametrize("subfolder, filename, expected", [
+    ("", "grid_00001_.png", "grid_00001_.png"),
+    ("fluxq", "dev_00001_.png", "fluxq_dev_00001_.png"),
+    ("../../etc", "passwd", "etc_passwd"),
+    ("", "../../../x.png", "x.png"),
+    ("/abs", "..\\..\\evil name?.png", "abs_evil_name_.png"),
+    ("", "..", "output"),
+])
+def test_downloaded_files_get_safe_names_inside_the_output_folder(tmp_path, subfolder, filename, expected):
+    path = client.safe_local_path(tmp_path, subfolder, filename)
+    assert path == tmp_path / expected
+    path.write_bytes(b"x")
+    assert client.safe_local_path(tmp_path, subfolder, filename).parent == tmp_path  # no overwrite: a new name
+
+
+def test_output_files_lists_every_file_once():
+    entry = {"outputs": {
+        "9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}], "text": ["hello"]},
+        "10": {"latents": [{"filename": "b.latent", "subfolder": "s", "type": "output"}],
+               "images": [{"filename": "a.png", "subfolder": "", "type": "output"}]},
+        "11": {"images": [{"filename": "a.png", "subfolder": "", "type": "temp"}]},
+    }}
+    assert [(f["type"], f["filename"]) for f in client.output_files(entry)] == [
+        ("output", "a.png"), ("output", "b.latent"), ("temp", "a.png")]
+
+
+def test_help_shows_usage():
+    result = run_client("--help")
+    assert result.returncode == 0
+    assert "--set NODE.input=value" in result.stdout and "--map" in result.stdout and "Exit status" in result.stdout
+
+
+def test_unreadable_workflow_is_a_usage_error(tmp_path):
+    result = run_client(str(tmp_path / "missing.json"), "--server", "http://127.0.0.1:9")
+    assert result.returncode == client.EXIT_USAGE
+    assert "cannot read workflow" in result.stderr
+
+
+# --- against the real server --------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_missing_model_is_the_servers_validation_error_and_exit_1(comfy_server, tmp_path):
+    # The shipped workflow names the real FLUX files, which the test server does not have.
+    result = run_client(str(DEV_WORKFLOW), "--server", comfy_server.url, "--out", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "server rejected the prompt: Prompt outputs failed validation" in result.stderr
+    assert "Value not in list: gguf_name: 'flux1-dev-Q8_0.gguf' not in" in result.stderr
+    assert 'node 1 "Load FLUX.1-dev (GGUF)" (FluxQLoadGGUF)' in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.server
+def test_deliberately_broken_workflow_names_the_missing_lora(comfy_server, tmp_path):
+    broken = json.loads(DEV_WORKFLOW.read_text())
+    lora_node = next(node for node in broken.values() if node["class_type"] == "FluxQApplyLoRA")
+    lora_node["inputs"]["lora_name"] = "deleted_lora.safetensors"
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    result = run_client(str(path), "--server", comfy_server.url, "--map", str(TINY_MAP), *set_args(TINY_DEV),
+                        "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "Value not in list: lora_name: 'deleted_lora.safetensors' not in" in result.stderr
+    assert "gguf_name" not in result.stderr  # the map fixed the model names; only the LoRA is wrong
+
+
+@pytest.mark.server
+def test_execution_error_exits_1_with_the_exception_and_node(comfy_server, tmp_path):
+    overrides = [*TINY_DEV, "Sampler settings.width=72"]  # passes validation, refused when the node runs
+    result = run_client(str(DEV_WORKFLOW), "--server", comfy_server.url, "--map", str(TINY_MAP),
+                        *set_args(overrides), "--out", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert 'execution failed at node' in result.stderr
+    assert '"Sampler settings" (FluxQSamplerSettings): ValueError: width 72 is not a multiple of 16' in result.stderr
+
+
+@pytest.mark.server
+def test_ui_workflow_runs_through_the_client_and_outputs_are_downloaded(comfy_server, tmp_path):
+    out = tmp_path / "out"
+    result = run_client(str(DEV_WORKFLOW_UI), "--server", comfy_server.url, "--map", str(TINY_MAP),
+                        *set_args(TINY_DEV), "--set", "Prompt.text=a tiny fox",
+                        "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = [Path(line) for line in result.stdout.split()]
+    assert saved and all(path.parent == out and path.suffix == ".png" and path.stat().st_size > 0 for path in saved)
+    assert "finished" in result.stderr and "nodes]" in result.stderr  # the progress lines
+
+
+@pytest.mark.server
+def test_timeout_cancels_the_prompt_and_exits_3(comfy_server, tmp_path):
+    overrides = [*TINY_DEV, "Sampler settings.steps=50", "Sampler.seed=123456"]  # long enough to still be running
+    result = run_client(str(DEV_WORKFLOW), "--server", comfy_server.url, "--map", str(TINY_MAP),
+                        *set_args(overrides), "--timeout", "1", "--out", str(tmp_path))
+    assert result.returncode == client.EXIT_TIMEOUT, result.stderr
+    assert "timed out after 1 s" in result.stderr
+    queue = comfy_server.get("/queue")
+    assert queue["queue_pending"] == []

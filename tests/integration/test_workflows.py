@@ -1,0 +1,176 @@
+"""The bundled workflows: each UI file is the same graph as its API twin, each twin fits the real
+server's node definitions at its shipped (real-model) settings, and each runs end to end on the
+tiny models through the headless client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_ops.workflow_convert import ui_to_api
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO_ROOT / "workflows"
+CLIENT = REPO_ROOT / "scripts" / "fluxq_client.py"
+TINY_MAP_PATH = REPO_ROOT / "scripts" / "tiny_model_map.json"
+TINY_MAP = json.loads(TINY_MAP_PATH.read_text())
+PACK_FOLDER = "comfyui-flux-qlora"  # the pack's folder name under custom_nodes in the harness
+TINY_DATASET = TINY_MAP["my_dataset"]
+TRAINED_LORA = "fluxq-workflow-test"
+
+# Small and fast on CPU; the shipped files keep the real 1024x1024, 28-step settings.
+TINY_DEV = ["Sampler settings.preset=custom", "Sampler settings.steps=2",
+            "Sampler settings.width=64", "Sampler settings.height=64"]
+TINY_RUNS = {
+    # name: (overrides, saved files expected as {downloaded name prefix: (width, height) or None})
+    "flux_dev_gguf_lora_txt2img": (TINY_DEV, {"fluxq_dev_lora_": (64, 64)}),
+    "flux_schnell_gguf_4step": (["Sampler settings.width=64", "Sampler settings.height=64"],
+                                {"fluxq_schnell_": (64, 64)}),
+    "flux_lora_compare_grid": ([*TINY_DEV, "LoRA compare grid.strengths=0, 1", 'LoRA compare grid.seeds="0"'],
+                               {"fluxq_lora_grid_": None}),
+    "flux_lora_vs_lora": ([*TINY_DEV, "LoRA compare grid.strengths=1", 'LoRA compare grid.seeds="0"'],
+                          {"fluxq_lora_vs_lora_": None}),
+    "flux_stack_then_remove_lora": (TINY_DEV, {"fluxq_stack_a_b_": (64, 64), "fluxq_stack_b_only_": (64, 64)}),
+    "flux_train_then_compare": (
+        [*TINY_DEV, "Train LoRA.steps=2", "Train LoRA.resolution=64", "Train LoRA.rank=4", "Train LoRA.alpha=4",
+         "Train LoRA.save_every=0", f"Train LoRA.lora_name={TRAINED_LORA}"],
+        {"fluxq_train_loss_": None, "fluxq_train_compare_": (64 + 16 + 64, 64)},  # base | 16 px | trained
+    ),
+}
+NAMES = sorted(TINY_RUNS)
+
+
+def load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def ui_workflow(name: str) -> dict:
+    return load(WORKFLOWS / f"{name}.json")
+
+
+def api_workflow(name: str) -> dict:
+    return load(WORKFLOWS / "api" / f"{name}.json")
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    """The shared server, with the tiny training set in its input folder (the trainer's `dataset`)."""
+    dataset = comfy_server.input_dir / TINY_DATASET
+    if not dataset.exists():
+        dataset.mkdir()
+        for index, color in enumerate([(220, 40, 40), (40, 200, 60), (50, 60, 210), (230, 210, 40)]):
+            Image.new("RGB", (64, 64), color).save(dataset / f"square_{index}.png")
+            (dataset / f"square_{index}.txt").write_text(f"a plain square, colour {index}")
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def test_every_workflow_has_a_ui_file_and_an_api_twin():
+    assert sorted(path.stem for path in WORKFLOWS.glob("*.json")) == NAMES
+    assert sorted(path.stem for path in (WORKFLOWS / "api").glob("*.json")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_has_titles_groups_notes_and_real_model_names(name):
+    workflow = ui_workflow(name)
+    assert workflow["version"] == 0.4 and workflow["groups"]
+    notes = [node for node in workflow["nodes"] if node["type"] == "Note"]
+    assert notes and all(node.get("title") and node["widgets_values"][0].strip() for node in notes)
+    text = json.dumps(workflow)
+    assert "fluxq-tiny" not in text  # shipped with the names a user has; tests map them
+    assert any(real in text for real in ("flux1-dev-Q8_0.gguf", "flux1-schnell-Q4_K_S.gguf"))
+    prompt = api_workflow(name)
+    settings = next(node["inputs"] for node in prompt.values() if node["class_type"] == "FluxQSamplerSettings")
+    assert (settings["width"], settings["height"]) == (1024, 1024)
+    assert settings["preset"] in ("flux-dev", "flux-schnell")
+
+
+# --- against the real server ----------------------------------------------------------------------
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_converts_to_exactly_its_api_twin(name, object_info):
+    assert ui_to_api(ui_workflow(name), object_info) == api_workflow(name)
+
+
+@pytest.mark.server
+def test_ui_workflows_are_served_as_templates(server):
+    assert sorted(server.get("/workflow_templates")[PACK_FOLDER]) == NAMES
+
+
+def input_problems(prompt: dict, object_info: dict) -> list[str]:
+    """What ComfyUI's validation would refuse: unknown nodes/inputs, missing inputs, values out of range."""
+    problems = []
+    for node_id, node in prompt.items():
+        definition = object_info.get(node["class_type"])
+        if definition is None:
+            problems.append(f"{node_id}: unknown node {node['class_type']}")
+            continue
+        sections = definition["input"]
+        specs = {**sections.get("required", {}), **sections.get("optional", {})}
+        for name in sections.get("required", {}):
+            if name not in node["inputs"]:
+                problems.append(f"{node_id}.{name}: required input missing")
+        for name, value in node["inputs"].items():
+            if name not in specs:
+                problems.append(f"{node_id}.{name}: not an input of {node['class_type']}")
+                continue
+            if isinstance(value, list):  # a link
+                continue
+            input_type, options = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
+            choices = input_type if isinstance(input_type, list) else options.get("options")
+            if choices is not None and value not in choices:
+                problems.append(f"{node_id}.{name}: {value!r} not in the server's list")
+            if input_type in ("INT", "FLOAT") and not options.get("min", value) <= value <= options.get("max", value):
+                problems.append(f"{node_id}.{name}: {value} outside [{options.get('min')}, {options.get('max')}]")
+    return problems
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_fits_the_servers_node_definitions_at_its_shipped_settings(name, object_info):
+    # Only the model file names change (to the tiny models this server has); every other value is
+    # checked as shipped: 1024x1024, 28 steps, rank 16, 1000 training steps, ...
+    prompt = api_workflow(name)
+    for node in prompt.values():
+        node["inputs"] = {key: TINY_MAP.get(value, value) if isinstance(value, str) else value
+                          for key, value in node["inputs"].items()}
+    assert input_problems(prompt, object_info) == []
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_runs_end_to_end_on_the_tiny_models(name, server, models_dir, tmp_path):
+    overrides, expected = TINY_RUNS[name]
+    command = [sys.executable, str(CLIENT), str(WORKFLOWS / "api" / f"{name}.json"), "--server", server.url,
+               "--map", str(TINY_MAP_PATH), "--out", str(tmp_path), "--timeout", "900"]
+    for override in overrides:
+        command += ["--set", override]
+    loras = models_dir / "loras"
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=960)
+        assert result.returncode == 0, result.stderr[-3000:]
+        saved = [Path(line) for line in result.stdout.split()]
+        for prefix, size in expected.items():
+            matches = [path for path in saved if path.name.startswith(prefix)]
+            assert len(matches) == 1, (prefix, saved)
+            with Image.open(matches[0]) as image:
+                assert size is None or image.size == size
+        if name == "flux_train_then_compare":
+            assert (loras / f"{TRAINED_LORA}.safetensors").is_file()
+    finally:
+        for path in loras.glob(f"{TRAINED_LORA}*"):  # the trainer writes into the harness's models/loras
+            path.unlink()
