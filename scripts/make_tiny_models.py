@@ -31,7 +31,7 @@ TINY_FLUX_PARAMS = dict(
     mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
     theta=10000, patch_size=2, qkv_bias=True,
 )
-GGUF_TYPES_DEV = ("F32", "F16", "Q8_0", "Q4_K")
+GGUF_TYPES_DEV = ("F16", "Q8_0", "Q4_K")
 LORA_RANK = 4
 
 

@@ -37,7 +37,7 @@ if (COMFY_DIR / "main.py").exists() and str(COMFY_DIR) not in sys.path:
 
 TINY = {
     "dev_f32": "fluxq-tiny-dev.safetensors",
-    "dev_gguf": {q: f"fluxq-tiny-dev-{q}.gguf" for q in ("F32", "F16", "Q8_0", "Q4_K")},
+    "dev_gguf": {q: f"fluxq-tiny-dev-{q}.gguf" for q in ("F16", "Q8_0", "Q4_K")},
     "schnell_gguf": "fluxq-tiny-schnell-Q8_0.gguf",
     "clip_l": "fluxq-tiny-clip_l.safetensors",
     "vae": "fluxq-tiny-ae.safetensors",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import gguf
 import numpy as np
 import torch
@@ -18,8 +21,11 @@ def flux_conditioning(seed: int = 0, guidance: float | None = 3.5):
     return [[torch.randn(1, 77, 768, generator=g), extra]]
 
 
-def sample(model, seed: int = 0, steps: int = 2, positive=None, latent_shape=TINY_LATENT) -> torch.Tensor:
-    """ComfyUI's own sampler (what KSampler runs), euler/simple, cfg 1."""
+def sample(model, seed: int = 0, steps: int = 1, positive=None, latent_shape=TINY_LATENT) -> torch.Tensor:
+    """ComfyUI's own sampler (what KSampler runs), euler/simple, cfg 1.
+
+    One step by default: every step of the tiny model reads all its ~535M weights on CPU.
+    """
     import comfy.sample
 
     positive = positive or flux_conditioning()
@@ -43,3 +49,21 @@ def core_model(state_dict: dict[str, torch.Tensor]):
     import comfy.sd
 
     return comfy.sd.load_diffusion_model_state_dict(dict(state_dict))
+
+
+# Loading and dequantizing a tiny model costs seconds on CPU: each is built once per session.
+@functools.lru_cache(maxsize=None)
+def tiny_gguf_model(models_dir: Path, qtype: str):
+    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
+
+    return load_flux_gguf(str(tiny_gguf_path(models_dir, qtype)))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_reference_model(models_dir: Path, qtype: str):
+    """Core ComfyUI on the gguf package's own dequantization of the same file."""
+    return core_model(dequantized_state_dict(tiny_gguf_path(models_dir, qtype)))
+
+
+def tiny_gguf_path(models_dir: Path, qtype: str) -> Path:
+    return models_dir / "diffusion_models" / f"fluxq-tiny-dev-{qtype}.gguf"

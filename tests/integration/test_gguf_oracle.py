@@ -3,26 +3,24 @@
 import pytest
 import torch
 
-from fluxq_testing import core_model, dequantized_state_dict, sample
+from fluxq_testing import sample, tiny_gguf_model, tiny_gguf_path, tiny_reference_model
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_K"])
+# F32 files are covered by the dequantization unit tests and the server test; here the float
+# path (F16), a legacy block type (Q8_0) and a K-quant (Q4_K) run the whole sampler.
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_K"])
 def test_gguf_model_samples_like_core_on_dequantized_weights(pack, models_dir, qtype):
-    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
-
-    path = models_dir / "diffusion_models" / f"fluxq-tiny-dev-{qtype}.gguf"
-    ours = sample(load_flux_gguf(str(path)))
-    reference = sample(core_model(dequantized_state_dict(path)))
+    ours = sample(tiny_gguf_model(models_dir, qtype), steps=2)
+    reference = sample(tiny_reference_model(models_dir, qtype), steps=2)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_weights_stay_quantized_in_memory(pack, models_dir):
     from comfyui_flux_qlora.lora_ops.gguf_file import read_gguf
-    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
 
-    path = models_dir / "diffusion_models" / "fluxq-tiny-dev-Q8_0.gguf"
-    model = load_flux_gguf(str(path))
+    path = tiny_gguf_path(models_dir, "Q8_0")
+    model = tiny_gguf_model(models_dir, "Q8_0")
     qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
     assert qkv.weight.dtype == torch.uint8 and qkv.qshape == (9216, 3072)
     assert qkv.weight.numel() == 9216 * 3072 // 32 * 34  # Q8_0: 34 bytes per block of 32

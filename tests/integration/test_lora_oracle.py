@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxq_testing import core_model, dequantized_state_dict, sample
+from fluxq_testing import sample, tiny_gguf_model, tiny_reference_model
 
 RANK = 4
 XLABS_NAMES = {
@@ -72,12 +72,7 @@ def diffusers_file(factors, unet_config):
 
 @pytest.fixture(scope="module")
 def models(pack, models_dir):
-    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
-
-    path = models_dir / "diffusion_models" / "fluxq-tiny-dev-F32.gguf"
-    ours = load_flux_gguf(str(path))
-    reference = core_model(dequantized_state_dict(path))
-    return ours, reference
+    return tiny_gguf_model(models_dir, "F16"), tiny_reference_model(models_dir, "F16")
 
 
 def all_block_linears(diffusion_model):
@@ -159,11 +154,7 @@ def test_two_stacked_loras_match_core_stack(models, scratch_models):
 
 
 def test_quantized_model_with_lora_matches_dequantized_reference(pack, models_dir, scratch_models):
-    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
-
-    path = models_dir / "diffusion_models" / "fluxq-tiny-dev-Q8_0.gguf"
-    ours_base = load_flux_gguf(str(path))
-    reference_base = core_model(dequantized_state_dict(path))
+    ours_base, reference_base = tiny_gguf_model(models_dir, "Q8_0"), tiny_reference_model(models_dir, "Q8_0")
     factors = random_factors(ours_base.model.diffusion_model, all_block_linears(ours_base.model.diffusion_model), 21)
     name = write_lora(scratch_models, "q8.safetensors", kohya_file(factors, RANK))
 
