@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import comfy.model_base
@@ -260,6 +261,8 @@ class FluxQCompareGrid(io.ComfyNode):
                 io.Image.Output(display_name="cells", tooltip="Every cell, row by row, as an image batch."),
             ],
             hidden=[io.Hidden.unique_id],
+            # An output node so a re-queue with everything cached still re-sends the compare view's data.
+            is_output_node=True,
         )
 
     @classmethod
@@ -305,6 +308,7 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
     previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
     progress = comfy.utils.ProgressBar(len(cells) * settings.steps)
     images = []
+    started = time.perf_counter()
     for index, (row, seed) in enumerate(cells):
         comfy.model_management.throw_exception_if_processing_interrupted()
         report_progress_text(node_id, f"cell {index + 1}/{len(cells)}: {row.label}, seed {seed}")
@@ -317,6 +321,8 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
         samples = sample_latent(cell_model, positive, settings, seed, latent, callback)["samples"]
         # Decode now and keep only CPU pixels, so a big grid holds no latents or device memory.
         images.append(vae.decode(samples)[0].cpu())
+    seconds = time.perf_counter() - started
+    report_progress_text(node_id, f"{len(cells)} cells in {seconds:.1f} s ({seconds / len(cells):.1f} s per cell)")
     return torch.stack(images)
 
 

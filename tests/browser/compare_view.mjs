@@ -130,9 +130,9 @@ try {
   await page.evaluate((id) => {
     const { app } = window.comfyAPI.app;
     const node = app.graph.getNodeById(Number(id));
-    node.setSize([560, Math.max(node.size[1], 900)]);
+    node.setSize([node.size[0], Math.max(node.size[1], 860)]);
     app.canvas.ds.scale = 1;
-    app.canvas.ds.offset = [-node.pos[0] + 40, -node.pos[1] + 60];
+    app.canvas.ds.offset = [-node.pos[0] + 120, -node.pos[1] + 110];
     app.canvas.setDirty(true, true);
   }, gridId);
   await waitForLoadedImages(page, 2);
