@@ -44,6 +44,14 @@ log = logging.getLogger("fluxq")
 DEQUANT_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def check_file_choice(folder: str, input_name: str, value: str, extra_choices: tuple[str, ...] = ()) -> bool | str:
+    """``validate_inputs`` for a file dropdown: ComfyUI 0.3.75 does not check V3 combo values, so
+    an API prompt could name any file. Returns True or the message ComfyUI shows (HTTP 400)."""
+    if value in extra_choices or value in folder_paths.get_filename_list(folder):
+        return True
+    return f"{input_name}: '{value}' is not a file in ComfyUI's '{folder}' model folders."
+
+
 # --- quantized layers --------------------------------------------------------------------
 
 
@@ -332,6 +340,6 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
 
 
 __all__ = [
-    "GGUFModelError", "LoraFormatError", "LoraMatchError", "UnsupportedQuantTypeError",
+    "check_file_choice", "GGUFModelError", "LoraFormatError", "LoraMatchError", "UnsupportedQuantTypeError",
     "FluxQModelPatcher", "make_ops", "load_flux_gguf", "get_lora_stack", "with_lora_stack", "load_lora_entry",
 ]

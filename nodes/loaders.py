@@ -3,7 +3,7 @@
 import folder_paths
 from comfy_api.latest import io
 
-from .comfy_glue import DEQUANT_DTYPES, load_flux_gguf, load_text_encoders
+from .comfy_glue import DEQUANT_DTYPES, check_file_choice, load_flux_gguf, load_text_encoders
 
 CATEGORY = "Flux QLoRA Lab/loaders"
 NO_T5 = "none"
@@ -40,6 +40,10 @@ class FluxQLoadGGUF(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, gguf_name, dequant_dtype):
+        return check_file_choice(GGUF_UNET_FOLDER, "gguf_name", gguf_name)
+
+    @classmethod
     def execute(cls, gguf_name, dequant_dtype) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(GGUF_UNET_FOLDER, gguf_name)
         return io.NodeOutput(load_flux_gguf(path, dequant_dtype))
@@ -63,6 +67,11 @@ class FluxQLoadTextEncodersGGUF(io.ComfyNode):
             ],
             outputs=[io.Clip.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, clip_name, t5_name):
+        clip_ok = check_file_choice(TEXT_ENCODER_FOLDER, "clip_name", clip_name)
+        return clip_ok if clip_ok is not True else check_file_choice(TEXT_ENCODER_FOLDER, "t5_name", t5_name, (NO_T5,))
 
     @classmethod
     def execute(cls, clip_name, t5_name) -> io.NodeOutput:

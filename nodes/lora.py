@@ -4,7 +4,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..lora_ops.lora_runtime import REMOVE_ALL
-from .comfy_glue import get_lora_stack, load_lora_entry, with_lora_stack
+from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, with_lora_stack
 
 CATEGORY = "Flux QLoRA Lab/lora"
 
@@ -36,6 +36,10 @@ class FluxQApplyLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name):
+        return check_file_choice("loras", "lora_name", lora_name)
+
+    @classmethod
     def execute(cls, model, lora_name, strength_model, clip=None, strength_clip=1.0) -> io.NodeOutput:
         entry, clip_out, report = load_lora_entry(model, lora_name, strength_model, clip, strength_clip)
         patched = with_lora_stack(model, get_lora_stack(model).with_lora(entry))
@@ -59,6 +63,10 @@ class FluxQRemoveLoRA(io.ComfyNode):
             ],
             outputs=[io.Model.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name):
+        return check_file_choice("loras", "lora_name", lora_name, (REMOVE_ALL,))
 
     @classmethod
     def execute(cls, model, lora_name) -> io.NodeOutput:

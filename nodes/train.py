@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -168,6 +169,26 @@ def make_autograd_safe(module: torch.nn.Module) -> None:
                 comfy.utils.set_attr(module, name, buffer.clone())
 
 
+@contextlib.contextmanager
+def norm_inputs_copied(diffusion_model: torch.nn.Module):
+    """ComfyUI's FLUX blocks add the residual in place (`x += ...`) after a LayerNorm saved `x` for
+    backward, which autograd refuses. While training, each LayerNorm gets its own copy of its
+    input, so the saved tensor is never the one modified."""
+
+    def copy_input(module, args):
+        if torch.is_grad_enabled() and args[0].requires_grad:
+            return (args[0].clone(), *args[1:])
+        return None
+
+    handles = [m.register_forward_pre_hook(copy_input) for m in diffusion_model.modules()
+               if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class TrainingRun:
     """One press of the node: checks everything that can be checked before any heavy work."""
 
@@ -221,7 +242,7 @@ class TrainingRun:
         device = self.model.load_device
         make_autograd_safe(self.diffusion_model)
         self.diffusion_model.requires_grad_(False)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model):
             examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device)) for e in examples]
             empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
             factors = self._initial_factors(device)
@@ -272,7 +293,9 @@ class TrainingRun:
             for path, (in_features, out_features) in self.layers.items():
                 down, up = fm.init_lora_factors(in_features, out_features, self.rank, generator)
                 source[path] = ckpt.LoraFactors(down, up)
-        return {path: ckpt.LoraFactors(f.down.to(device).requires_grad_(True), f.up.to(device).requires_grad_(True))
+        # clone(): factors read under ComfyUI's inference_mode cannot be made trainable themselves
+        return {path: ckpt.LoraFactors(f.down.to(device).clone().requires_grad_(True),
+                                       f.up.to(device).clone().requires_grad_(True))
                 for path, f in source.items()}
 
     def _predictor(self, stack, device) -> fm.VelocityPredictor:
@@ -298,12 +321,13 @@ class TrainingRun:
         """ComfyUI's block-replace patches wrap each block in activation checkpointing. The block is
         bound here, not taken from `original_block`: that closure late-binds the loop variable, so by
         the time backward recomputes it would call the last block. The stack is re-activated inside,
-        because the recomputation runs during backward (maybe on another thread)."""
+        because the recomputation runs during backward (maybe on another thread). Inputs are copied
+        because the blocks add their residual into them in place, and checkpoint keeps the inputs."""
 
         def double(block):
             def run(img, txt, vec, pe, attn_mask, options):
                 with activate(stack):
-                    return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
+                    return block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
 
             def replace(args, extra):
                 img, txt = torch.utils.checkpoint.checkpoint(
@@ -316,7 +340,7 @@ class TrainingRun:
         def single(block):
             def run(img, vec, pe, attn_mask, options):
                 with activate(stack):
-                    return block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
+                    return block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
 
             def replace(args, extra):
                 return {"img": torch.utils.checkpoint.checkpoint(
@@ -361,9 +385,8 @@ class TrainingRun:
         return file_name
 
     def _progress_text(self, text: str) -> None:
-        from server import PromptServer
-
-        server = getattr(PromptServer, "instance", None)
+        # Looked up, not imported: used as a library (tests, scripts) there is no server.
+        server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
         if server is not None and self.node_id is not None:
             server.send_progress_text(text, self.node_id)
 
