@@ -247,7 +247,8 @@ class FlowMatchTrainer:
             if param is None:
                 raise ValueError(f"saved optimizer state names an unknown parameter {name!r}")
             self.optimizer.state[param] = {
-                # Adam keeps `step` on the CPU unless fused/capturable; moments live with the param.
-                k: v.clone() if k == "step" else v.to(param.device, param.dtype)
+                # Copies the optimizer owns and updates in place. Adam keeps `step` on the CPU
+                # unless fused/capturable; the moments live with the parameter.
+                k: v.clone() if k == "step" else v.to(param.device, param.dtype, copy=True)
                 for k, v in tensors.items()
             }

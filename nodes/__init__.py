@@ -3,5 +3,6 @@
 from .loaders import NODES as _LOADERS
 from .lora import NODES as _LORA
 from .sampling import NODES as _SAMPLING
+from .train import NODES as _TRAIN
 
-ALL_NODES = [*_LOADERS, *_LORA, *_SAMPLING]
+ALL_NODES = [*_LOADERS, *_LORA, *_SAMPLING, *_TRAIN]

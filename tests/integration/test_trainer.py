@@ -7,6 +7,7 @@ from ComfyUI's own classes (hidden 128) for the learning, resume and determinism
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -206,9 +207,10 @@ def test_qlora_on_tiny_gguf_saves_a_lora_core_and_diffusers_load(comfy_libs, cli
         patches = comfy.lora.load_lora(tensors, key_map)
     assert "lora key not loaded" not in caplog.text
     modules = {k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
-    assert len(patches) == len(modules) == 20  # 14 linears per double block + 6 per single block
+    assert len(patches) == len(modules) == 13  # 10 linears in the double block, 3 in the single block
 
-    # diffusers' kohya converter takes every key (it raises on leftovers) to the modules we expect
+    # diffusers' kohya converter takes every key (it raises on leftovers) to the modules we expect;
+    # fused qkv and linear1 split into q/k/v (+ proj_mlp)
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
@@ -262,10 +264,14 @@ def test_same_seed_same_lora_and_resume_continues_the_run(comfy_libs, clip_vae, 
     b, _ = lora_tensors(loras / "b.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # 4 steps, then resume to 6: the same LoRA and loss curve as 6 straight steps
-    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="half", **{**settings, "steps": 4}))
+    # cancelled after step 4, then resumed from that checkpoint: the LoRA and loss curve of 6 straight steps
+    import comfy.model_management
+
+    with cancel_at_step(4), pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="cut", **settings))
     comfy_libs.folder_paths.filename_list_cache.clear()
-    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="resumed", resume="half.safetensors", **settings))
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="resumed", resume="cut_step000004.safetensors",
+                                **settings))
     resumed, metadata = lora_tensors(loras / "resumed.safetensors")
     assert metadata["ss_steps"] == "6"
     for k in a:
@@ -290,25 +296,32 @@ def test_images_and_captions_from_core_dataset_nodes(comfy_libs, clip_vae, folde
     assert metadata["ss_num_train_images"] == "2"
 
 
-def test_cancel_saves_a_checkpoint_after_the_current_step(comfy_libs, clip_vae, folders):
+@contextlib.contextmanager
+def cancel_at_step(step: int):
+    """Presses ComfyUI's cancel while `step` runs (the trainer reports progress after each step)."""
     import comfy.model_management
     import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        if value == step:
+            comfy.model_management.interrupt_current_processing(True)
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+def test_cancel_saves_a_checkpoint_after_the_current_step(comfy_libs, clip_vae, folders):
+    import comfy.model_management
 
     clip, vae = clip_vae
     inputs, loras = folders
     write_dataset(inputs, ["red"])
-
-    def cancel_during_step_two(value, total, preview, node_id=None):
-        if value == 2:  # what the UI's cancel button does, arriving while step 2 runs
-            comfy.model_management.interrupt_current_processing(True)
-
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(cancel_during_step_two)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=50))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
+    with cancel_at_step(2), pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=50))
     assert not comfy.model_management.processing_interrupted()
     assert sorted(os.listdir(loras)) == ["trained_step000002.safetensors", "trained_step000002.trainstate"]
 
