@@ -8,6 +8,7 @@ GGUFReader then maps the validated file.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -58,6 +59,10 @@ class QTensor:
     @property
     def is_quantized(self) -> bool:
         return self.qtype not in _FLOAT_QTYPES
+
+    def nelement(self) -> int:
+        """Logical element count; ComfyUI's loaders size models with ``Tensor.nelement()``."""
+        return math.prod(self.shape)
 
 
 @dataclass

@@ -117,24 +117,15 @@ def make_ops(dequant_dtype: torch.dtype | None):
                 weight = self._dequantized_weight(x.dtype, x.device)
                 return torch.nn.functional.linear(x, weight, self._cast_bias(x.dtype, x.device))
 
-        class Embedding(_QuantizedWeightMixin, comfy.ops.manual_cast.Embedding):
-            def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
-                         scale_grad_by_freq=False, sparse=False, _weight=None, device=None, dtype=None):
-                torch.nn.Module.__init__(self)
-                self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-                self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
-                self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
-                self.weight = None
-                self.bias = None
-                self.dequant_dtype = dequant_dtype
-
-            def forward(self, input, out_dtype=None):
-                if self.qtype is None:
-                    return super().forward(input, out_dtype=out_dtype)
-                dtype = out_dtype or self.dequant_dtype or torch.float32
-                weight = self._dequantized_weight(dtype, input.device)
-                return torch.nn.functional.embedding(input, weight, self.padding_idx, self.max_norm,
-                                                     self.norm_type, self.scale_grad_by_freq, self.sparse)
+        class Embedding(comfy.ops.manual_cast.Embedding):
+            # Text encoders read embedding tables directly (``.weight`` added to activations), so a
+            # quantized table is expanded once at load; it is a small part of T5/CLIP anyway.
+            def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+                key = prefix + "weight"
+                table = state_dict.get(key)
+                if isinstance(table, QTensor):
+                    state_dict[key] = dequantize(table.data, table.qtype, table.shape, dequant_dtype or torch.float32)
+                super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     return FluxQOps
 
