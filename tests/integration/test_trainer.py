@@ -222,9 +222,52 @@ def test_qlora_on_tiny_gguf_saves_a_lora_core_and_diffusers_load(comfy_libs, cli
         f"transformer.single_transformer_blocks.0.{m}" for m in (
             "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")}
 
+    assert_diffusers_applies_the_same_update(loras / lora_file, tensors, rank=4, alpha=4.0)
+
     # the MODEL output carries the LoRA in its runtime stack; the input model does not
     assert comfy_libs.glue.get_lora_stack(trained_model).names() == ("trained",)
     assert comfy_libs.glue.get_lora_stack(model).names() == ()
+
+
+def assert_diffusers_applies_the_same_update(path, ours, rank, alpha, hidden=3072):
+    """The public diffusers path (FluxPipeline.lora_state_dict, then load_lora_adapter through PEFT)
+    on a FluxTransformer2DModel shaped like the tiny FLUX (diffusers' kohya converter assumes
+    hidden 3072): every module gets an adapter whose weight update equals ours, fused qkv and
+    linear1 rows included. Built on the meta device and left uninitialised: only LoRAs are read."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(
+            num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=hidden // 128,
+            joint_attention_dim=768, pooled_projection_dim=768, guidance_embeds=True,
+        )
+    transformer.to_empty(device="cpu")
+    state_dict = FluxPipeline.lora_state_dict(str(path))
+    transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name="ours")
+
+    def delta(module, rows=None):
+        base = "lora_unet_" + module.replace(".", "_")
+        full = (alpha / rank) * ours[f"{base}.lora_up.weight"] @ ours[f"{base}.lora_down.weight"]
+        return full if rows is None else full[rows[0] * hidden:rows[1] * hidden]
+
+    expected = {
+        "transformer_blocks.0.norm1.linear": delta("double_blocks.0.img_mod.lin"),
+        "transformer_blocks.0.attn.to_q": delta("double_blocks.0.img_attn.qkv", (0, 1)),
+        "transformer_blocks.0.attn.to_v": delta("double_blocks.0.img_attn.qkv", (2, 3)),
+        "transformer_blocks.0.attn.add_k_proj": delta("double_blocks.0.txt_attn.qkv", (1, 2)),
+        "transformer_blocks.0.attn.to_add_out": delta("double_blocks.0.txt_attn.proj"),
+        "transformer_blocks.0.ff_context.net.2": delta("double_blocks.0.txt_mlp.2"),
+        "single_transformer_blocks.0.attn.to_k": delta("single_blocks.0.linear1", (1, 2)),
+        "single_transformer_blocks.0.proj_mlp": delta("single_blocks.0.linear1", (3, 7)),
+        "single_transformer_blocks.0.proj_out": delta("single_blocks.0.linear2"),
+        "single_transformer_blocks.0.norm.linear": delta("single_blocks.0.modulation.lin"),
+    }
+    adapted = {name for name, m in transformer.named_modules() if "ours" in getattr(m, "lora_A", {})}
+    assert len(adapted) == 20 and set(expected) <= adapted
+    for name, want in expected.items():
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(transformer.get_submodule(name).get_delta_weight("ours"), want,
+                                   rtol=1e-4, atol=1e-8)
 
 
 # --- learning, resume and determinism on the narrow FLUX ------------------------------------
@@ -362,3 +405,4 @@ def test_resume_mismatch_is_refused(comfy_libs, clip_vae, folders):
         train(comfy_libs, node_args(narrow_flux(), clip, vae, rank=8, steps=4, resume="base.safetensors"))
     with pytest.raises(ValueError, match="already trained 2 steps"):
         train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=2, resume="base.safetensors"))
+
