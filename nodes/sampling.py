@@ -112,7 +112,7 @@ def sample_latent(model, positive, settings: FluxSamplerSettings, seed: int, lat
     return {**latent, "samples": samples}
 
 
-def describe(settings: FluxSamplerSettings, model) -> str:
+def settings_summary(settings: FluxSamplerSettings, model) -> str:
     guidance = "no guidance" if settings.guidance is None else f"guidance {settings.guidance:g}"
     text = (f"steps {settings.steps} · {guidance} · {settings.sampler_name} / {settings.scheduler} · "
             f"shift {shift_factor(model):.3g} ({settings.shift_mode})")
@@ -207,15 +207,13 @@ class FluxQSampler(io.ComfyNode):
 
 
 def compared_stack(model, loras: list[str]):
-    """The upstream LoRA stack plus every LoRA in `loras` not applied upstream (loaded once here)."""
+    """The upstream LoRA stack plus every LoRA in `loras` not applied upstream (loaded once here;
+    the glue logs what matched)."""
     stack = get_lora_stack(model)
-    reports = []
     for name in loras:
         if name not in stack.names():
-            entry, _, report = load_lora_entry(model, name, 1.0)
-            stack = stack.with_lora(entry)
-            reports.append(report)
-    return stack, reports
+            stack = stack.with_lora(load_lora_entry(model, name, 1.0)[0])
+    return stack
 
 
 def cell_stack(stack, row: grid.GridRow, loras: list[str]):
@@ -283,7 +281,7 @@ class FluxQCompareGrid(io.ComfyNode):
         lora_b = None if lora_name_b in (None, NO_LORA) else lora_name_b
         plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference)
         loras = [lora_name] if lora_b is None else [lora_name, lora_b]
-        stack, _ = compared_stack(model, loras)
+        stack = compared_stack(model, loras)
 
         latent = empty_latent(settings)
         model, positive = prepare(model, positive, settings, latent)
@@ -336,7 +334,7 @@ def report_progress_text(node_id, text: str) -> None:
 def header_lines(model, settings, plan, lora_a, lora_b, stack, loras) -> list[str]:
     seeds = ", ".join(str(seed) for seed in plan.seeds)
     lines = [f"LoRA: {lora_a}" if lora_b is None else f"A: {lora_a}   B: {lora_b}",
-             f"{describe(settings, model)} · {settings.width}x{settings.height} · seeds {seeds}"]
+             f"{settings_summary(settings, model)} · {settings.width}x{settings.height} · seeds {seeds}"]
     others = [entry for entry in stack.entries if entry.name not in loras]
     if others:
         lines.append("also applied: " + ", ".join(f"{e.name} @ {e.strength:g}" for e in others))
