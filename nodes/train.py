@@ -98,8 +98,9 @@ class FluxQTrainLoRA(io.ComfyNode):
     def execute(cls, images=None, captions=None, **lists) -> io.NodeOutput:
         args = {name: values[0] for name, values in lists.items()}  # scalars arrive as 1-lists
         model, vae, clip = args.pop("model"), args.pop("vae"), args.pop("clip")
+        samples = collect_samples(args.pop("dataset"), images, captions)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        run = TrainingRun(model, collect_samples(args["dataset"], images, captions), node_id=node_id, **args)
+        run = TrainingRun(model, samples, node_id=node_id, **args)
         trained_model, lora_file, losses = run.train(vae, clip)
         curve = draw_loss_curve(losses)
         return io.NodeOutput(trained_model, lora_file, curve, ui=ui.PreviewImage(curve, cls=cls))
@@ -192,7 +193,7 @@ def norm_inputs_copied(diffusion_model: torch.nn.Module):
 class TrainingRun:
     """One press of the node: checks everything that can be checked before any heavy work."""
 
-    def __init__(self, model, samples: list[ds.Sample], *, node_id, dataset, trigger_word, rank, alpha,
+    def __init__(self, model, samples: list[ds.Sample], *, node_id, trigger_word, rank, alpha,
                  learning_rate, steps, batch_size, gradient_accumulation, resolution, seed, optimizer,
                  lr_schedule, warmup_steps, caption_dropout, timestep_sampling, gradient_checkpointing,
                  layer_regex, save_every, keep_last, lora_name, resume):

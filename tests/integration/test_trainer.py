@@ -18,9 +18,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import COMFY_DIR, PACK_NAME, TINY
-
-MODELS = COMFY_DIR / "models"
+# `from conftest import` is ambiguous with tests/unit/conftest.py on the path: names spelled out.
+TINY_CLIP_L, TINY_VAE, TINY_DEV_Q8 = "fluxq-tiny-clip_l.safetensors", "fluxq-tiny-ae.safetensors", "fluxq-tiny-dev-Q8_0.gguf"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 40, 220), "stripes": None}
 
 
@@ -34,20 +33,20 @@ def comfy_libs(pack):
     import comfy.utils
     import folder_paths
 
-    train = importlib.import_module(f"{PACK_NAME}.nodes.train")
-    glue = importlib.import_module(f"{PACK_NAME}.nodes.comfy_glue")
+    train = importlib.import_module(f"{pack.__name__}.nodes.train")
+    glue = importlib.import_module(f"{pack.__name__}.nodes.comfy_glue")
     return type("Libs", (), dict(comfy=comfy, folder_paths=folder_paths, train=train, glue=glue))
 
 
 @pytest.fixture(scope="module")
-def clip_vae(comfy_libs):
+def clip_vae(comfy_libs, models_dir):
     import comfy.sd
     import comfy.utils
 
     with torch.inference_mode():
-        clip = comfy.sd.load_clip([str(MODELS / "text_encoders" / TINY["clip_l"])],
+        clip = comfy.sd.load_clip([str(models_dir / "text_encoders" / TINY_CLIP_L)],
                                   clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(MODELS / "vae" / TINY["vae"])))
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models_dir / "vae" / TINY_VAE)))
     return clip, vae
 
 
@@ -165,11 +164,12 @@ def lora_tensors(path):
 # --- the QLoRA path on the harness's GGUF model ---------------------------------------------
 
 
-def test_qlora_on_tiny_gguf_saves_a_lora_core_and_diffusers_load(comfy_libs, clip_vae, folders, caplog):
+def test_qlora_on_tiny_gguf_saves_a_lora_core_and_diffusers_load(comfy_libs, clip_vae, folders, models_dir, caplog):
     clip, vae = clip_vae
     inputs, loras = folders
     write_dataset(inputs, ["red", "stripes"])
-    model = comfy_libs.glue.load_flux_gguf(str(MODELS / "diffusion_models" / TINY["dev_gguf"]["Q8_0"]))
+    with torch.inference_mode():
+        model = comfy_libs.glue.load_flux_gguf(str(models_dir / "diffusion_models" / TINY_DEV_Q8))
     quantized = {n: p.clone() for n, p in model.model.diffusion_model.named_parameters() if p.dtype == torch.uint8}
     assert len(quantized) > 10
 
@@ -406,3 +406,61 @@ def test_resume_mismatch_is_refused(comfy_libs, clip_vae, folders):
     with pytest.raises(ValueError, match="already trained 2 steps"):
         train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=2, resume="base.safetensors"))
 
+
+
+# --- in a real ComfyUI server ------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_server_trains_from_core_dataset_nodes_and_core_loraloader_loads_the_result(comfy_server, models_dir):
+    """The graph a user builds: core's dataset loader feeds our trainer (lists into is_input_list),
+    then core's LoraLoaderModelOnly loads the saved file and samples with it."""
+    import uuid
+
+    folder = comfy_server.input_dir / "train_set"
+    folder.mkdir()
+    for name in ("red", "stripes"):
+        pattern_image(name).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {name} square")
+    name = f"server_{uuid.uuid4().hex[:8]}"
+    prompt = {
+        "model": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY_DEV_Q8, "dequant_dtype": "auto"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": TINY_CLIP_L, "type": "stable_diffusion"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
+        "data": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "train_set"}},
+        "train": {"class_type": "FluxQTrainLoRA", "inputs": {
+            "model": ["model", 0], "vae": ["vae", 0], "clip": ["clip", 0], "images": ["data", 0],
+            "captions": ["data", 1], **{k: v[0] for k, v in node_args(None, None, None, dataset="[none]", steps=1,
+                                                                          gradient_checkpointing=False,
+                                                                          lora_name=name).items()
+                                         if k not in ("model", "vae", "clip")}}},
+    }
+    # ComfyUI's default loras folder is the harness's own: remove what this test writes there
+    written = [models_dir / "loras" / f"{name}{ext}" for ext in (".safetensors", ".trainstate")]
+    try:
+        history = comfy_server.run(prompt)
+        assert history["outputs"]["train"]["images"], "the loss curve is previewed on the node"
+        assert all(p.exists() for p in written)
+        tensors, metadata = lora_tensors(written[0])
+        assert metadata["ss_num_train_images"] == "2" and metadata["ss_steps"] == "1"
+
+        # same node ids and inputs as above, so ComfyUI reuses the loaded model and CLIP
+        load = {
+            "model": prompt["model"],
+            "clip": prompt["clip"],
+            "lora": {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": ["model", 0], "lora_name": written[0].name, "strength_model": 1.0}},
+            "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "TOK"}},
+            "sample": {"class_type": "KSampler", "inputs": {
+                "model": ["lora", 0], "positive": ["pos", 0], "negative": ["pos", 0], "latent_image": ["latent", 0],
+                "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+            "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "lora"}},
+        }
+        log_start = len(comfy_server.log_path.read_text(errors="replace"))
+        comfy_server.run(load)
+        comfy_server._log.flush()
+        assert "lora key not loaded" not in comfy_server.log_path.read_text(errors="replace")[log_start:]
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
