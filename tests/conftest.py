@@ -22,7 +22,7 @@ for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from comfy_server import ComfyServer, ExecutionFailed  # noqa: E402,F401  (re-exported for tests)
+from comfy_server import ComfyServer  # noqa: E402
 
 if (COMFY_DIR / "main.py").exists() and str(COMFY_DIR) not in sys.path:
     # ComfyUI as a library: CPU mode, parsed once at import; without it comfy probes for CUDA.
@@ -35,15 +35,6 @@ if (COMFY_DIR / "main.py").exists() and str(COMFY_DIR) not in sys.path:
 
     sys.argv = _argv
 
-TINY = {
-    "dev_f32": "fluxq-tiny-dev.safetensors",
-    "dev_gguf": {q: f"fluxq-tiny-dev-{q}.gguf" for q in ("F16", "Q8_0", "Q4_K")},
-    "schnell_gguf": "fluxq-tiny-schnell-Q8_0.gguf",
-    "clip_l": "fluxq-tiny-clip_l.safetensors",
-    "vae": "fluxq-tiny-ae.safetensors",
-    "lora": "fluxq-tiny-lora.safetensors",
-    "lora_b": "fluxq-tiny-lora-b.safetensors",
-}
 
 
 def _require_harness():
@@ -95,14 +86,3 @@ def comfy_server(scratch_models, tmp_path_factory):
     server.stop()
     if server.process.returncode not in (0, -15):
         print(server.log_tail())
-
-
-def load_latent(path: Path):
-    """The tensor inside a SaveLatent file."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["latent_tensor"]
-
-
-def saved_latent(server: ComfyServer, history: dict, node_id: str):
-    return load_latent(server.output_file(history["outputs"][node_id]["latents"][0]))

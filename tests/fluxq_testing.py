@@ -11,6 +11,18 @@ import torch
 
 TINY_LATENT = (1, 16, 8, 8)  # 64x64 pixels
 
+# The harness's tiny models (scripts/make_tiny_models.py).
+TINY = {
+    "dev_f32": "fluxq-tiny-dev.safetensors",
+    "dev_gguf": {q: f"fluxq-tiny-dev-{q}.gguf" for q in ("F16", "Q8_0", "Q4_K")},
+    "schnell_gguf": "fluxq-tiny-schnell-Q8_0.gguf",
+    "clip_l": "fluxq-tiny-clip_l.safetensors",
+    "vae": "fluxq-tiny-ae.safetensors",
+    "lora": "fluxq-tiny-lora.safetensors",
+    "lora_b": "fluxq-tiny-lora-b.safetensors",
+}
+
+
 
 def flux_conditioning(seed: int = 0, guidance: float | None = 3.5):
     """A fixed random CLIP-L-shaped conditioning (77x768 tokens + 768 pooled) for the tiny FLUX."""
@@ -67,3 +79,14 @@ def tiny_reference_model(models_dir: Path, qtype: str):
 
 def tiny_gguf_path(models_dir: Path, qtype: str) -> Path:
     return models_dir / "diffusion_models" / f"fluxq-tiny-dev-{qtype}.gguf"
+
+
+def load_latent(path: Path):
+    """The tensor inside a SaveLatent file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+def saved_latent(server, history: dict, node_id: str):
+    return load_latent(server.output_file(history["outputs"][node_id]["latents"][0]))

@@ -6,9 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY, ExecutionFailed
-from conftest import saved_latent
-from fluxq_testing import dequantized_state_dict, tiny_gguf_path
+from comfy_server import ExecutionFailed
+from fluxq_testing import TINY, dequantized_state_dict, saved_latent, tiny_gguf_path
 
 FLUXQ_NODES = {"FluxQLoadGGUF", "FluxQLoadTextEncodersGGUF", "FluxQApplyLoRA", "FluxQRemoveLoRA"}
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from conftest import TINY
+from fluxq_testing import TINY
 from fluxq_testing import dequantized_state_dict
 
 

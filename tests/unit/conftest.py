@@ -1,8 +1,0 @@
-"""Unit-test setup: `lora_ops` importable as a top-level package, without ComfyUI."""
-
-import os
-import sys
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
