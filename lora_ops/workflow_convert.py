@@ -28,6 +28,7 @@ MODE_BYPASSED = 4  # LGraphEventMode.BYPASS
 VIRTUAL_NODE_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 SEED_WIDGET_NAMES = ("seed", "noise_seed")
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")  # the frontend adds an upload button widget
 
 
 class WorkflowConvertError(ValueError):
@@ -156,7 +157,8 @@ def widget_layout(definition: dict) -> list[tuple[str, int]]:
         for name, spec in (definition.get("input", {}).get(section) or {}).items():
             specs[(section, name)] = spec
     order = definition.get("input_order") or {}
-    ordered = [(section, name) for section in ("required", "optional") for name in order.get(section, []) if (section, name) in specs]
+    ordered = [(section, name) for section in ("required", "optional")
+               for name in order.get(section, []) if (section, name) in specs]
     ordered += [key for key in specs if key not in ordered]
 
     layout = []
@@ -173,7 +175,7 @@ def widget_layout(definition: dict) -> list[tuple[str, int]]:
             width = 2  # + "control after generate"
         elif input_type == "COMBO" and options.get("control_after_generate"):
             width = 3  # + "control after generate" + "control filter list"
-        elif input_type == "COMBO" and any(options.get(key) for key in ("image_upload", "video_upload", "audio_upload")):
+        elif input_type == "COMBO" and any(options.get(key) for key in UPLOAD_OPTIONS):
             raise WorkflowConvertError(f"input {name!r} has an upload widget, which this converter does not map")
         layout.append((name, width))
     return layout

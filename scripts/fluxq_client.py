@@ -24,7 +24,7 @@ or a UI workflow as the frontend saves it; a UI workflow is converted with the s
 
 Exit status: 0 on success; 1 when the server rejects the prompt (validation errors are printed
 per node) or execution fails or is interrupted; 2 on a bad command line or unreadable file;
-3 on --timeout (the prompt is then removed from the queue or interrupted).
+3 on --timeout and 130 on Ctrl-C (the prompt is then removed from the queue or interrupted).
 
 Uses the standard library and aiohttp (a ComfyUI dependency).
 """
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import aiohttp
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 HISTORY_POLL_SECONDS = 0.5
 
 
@@ -93,8 +93,10 @@ def find_node(prompt: dict, node_ref: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise ClientError(f"--set: title {node_ref!r} is used by nodes {', '.join(matches)}; use a node id", EXIT_USAGE)
-    known = ", ".join(f"{node_id} ({node.get('_meta', {}).get('title', node['class_type'])})" for node_id, node in prompt.items())
+        raise ClientError(f"--set: title {node_ref!r} is used by nodes {', '.join(matches)}; use a node id",
+                          EXIT_USAGE)
+    known = ", ".join(f"{node_id} ({node.get('_meta', {}).get('title', node['class_type'])})"
+                      for node_id, node in prompt.items())
     raise ClientError(f"--set: no node with id or title {node_ref!r}; nodes: {known}", EXIT_USAGE)
 
 
@@ -157,7 +159,9 @@ def describe_node(prompt: dict, node_id) -> str:
     node = prompt.get(str(node_id), {})
     title = node.get("_meta", {}).get("title")
     class_type = node.get("class_type", "?")
-    return f'node {node_id} "{title}" ({class_type})' if title and title != class_type else f"node {node_id} ({class_type})"
+    if title and title != class_type:
+        return f'node {node_id} "{title}" ({class_type})'
+    return f"node {node_id} ({class_type})"
 
 
 def format_validation_error(body: dict, prompt: dict) -> str:
@@ -333,6 +337,10 @@ async def download_outputs(session: aiohttp.ClientSession, entry: dict, out_dir:
     for item in output_files(entry):
         target = safe_local_path(out_dir, item["subfolder"], item["filename"])
         async with session.get("/view", params=item) as response:
+            if response.status == 404 and item["type"] == "temp":
+                # Previews live in ComfyUI's temp folder, which any ComfyUI start on that folder empties.
+                print(f"note: preview {item['filename']} is gone from the server's temp folder", file=sys.stderr)
+                continue
             if response.status != 200:
                 raise ClientError(f"GET /view {item}: HTTP {response.status}")
             with open(target, "wb") as handle:
@@ -367,6 +375,10 @@ async def run(args) -> int:
             except asyncio.TimeoutError:
                 await cancel_prompt(session, prompt_id)
                 raise ClientError(f"timed out after {args.timeout:g} s; prompt {prompt_id} cancelled", EXIT_TIMEOUT)
+            except asyncio.CancelledError:  # Ctrl-C: do not leave a long run going on the server
+                await cancel_prompt(session, prompt_id)
+                print(f"\nprompt {prompt_id} cancelled on the server", file=sys.stderr)
+                raise
 
         failure = execution_failure(entry, prompt)
         if failure:
@@ -385,10 +397,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("workflow", help="workflow JSON file (API or UI format)")
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI base URL (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="NODE.input=value", help="override an input (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.input=value",
+                        help="override an input (repeatable)")
     parser.add_argument("--map", metavar="FILE", help="JSON {old value: new value} applied to every input value")
     parser.add_argument("--out", default="out", metavar="DIR", help="folder for downloaded outputs (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS", help="give up after this long (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="give up after this long (default: %(default)s)")
     parser.add_argument("--print-prompt", action="store_true", help="print the final API prompt and exit")
     return parser
 
@@ -403,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except aiohttp.ClientError as error:
         print(f"error: cannot talk to {args.server}: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

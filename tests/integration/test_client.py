@@ -3,6 +3,7 @@ against the real ComfyUI server from tests/conftest.py."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
@@ -10,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
+from comfy_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENT = REPO_ROOT / "scripts" / "fluxq_client.py"
@@ -114,6 +117,33 @@ def test_output_files_lists_every_file_once():
         ("output", "a.png"), ("output", "b.latent"), ("temp", "a.png")]
 
 
+def test_downloads_keep_outputs_and_skip_previews_already_gone(tmp_path):
+    from aiohttp import web
+
+    async def view(request):
+        if request.query["type"] == "output":
+            return web.Response(body=b"png bytes")
+        raise web.HTTPNotFound()
+
+    async def download():
+        app = web.Application()
+        app.router.add_get("/view", view)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        entry = {"outputs": {"1": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"},
+                                              {"filename": "p.png", "subfolder": "", "type": "temp"}]}}}
+        try:
+            async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}/") as session:
+                return await client.download_outputs(session, entry, tmp_path)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(download()) == [tmp_path / "a.png"]
+    assert (tmp_path / "a.png").read_bytes() == b"png bytes"
+
+
 def test_help_shows_usage():
     result = run_client("--help")
     assert result.returncode == 0
@@ -137,7 +167,7 @@ def test_missing_model_is_the_servers_validation_error_and_exit_1(comfy_server, 
     assert "server rejected the prompt: Prompt outputs failed validation" in result.stderr
     # ComfyUI names the first missing file it meets on each output's path, with the node it is on.
     real_names = "|".join(re.escape(name) for name in json.loads(TINY_MAP.read_text()))
-    assert re.search(rf'node \d+ "[^"]+" \(\w+\): Value not in list: \w+: \'({real_names})\' not in', result.stderr)
+    assert re.search(rf'node \d+ "[^"]+" \(\w+\): .*\'({real_names})\'', result.stderr), result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -151,8 +181,11 @@ def test_deliberately_broken_workflow_names_the_missing_lora(comfy_server, tmp_p
     result = run_client(str(path), "--server", comfy_server.url, "--map", str(TINY_MAP), *set_args(TINY_DEV),
                         "--out", str(tmp_path / "out"))
     assert result.returncode == 1
-    assert "Value not in list: lora_name: 'deleted_lora.safetensors' not in" in result.stderr
-    assert "gguf_name" not in result.stderr  # the map fixed the model names; only the LoRA is wrong
+    # Rejected before anything runs (the pack's loaders check their file dropdowns themselves:
+    # ComfyUI 0.3.75 does not check V3 combo values), naming the node and the file.
+    assert "server rejected the prompt" in result.stderr
+    assert 'node 4 "Apply LoRA" (FluxQApplyLoRA)' in result.stderr and "'deleted_lora.safetensors'" in result.stderr
+    assert "queued prompt" not in result.stderr
 
 
 @pytest.mark.server
