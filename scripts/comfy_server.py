@@ -41,7 +41,9 @@ class ComfyServer:
         self.input_dir.mkdir()
         command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--output-directory", str(self.output_dir),
-                   "--input-directory", str(self.input_dir)]
+                   "--input-directory", str(self.input_dir),
+                   # ComfyUI empties its temp folder at start: a private one per server
+                   "--temp-directory", str(workdir / "temp")]
         if extra_model_root is not None:
             extra = workdir / "extra_model_paths.yaml"
             extra.write_text(
