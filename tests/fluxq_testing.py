@@ -71,7 +71,7 @@ def tiny_gguf_model(models_dir: Path, qtype: str):
     return load_flux_gguf(str(tiny_gguf_path(models_dir, qtype)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)  # each is ~2.1 GB of float32: keep one (CI has 24 GB)
 def tiny_reference_model(models_dir: Path, qtype: str):
     """Core ComfyUI on the gguf package's own dequantization of the same file."""
     return core_model(dequantized_state_dict(tiny_gguf_path(models_dir, qtype)))
