@@ -51,8 +51,8 @@ def dequantized_state_dict(gguf_path) -> dict[str, torch.Tensor]:
     reader = gguf.GGUFReader(str(gguf_path))
     out = {}
     for t in reader.tensors:
-        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        out[t.name] = torch.from_numpy(values.reshape(tuple(reversed([int(d) for d in t.shape]))).copy())
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        out[t.name] = torch.from_numpy(np.ascontiguousarray(values).reshape(tuple(reversed([int(d) for d in t.shape]))))
     return out
 
 
