@@ -12,19 +12,8 @@ import importlib
 import pytest
 import torch
 
-from safetensors.torch import load_file
+from fluxq_testing import TINY, saved_latent
 
-# The harness's tiny models (scripts/make_tiny_models.py); `from conftest import` is ambiguous with
-# tests/unit/conftest.py on the path, so the names are spelled out here.
-TINY = {
-    "dev_f32": "fluxq-tiny-dev.safetensors",
-    "dev_q8": "fluxq-tiny-dev-Q8_0.gguf",
-    "schnell_gguf": "fluxq-tiny-schnell-Q8_0.gguf",
-    "clip_l": "fluxq-tiny-clip_l.safetensors",
-    "vae": "fluxq-tiny-ae.safetensors",
-    "lora": "fluxq-tiny-lora.safetensors",
-    "lora_b": "fluxq-tiny-lora-b.safetensors",
-}
 SIZE = 64  # 4 x 4 image tokens: the tiny model samples in well under a second per step on CPU
 
 
@@ -238,10 +227,6 @@ def test_bad_lists_fail_before_any_sampling(sampling, dev_model, positive, vae, 
 
 # ---- against core, on a real server -----------------------------------------------------------
 
-def saved_latent(server, history, node_id):
-    return load_file(str(server.output_file(history["outputs"][node_id]["latents"][0])))["latent_tensor"]
-
-
 def encode_graph(clip_name):
     return {
         "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "stable_diffusion"}},
@@ -305,7 +290,7 @@ def test_schnell_preset_equals_plain_ksampler(comfy_server):
 def test_grid_over_the_api_sends_the_compare_payload_and_rejects_bad_lists(comfy_server):
     prompt = {
         **encode_graph(TINY["clip_l"]),
-        "unet": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY["dev_q8"], "dequant_dtype": "auto"}},
+        "unet": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY["dev_gguf"]["Q8_0"], "dequant_dtype": "auto"}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY["vae"]}},
         "settings": {"class_type": "FluxQSamplerSettings", "inputs": {
             "preset": "custom", "steps": 1, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
