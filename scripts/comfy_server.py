@@ -74,7 +74,7 @@ class ComfyServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+        with urllib.request.urlopen(self.url + path, timeout=120) as r:
             body = r.read()
             return json.loads(body) if r.headers.get_content_type() == "application/json" else body
 
@@ -82,7 +82,7 @@ class ComfyServer:
         data = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
         request = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=30) as r:
+            with urllib.request.urlopen(request, timeout=120) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
@@ -116,7 +116,7 @@ class ComfyServer:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
