@@ -19,6 +19,7 @@ Generation is deterministic (fixed seeds) and skipped for files that already exi
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +122,73 @@ def save_safetensors(path: Path, sd: dict[str, np.ndarray], metadata: dict | Non
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class TinyModelFiles:
+    """Where each embedded model goes inside ComfyUI's models/ folder."""
+
+    models: Path
+
+    @property
+    def dev(self) -> list[Path]:
+        """The F32 reference .safetensors, then the .gguf files (GGUF_TYPES_DEV)."""
+        folder = self.models / "diffusion_models"
+        return [folder / "fluxq-tiny-dev.safetensors"] + [folder / f"fluxq-tiny-dev-{t}.gguf" for t in GGUF_TYPES_DEV]
+
+    @property
+    def loras(self) -> list[Path]:
+        return [self.models / "loras" / "fluxq-tiny-lora.safetensors", self.models / "loras" / "fluxq-tiny-lora-b.safetensors"]
+
+    @property
+    def schnell(self) -> Path:
+        return self.models / "diffusion_models" / "fluxq-tiny-schnell-Q8_0.gguf"
+
+    @property
+    def clip_l(self) -> Path:
+        return self.models / "text_encoders" / "fluxq-tiny-clip_l.safetensors"
+
+    @property
+    def vae(self) -> Path:
+        return self.models / "vae" / "fluxq-tiny-ae.safetensors"
+
+    def all(self) -> list[Path]:
+        return [*self.dev, *self.loras, self.schnell, self.clip_l, self.vae]
+
+
+def write_models(comfy_dir: Path, files: TinyModelFiles, missing: list[Path]) -> None:
+    comfy = import_comfy(comfy_dir)
+    sys.path.insert(0, str(PACK_DIR))
+    from gguf import GGMLQuantizationType
+
+    from lora_ops.gguf_write import flux_qtype_for, write_gguf
+
+    for path in missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[tiny-models] writing {path}", flush=True)
+
+    if any(p in missing for p in files.dev + files.loras):
+        dev = tiny_flux(comfy, guidance=True, seed=1)
+        if files.dev[0] in missing:
+            save_safetensors(files.dev[0], dev)
+        for qtype_name, path in zip(GGUF_TYPES_DEV, files.dev[1:]):
+            if path in missing:
+                write_gguf(path, dev, flux_qtype_for(GGMLQuantizationType[qtype_name]), rng=np.random.default_rng(7))
+        for seed, path in enumerate(files.loras):
+            if path in missing:
+                save_safetensors(path, tiny_kohya_lora(dev, seed=10 + seed, scale=0.5), {"ss_network_dim": str(LORA_RANK)})
+        del dev
+    if files.schnell in missing:
+        write_gguf(files.schnell, tiny_flux(comfy, guidance=False, seed=2), flux_qtype_for(GGMLQuantizationType.Q8_0))
+    if files.clip_l in missing:
+        save_safetensors(files.clip_l, tiny_clip_l(comfy, seed=3))
+    if files.vae in missing:
+        save_safetensors(files.vae, tiny_flux_vae(comfy, seed=4))
 
 
 def main() -> None:
@@ -131,49 +197,11 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="rewrite files that already exist")
     args = parser.parse_args()
 
-    models = args.comfyui / "models"
-    comfy = import_comfy(args.comfyui)
-    sys.path.insert(0, str(PACK_DIR))
-    from gguf import GGMLQuantizationType
-
-    from lora_ops.gguf_write import flux_qtype_for, write_gguf
-
-    def wanted(path: Path) -> bool:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not args.force:
-            return False
-        print(f"[tiny-models] writing {path}", flush=True)
-        return True
-
-    diffusion = models / "diffusion_models"
-    dev_paths = [diffusion / "fluxq-tiny-dev.safetensors"] + [diffusion / f"fluxq-tiny-dev-{t}.gguf" for t in GGUF_TYPES_DEV]
-    lora_paths = [models / "loras" / "fluxq-tiny-lora.safetensors", models / "loras" / "fluxq-tiny-lora-b.safetensors"]
-    if any(wanted(p) for p in dev_paths + lora_paths):
-        dev = tiny_flux(comfy, guidance=True, seed=1)
-        if wanted(dev_paths[0]):
-            save_safetensors(dev_paths[0], dev)
-        for qtype_name, path in zip(GGUF_TYPES_DEV, dev_paths[1:]):
-            if wanted(path):
-                write_gguf(path, dev, flux_qtype_for(GGMLQuantizationType[qtype_name]), rng=np.random.default_rng(7))
-        for seed, path in enumerate(lora_paths):
-            if wanted(path):
-                save_safetensors(path, tiny_kohya_lora(dev, seed=10 + seed, scale=0.5), {"ss_network_dim": str(LORA_RANK)})
-        del dev
-
-    schnell_path = diffusion / "fluxq-tiny-schnell-Q8_0.gguf"
-    if wanted(schnell_path):
-        schnell = tiny_flux(comfy, guidance=False, seed=2)
-        write_gguf(schnell_path, schnell, flux_qtype_for(GGMLQuantizationType.Q8_0))
-        del schnell
-
-    clip_path = models / "text_encoders" / "fluxq-tiny-clip_l.safetensors"
-    if wanted(clip_path):
-        save_safetensors(clip_path, tiny_clip_l(comfy, seed=3))
-
-    vae_path = models / "vae" / "fluxq-tiny-ae.safetensors"
-    if wanted(vae_path):
-        save_safetensors(vae_path, tiny_flux_vae(comfy, seed=4))
-    print(f"[tiny-models] ready in {models}")
+    files = TinyModelFiles(args.comfyui / "models")
+    missing = [p for p in files.all() if args.force or not p.exists()]
+    if missing:  # ComfyUI is imported only when something must be written: a warm setup takes seconds
+        write_models(args.comfyui, files, missing)
+    print(f"[tiny-models] ready in {files.models}")
 
 
 if __name__ == "__main__":
