@@ -1,0 +1,500 @@
+"""FluxQ GGUF + runtime LoRA against ComfyUI native, measured in one process, one run.
+
+Every figure is reported next to its ratio against ComfyUI native measured in the same run
+(GGUF timings moved 5-10 % between runs in docs' anchors: only compare inside one run).
+
+Configurations (same random weights for all):
+  native            core ``comfy.sd.load_diffusion_model_state_dict`` on the float weights
+  native + LoRA     core ``comfy.sd.load_lora_for_models`` (core merges the LoRA into the weights)
+  FluxQ Q8_0 / Q4_0 GGUF written with ``lora_ops.gguf_write.write_gguf`` (``flux_qtype_for``),
+                    loaded with ``nodes.comfy_glue.load_flux_gguf``
+  FluxQ + LoRA      ``load_lora_entry`` + ``with_lora_stack`` (runtime hooks, no weight touched)
+The LoRA is kohya format, rank 32, alpha 32, on every 2-D weight of the double and single blocks
+(304 linears at full size).
+
+Measures (see bench/README.md):
+  s/step   gaps between sampler callbacks (``comfy.sample.sample``, euler/simple, cfg 1,
+           guidance 3.5) with a device sync in the callback; median after the warm-up gaps
+           (the first gap also holds the model load).
+  peak     CUDA: ``torch.cuda.max_memory_allocated`` over the timed sampling, reset before it
+           (includes the resident weights; all models are unloaded before each config).
+           CPU: there is no allocator peak, so the resident model size
+           ``ModelPatcher.model_size()`` is reported instead (labelled as such).
+  switch   core (native + LoRA): ``comfy.model_management.load_models_gpu`` of the LoRA clone while
+           the base is loaded ("in"), then of the base again ("out") - ComfyUI re-merges weights.
+           ours: time to produce the model at strength 0.5 (``with_strength`` + ``with_lora_stack``)
+           plus its first sampled step, and the same for removal (``without``). A one-step sample
+           of the unchanged LoRA model is timed just before as the control: switch first step minus
+           control = weight work done by the switch (should be ~0).
+
+Run on this machine (CPU, tiny depth-1/1 model: a plumbing check):
+    .harness/venv/bin/python bench/bench_flux_gguf.py --size tiny --res 256 --warmup 1 --steps 5
+
+Run on the lent GPU machine (``run`` tool; see /work/.library/device/README.md), full FLUX.1-dev
+architecture (19 double + 38 single blocks, 11.9B params, random bf16 N(0, 0.02) built on the GPU),
+1024x1024, context 1x512x4096, pooled 768. The GPU machine has torch but lacks ComfyUI, ``gguf``,
+``torchsde`` (+ ``trampoline``); ``av`` is missing too, which is why this script never imports
+ComfyUI's top-level ``nodes`` nor the pack's ``__init__`` (``comfy_api.latest`` imports ``av``):
+it imports ``nodes/comfy_glue.py`` under stub parent packages. Prepare once, in the repo root here:
+    echo /.comfy/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
+    mkdir -p .comfy && tar -C .harness/ComfyUI --exclude=./models --exclude=./output --exclude=./input \\
+          --exclude=./user --exclude='./tests*' --exclude=__pycache__ -cf - . | tar -C .comfy -xf -
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+          --platform manylinux2014_x86_64 -d .whl gguf==0.19.0 torchsde==0.2.6 trampoline==0.1.2
+    (the versions in .harness/venv; all three are pure-python wheels)
+then call ``run`` with carry [".comfy", ".whl"] and the command
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
+      && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \\
+      python3 bench/bench_flux_gguf.py --size full --comfyui .comfy --work-dir /tmp/fluxq-bench \\
+      --json-out $OUT/full.json
+(call ``run`` with timeout_s 600). Files written into the checkout on the device machine do not
+come back: only $OUT does, so pass --json-out $OUT/...; copy it here to bench/results/ afterwards.
+The JSON is rewritten after every config, so a call killed at the 10-minute limit still returns
+what it measured. The GGUF files (12.7 GB Q8_0, 6.8 GB Q4_0, quantized in numpy by write_gguf, two
+threads) go to --work-dir (/tmp on that machine, never the checkout). If one call does not fit,
+split it: ``--quants Q8_0`` then ``--quants Q4_0`` (native is measured in each call, so the ratios
+stay within one run); ``--reuse`` keeps GGUF/LoRA files of the same seed already in --work-dir
+for a later call on the still-warm machine.
+PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync is set before torch is imported, as ComfyUI's
+main.py does (cuda_malloc).
+
+Writes a markdown table to stdout and JSON to bench/results/<size>-<device>.json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACK_NAME = "comfyui_flux_qlora"
+LORA_NAME = "fluxq-bench-rank32.safetensors"
+LORA_RANK = 32
+GUIDANCE = 3.5
+
+SIZES = {
+    # FLUX.1-dev: ComfyUI's detector recovers this config from the keys.
+    "full": dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                 mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+    # The tests' tiny model: hidden 3072 (fixed by the detector) but one block of each kind.
+    "tiny": dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072,
+                 mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+}
+# tiny: 77 context tokens (CLIP-L-shaped, as the tests use): 512 would make a CPU step ~3x longer.
+DEFAULTS = {"full": dict(res=1024, warmup=3, steps=5, txt_tokens=512), "tiny": dict(res=256, warmup=1, steps=3, txt_tokens=77)}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), required=True)
+    p.add_argument("--res", type=int, help="image side in pixels (full: 1024, tiny: 256)")
+    p.add_argument("--warmup", type=int, help="callback gaps dropped before the median (full: 3, tiny: 1)")
+    p.add_argument("--steps", type=int, help="timed steps after the warm-up (full: 5, tiny: 3)")
+    p.add_argument("--txt-tokens", type=int, help="context tokens (full: 512, tiny: 77)")
+    p.add_argument("--quants", default="Q8_0,Q4_0", help="GGUF types to measure, comma-separated")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".harness" / "ComfyUI"))
+    p.add_argument("--work-dir", type=Path, help="where the GGUF and LoRA files go (default: a temp dir; /tmp on the GPU machine)")
+    p.add_argument("--reuse", action="store_true", help="reuse GGUF/LoRA files already in --work-dir (same seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", type=Path, help="also write the JSON here (e.g. $OUT/full.json on the device)")
+    args = p.parse_args()
+    for key, value in DEFAULTS[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    return args
+
+
+def setup_comfy(args):
+    """ComfyUI as a library (comfy.* only: no ``nodes``, no ``comfy_api``), then our comfy_glue."""
+    want_cuda = args.device == "cuda"
+    if args.device == "auto":
+        import torch
+
+        want_cuda = torch.cuda.is_available()
+    if not (args.comfyui / "comfy").is_dir():
+        sys.exit(f"no ComfyUI code at {args.comfyui} (--comfyui)")
+    sys.path.insert(0, str(args.comfyui))
+    argv, sys.argv = sys.argv, [sys.argv[0]] + ([] if want_cuda else ["--cpu"])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses the argv above)
+
+    sys.argv = argv
+    # Stub parent packages: the pack's __init__ imports comfy_api.latest (needs av) and
+    # nodes/__init__ imports every node module; comfy_glue itself needs only comfy + folder_paths.
+    for name, path in ((PACK_NAME, REPO_ROOT), (PACK_NAME + ".nodes", REPO_ROOT / "nodes")):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [str(path)]
+            sys.modules[name] = module
+    return importlib.import_module(PACK_NAME + ".nodes.comfy_glue"), want_cuda
+
+
+# --- weights and files ---------------------------------------------------------------------
+
+
+def random_flux_state_dict(params: dict, device, seed: int):
+    """Every tensor N(0, 0.02) in bf16, built on `device` (shapes from ComfyUI's Flux on meta)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+    import torch
+
+    with torch.device("meta"):
+        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **params)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {
+        name: (torch.randn(t.shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02)
+        for name, t in model.state_dict().items()
+    }
+
+
+def block_linears(sd) -> list[str]:
+    return [n for n, t in sd.items() if t.ndim == 2 and n.startswith(("double_blocks.", "single_blocks."))]
+
+
+def write_kohya_lora(path: Path, sd, seed: int) -> int:
+    """Rank-32 kohya LoRA (alpha 32) on every block linear, bf16; returns its parameter count."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed + 1)
+    out, n = {}, 0
+    for name in block_linears(sd):
+        rows, cols = sd[name].shape
+        prefix = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        out[prefix + ".lora_down.weight"] = (torch.randn(LORA_RANK, cols, generator=g) / cols**0.5).bfloat16()
+        out[prefix + ".lora_up.weight"] = (torch.randn(rows, LORA_RANK, generator=g) * 0.02 / LORA_RANK**0.5).bfloat16()
+        out[prefix + ".alpha"] = torch.tensor(float(LORA_RANK))
+        n += LORA_RANK * (rows + cols)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(out, str(tmp))
+    os.replace(tmp, path)
+    return n
+
+
+class _LazyNumpy:
+    """A mapping for write_gguf whose items() hand over one float32 numpy array at a time
+    (a full-size float32 copy of the model would be 48 GB of host memory)."""
+
+    def __init__(self, sd):
+        self.sd = sd
+
+    def items(self):
+        import torch
+
+        for name, t in self.sd.items():
+            yield name, t.to(torch.float32).cpu().numpy()
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, cuda: bool):
+        import torch
+
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def conditioning(params: dict, txt_tokens: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 2)
+    context = torch.randn(1, txt_tokens, params["context_in_dim"], generator=g)
+    pooled = torch.randn(1, params["vec_in_dim"], generator=g)
+    return [[context, {"pooled_output": pooled, "guidance": GUIDANCE}]]
+
+
+def sample_gaps(model, steps: int, latent_shape, positive, timer: Timer, seed: int) -> list[float]:
+    """ComfyUI's sampler; returns the gaps between step callbacks (the first one holds the load)."""
+    import comfy.sample
+    import torch
+
+    latent = torch.zeros(latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    stamps = [timer.now()]
+
+    def callback(step, x0, x, total_steps):
+        stamps.append(timer.now())
+
+    comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
+                        callback=callback, disable_pbar=True, seed=seed)
+    if len(stamps) != steps + 1:
+        raise RuntimeError(f"expected {steps} callbacks, got {len(stamps) - 1}")
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def fresh_device(cuda: bool) -> None:
+    import comfy.model_management as mm
+    import torch
+
+    mm.unload_all_models()
+    gc.collect()
+    mm.cleanup_models_gc()
+    mm.soft_empty_cache(force=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(label: str, model, ctx) -> dict:
+    """One config: s/step (median after warm-up) and peak memory (CUDA) or resident size (CPU)."""
+    import torch
+
+    fresh_device(ctx.cuda)
+    gaps = sample_gaps(model, ctx.warmup + ctx.steps, ctx.latent_shape, ctx.positive, ctx.timer, ctx.seed)
+    timed = gaps[ctx.warmup:]
+    row = {
+        "config": label,
+        "s_per_step": statistics.median(timed),
+        "gaps_s": gaps,
+        "model_size_gb": model.model_size() / 1e9,
+    }
+    row["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if ctx.cuda else row["model_size_gb"]
+    print(f"[bench] {label}: {row['s_per_step']:.3f} s/step, {row['memory_gb']:.2f} GB "
+          f"({'peak' if ctx.cuda else 'model_size'}); gaps {['%.3f' % g for g in gaps]}", flush=True)
+    return row
+
+
+def core_switch(base, lora_model, timer: Timer) -> dict:
+    """ANCHORS' definition: load_models_gpu of the LoRA clone while the base is loaded, then the base."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([base])
+    t0 = timer.now()
+    mm.load_models_gpu([lora_model])
+    t1 = timer.now()
+    mm.load_models_gpu([base])
+    t2 = timer.now()
+    return {"switch_in_s": t1 - t0, "switch_out_s": t2 - t1}
+
+
+def first_step(model, ctx) -> float:
+    return sample_gaps(model, 1, ctx.latent_shape, ctx.positive, ctx.timer, ctx.seed)[0]
+
+
+def ours_switch(glue, lora_model, ctx) -> dict:
+    """Strength change and removal: produce the model, then its first step (no weight work expected)."""
+    control = first_step(lora_model, ctx)  # one-step sample of the unchanged, loaded LoRA model
+
+    t0 = ctx.timer.now()
+    stack = glue.get_lora_stack(lora_model).with_strength(LORA_NAME, 0.5)
+    half = glue.with_lora_stack(lora_model, stack)
+    produce_strength = ctx.timer.now() - t0
+    step_strength = first_step(half, ctx)
+
+    t0 = ctx.timer.now()
+    removed = glue.with_lora_stack(half, glue.get_lora_stack(half).without(LORA_NAME))
+    produce_remove = ctx.timer.now() - t0
+    step_remove = first_step(removed, ctx)
+    return {
+        "control_first_step_s": control,
+        "strength_produce_s": produce_strength,
+        "strength_first_step_s": step_strength,
+        "strength_total_s": produce_strength + step_strength,
+        "strength_excess_s": produce_strength + step_strength - control,
+        "remove_produce_s": produce_remove,
+        "remove_first_step_s": step_remove,
+        "remove_total_s": produce_remove + step_remove,
+        "remove_excess_s": produce_remove + step_remove - control,
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def markdown_table(result: dict) -> str:
+    rows = result["rows"]
+    native = rows[0]
+    mem_head = "peak GB" if result["meta"]["memory_metric"] == "cuda_max_memory_allocated" else "resident GB (model_size)"
+    lines = [
+        f"| config | s/step | x native | LoRA step cost | {mem_head} | x native | LoRA switch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "switch_in_s" in r:
+            switch = f"core load_models_gpu: in {r['switch_in_s']:.2f} s / out {r['switch_out_s']:.2f} s"
+        elif "strength_total_s" in r:
+            switch = (f"strength {r['strength_total_s']:.2f} s (produce {r['strength_produce_s'] * 1e3:.1f} ms) / "
+                      f"remove {r['remove_total_s']:.2f} s; control step {r['control_first_step_s']:.2f} s")
+        else:
+            switch = "-"
+        lines.append(
+            f"| {r['config']} | {r['s_per_step']:.3f} | {r['s_per_step'] / native['s_per_step']:.2f} | "
+            f"{'%+.1f %%' % (100 * r['lora_step_cost']) if 'lora_step_cost' in r else '-'} | "
+            f"{r['memory_gb']:.2f} | {r['memory_gb'] / native['memory_gb']:.2f} | {switch} |"
+        )
+    return "\n".join(lines)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def device_slug(cuda: bool) -> str:
+    import torch
+
+    if not cuda:
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.device != "cpu":
+        # What ComfyUI's main.py does (cuda_malloc.py) before torch is imported.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    glue, cuda = setup_comfy(args)
+    if args.size == "full" and not cuda:
+        sys.exit("--size full needs a CUDA GPU (11.9B params); use --size tiny on CPU")
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    import torch
+    from gguf import GGMLQuantizationType
+
+    gguf_write = importlib.import_module(PACK_NAME + ".lora_ops.gguf_write")
+    device = mm.get_torch_device()
+    params = dict(SIZES[args.size])
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="fluxq-bench-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "loras").mkdir(exist_ok=True)
+    folder_paths.add_model_folder_path("loras", str(work_dir / "loras"))
+
+    ctx = types.SimpleNamespace(
+        cuda=cuda, warmup=args.warmup, steps=args.steps, seed=args.seed, timer=Timer(cuda),
+        latent_shape=(1, 16, args.res // 8, args.res // 8),
+        positive=conditioning(params, args.txt_tokens, args.seed),
+    )
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "size": args.size, "res": args.res, "txt_tokens": args.txt_tokens, "warmup_gaps": args.warmup,
+        "timed_steps": args.steps, "sampler": "euler/simple, cfg 1.0, guidance 3.5", "seed": args.seed,
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, "
+                                                             f"{torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "memory_metric": "cuda_max_memory_allocated" if cuda else "model_size (CPU: resident model bytes, not a peak)",
+        "lora": f"kohya rank {LORA_RANK} alpha {LORA_RANK}, all block linears",
+    }
+    try:
+        import comfyui_version
+
+        meta["comfyui"] = comfyui_version.__version__
+    except ImportError:
+        pass
+
+    t0 = time.perf_counter()
+    sd = random_flux_state_dict(params, device, args.seed)
+    meta["params"] = sum(t.numel() for t in sd.values())
+    meta["lora_layers"] = len(block_linears(sd))
+    print(f"[bench] {args.size}: {meta['params'] / 1e9:.2f}B params on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    lora_path = work_dir / "loras" / LORA_NAME
+    meta["lora_params"] = sum(LORA_RANK * sum(sd[n].shape) for n in block_linears(sd))
+    if not (args.reuse and lora_path.exists()):
+        write_kohya_lora(lora_path, sd, args.seed)
+
+    # GGUFs from the same weights, written in parallel threads (numpy quantization releases the GIL).
+    gguf_paths = {q: work_dir / f"fluxq-bench-{args.size}-s{args.seed}-{q}.gguf" for q in args.quants}
+
+    def write(q):
+        path = gguf_paths[q]
+        if args.reuse and path.exists():
+            return 0.0
+        start = time.perf_counter()
+        gguf_write.write_gguf(path, _LazyNumpy(sd), gguf_write.flux_qtype_for(GGMLQuantizationType[q]))
+        return time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, len(args.quants))) as pool:
+        write_s = dict(zip(args.quants, pool.map(write, args.quants)))
+    meta["gguf"] = {q: {"bytes": gguf_paths[q].stat().st_size, "write_s": write_s[q]} for q in args.quants}
+    print(f"[bench] GGUF written in {time.perf_counter() - t0:.1f} s: {meta['gguf']}", flush=True)
+
+    native = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+    del sd
+    gc.collect()
+    mm.soft_empty_cache(force=True)
+
+    rows = []
+
+    def save_partial():
+        # A call killed at the device's time limit still leaves the rows measured so far.
+        if args.json_out:
+            atomic_write_json(args.json_out, {"meta": meta, "rows": rows, "partial": True})
+
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        rows.append(measure("ComfyUI native", native, ctx))
+        save_partial()
+        lora_sd = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+        native_lora, _ = comfy.sd.load_lora_for_models(native, None, lora_sd, 1.0, 0.0)
+        del lora_sd
+        row = measure("native + LoRA (core merge)", native_lora, ctx)
+        row.update(core_switch(native, native_lora, ctx.timer))
+        rows.append(row)
+        save_partial()
+        del native_lora
+        fresh_device(cuda)
+
+        for q in args.quants:
+            base = glue.load_flux_gguf(str(gguf_paths[q]))
+            rows.append(measure(f"FluxQ {q}", base, ctx))
+            save_partial()
+            entry, _, report = glue.load_lora_entry(base, LORA_NAME, 1.0)
+            meta.setdefault("lora_report", report)
+            lora_model = glue.with_lora_stack(base, glue.get_lora_stack(base).with_lora(entry))
+            row = measure(f"FluxQ {q} + LoRA (runtime)", lora_model, ctx)
+            row.update(ours_switch(glue, lora_model, ctx))
+            rows.append(row)
+            save_partial()
+            del base, lora_model, entry
+            fresh_device(cuda)
+
+    for i, r in enumerate(rows):
+        r["x_native_step"] = r["s_per_step"] / rows[0]["s_per_step"]
+        r["x_native_memory"] = r["memory_gb"] / rows[0]["memory_gb"]
+        if "LoRA" in r["config"]:  # each LoRA row follows its base row
+            r["lora_step_cost"] = r["s_per_step"] / rows[i - 1]["s_per_step"] - 1.0
+    result = {"meta": meta, "rows": rows}
+    table = markdown_table(result)
+    result["table_markdown"] = table
+    out = REPO_ROOT / "bench" / "results" / f"{args.size}-{device_slug(cuda)}.json"
+    atomic_write_json(out, result)
+    if args.json_out:
+        atomic_write_json(args.json_out, result)
+    print()
+    print(table)
+    print(f"\n[bench] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
