@@ -109,7 +109,7 @@ def parse_args():
     p.add_argument("--quants", default="Q8_0,Q4_0", help="GGUF types to measure, comma-separated")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".harness" / "ComfyUI"))
-    p.add_argument("--work-dir", type=Path, help="where the GGUF and LoRA files go (default: a temp dir; /tmp on the GPU machine)")
+    p.add_argument("--work-dir", type=Path, help="where the GGUF and LoRA files go and stay (default: a temp dir, removed at the end)")
     p.add_argument("--reuse", action="store_true", help="reuse GGUF/LoRA files already in --work-dir (same seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, help="also write the JSON here (e.g. $OUT/full.json on the device)")
@@ -367,6 +367,15 @@ def device_slug(cuda: bool) -> str:
 
 def main() -> int:
     args = parse_args()
+    if args.work_dir is not None:
+        return run(args)
+    # No --work-dir: the GGUF/LoRA files (GBs) go to a temp dir that is removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="fluxq-bench-") as tmp:
+        args.work_dir = Path(tmp)
+        return run(args)
+
+
+def run(args) -> int:
     if args.device != "cpu":
         # What ComfyUI's main.py does (cuda_malloc.py) before torch is imported.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
@@ -383,7 +392,7 @@ def main() -> int:
     gguf_write = importlib.import_module(PACK_NAME + ".lora_ops.gguf_write")
     device = mm.get_torch_device()
     params = dict(SIZES[args.size])
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="fluxq-bench-"))
+    work_dir = args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "loras").mkdir(exist_ok=True)
     folder_paths.add_model_folder_path("loras", str(work_dir / "loras"))
