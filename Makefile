@@ -23,4 +23,4 @@ test-unit: setup
 	$(PYTEST) tests/unit
 
 bench: setup
-	$(PY) bench/bench_flux_gguf.py
+	$(PY) bench/bench_flux_gguf.py --size tiny --res 256 --warmup 1 --steps 5
