@@ -18,7 +18,7 @@ from torch import nn
 
 REMOVE_ALL = "all"
 
-# Attribute remembering, on a hooked module, its path and hook handle (makes install idempotent).
+# Attribute marking a hooked module with its path (makes install idempotent).
 _HOOK_ATTR = "_fluxq_lora_hook"
 
 _active_stack: ContextVar[LoraStack | None] = ContextVar("fluxq_active_lora_stack", default=None)
@@ -176,17 +176,8 @@ def install_hooks(root: nn.Module, module_paths: Iterable[str]) -> None:
     for path in module_paths:
         module = root.get_submodule(path)
         if getattr(module, _HOOK_ATTR, None) is None:
-            handle = module.register_forward_hook(_make_hook(path))
-            setattr(module, _HOOK_ATTR, (path, handle))
-
-
-def remove_hooks(root: nn.Module) -> None:
-    """Removes every LoRA hook under `root` (for ComfyUI's eject, when the model changes hands)."""
-    for module in root.modules():
-        hooked = getattr(module, _HOOK_ATTR, None)
-        if hooked is not None:
-            hooked[1].remove()
-            delattr(module, _HOOK_ATTR)
+            module.register_forward_hook(_make_hook(path))
+            setattr(module, _HOOK_ATTR, path)
 
 
 def _make_hook(module_path: str):

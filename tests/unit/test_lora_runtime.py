@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks, remove_hooks
+from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
 
 IN, OUT, RANK = 16, 12, 4
 
@@ -148,18 +148,14 @@ def test_frozen_lora_loaded_in_inference_mode_works_with_autograd(model, x):
     assert x_grad.grad is not None
 
 
-def test_install_is_idempotent_and_remove_restores(model, x):
+def test_install_is_idempotent(model, x):
     proj = model.blocks[0].proj
     install_hooks(model, ["blocks.0.proj"])
-    assert len(proj._forward_hooks) == 1
     stack = LoraStack([_entry("a", 1.0)])
     with activate(stack):
         once = proj(x)
-    remove_hooks(model)
-    assert not proj._forward_hooks
-    with activate(stack):
-        assert torch.equal(proj(x), x @ proj.weight.T + proj.bias)
     install_hooks(model, ["blocks.0.proj"])
+    assert len(proj._forward_hooks) == 1
     with activate(stack):
         assert torch.equal(proj(x), once)
 
