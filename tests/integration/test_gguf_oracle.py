@@ -27,3 +27,41 @@ def test_weights_stay_quantized_in_memory(pack, models_dir):
     n_weights = sum(torch.Size(t.shape).numel() for t in read_gguf(str(path)).tensors.values())
     # resident size is the file's (~1.1 bytes a weight here), far from bf16's 2 or fp32's 4
     assert model.model_size() < 1.3 * n_weights
+
+
+def test_partial_lowvram_load_with_core_lora_matches_full_load(pack, models_dir):
+    """ComfyUI's partial loading (every layer lowvram: weights cast per call, core LoRA patches as
+    LowVramPatch weight functions) gives what a full load gives, and unpatching leaves no patch."""
+    import comfy.sd
+
+    base = tiny_gguf_model(models_dir, "Q8_0")
+    layers = [n for n, m in base.model.diffusion_model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("double_blocks.0.img_attn")]
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for name in layers:
+        layer = base.model.diffusion_model.get_submodule(name)
+        key = "lora_unet_" + name.replace(".", "_")
+        lora[key + ".lora_down.weight"] = torch.randn(4, layer.in_features, generator=g) / layer.in_features ** 0.5
+        lora[key + ".lora_up.weight"] = 0.3 * torch.randn(layer.out_features, 4, generator=g)
+    patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
+
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    cond, pooled = torch.randn(1, 77, 768, generator=g), torch.randn(1, 768, generator=g)
+
+    def denoise():
+        return patched.model.apply_model(x, torch.tensor([0.7]), c_crossattn=cond, y=pooled, guidance=torch.tensor([3.5]))
+
+    patched.load(torch.device("cpu"), lowvram_model_memory=1)
+    assert patched.model.model_lowvram
+    partial = denoise()
+    patched.unpatch_model()
+    patched.load(torch.device("cpu"), full_load=True)
+    full = denoise()
+    patched.unpatch_model()
+    base_out = base.model.apply_model(x, torch.tensor([0.7]), c_crossattn=cond, y=pooled, guidance=torch.tensor([3.5]))
+
+    torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, base_out, atol=1e-4)  # the LoRA was applied
+    qkv = base.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert qkv.weight_function == [] and qkv.weight.dtype == torch.uint8
