@@ -27,10 +27,9 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..lora_ops.dequant import UnsupportedQuantTypeError, dequantize
+from ..lora_ops.dequant import dequantize
 from ..lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf
 from ..lora_ops.lora_formats import (
-    LoraFormatError,
     describe_format,
     detect_format,
     normalize_flux_lora,
@@ -91,9 +90,6 @@ class _QuantizedWeightMixin:
         for patch in self.bias_function:
             bias = patch(bias)
         return bias
-
-    def _state_dict_shape(self):
-        return self.qshape
 
 
 def make_ops(dequant_dtype: torch.dtype | None):
@@ -328,9 +324,3 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     else:
         log.info("[FluxQ] %s", report)
     return entry, clip_out, report
-
-
-__all__ = [
-    "check_file_choice", "GGUFModelError", "LoraFormatError", "LoraMatchError", "UnsupportedQuantTypeError",
-    "FluxQModelPatcher", "make_ops", "load_flux_gguf", "get_lora_stack", "with_lora_stack", "load_lora_entry",
-]

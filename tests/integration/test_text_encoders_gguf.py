@@ -1,7 +1,6 @@
 """FluxQLoadTextEncodersGGUF: a quantized CLIP-L encodes like core on its dequantized weights."""
 
 import gguf
-import numpy as np
 import torch
 from safetensors.numpy import load_file
 
