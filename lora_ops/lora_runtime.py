@@ -35,7 +35,7 @@ class LowRankAdapter:
     up: torch.Tensor  # B: (out_part, rank), fp32 master
     scale: float  # alpha / rank
     out_slice: tuple[int, int] | None = None  # (offset, size) into the layer's output features
-    # Casts of down/up for one (device, dtype, inference mode), made on first use.
+    # Casts of down/up for one (device, dtype), made on first use.
     _casts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -59,22 +59,23 @@ class LowRankAdapter:
         if self.down.requires_grad or self.up.requires_grad:
             # Trainable masters: cast on every call so gradients flow back to them.
             return self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
-        inference = torch.is_inference_mode_enabled()
-        key = (x.device, x.dtype, inference)
+        # No inference-mode query on this path: torch.compile cannot trace one (a graph break in
+        # every hooked layer); the casts are made usable in and out of inference mode instead.
+        key = (x.device, x.dtype)
         factors = self._casts.get(key)
         if factors is None:
-            factors = tuple(_cast(t, x.device, x.dtype, inference) for t in (self.down, self.up))
+            factors = tuple(_cast(t, x.device, x.dtype) for t in (self.down, self.up))
             self._casts[key] = factors
         return factors
 
 
-def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype, inference: bool) -> torch.Tensor:
-    out = t.to(device, dtype)
-    if out.is_inference() and not inference:
-        # ComfyUI loads files under inference_mode; such tensors cannot be saved for backward,
-        # which a frozen LoRA active during training needs. A clone made outside it can.
-        out = out.clone()
-    return out
+def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # ComfyUI loads files under inference_mode; such tensors cannot be saved for backward, which
+    # a frozen LoRA active during training needs. A copy made outside inference mode can, and
+    # inference uses it just as well.
+    with torch.inference_mode(False):
+        out = t.to(device, dtype)
+        return out.clone() if out.is_inference() else out
 
 
 @dataclass(frozen=True, eq=False)

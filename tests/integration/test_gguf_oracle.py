@@ -65,3 +65,29 @@ def test_partial_lowvram_load_with_core_lora_matches_full_load(pack, models_dir)
     assert not torch.allclose(full, base_out, atol=1e-4)  # the LoRA was applied
     qkv = base.model.diffusion_model.double_blocks[0].img_attn.qkv
     assert qkv.weight_function == [] and qkv.weight.dtype == torch.uint8
+
+
+def test_quantized_linear_with_lora_compiles_as_one_graph(pack, tmp_path):
+    """TorchCompileModel users: a GGUF layer plus its runtime LoRA trace without graph breaks."""
+    import gguf
+
+    from comfyui_flux_qlora.lora_ops.gguf_file import read_gguf
+    from comfyui_flux_qlora.lora_ops.gguf_write import write_gguf
+    from comfyui_flux_qlora.lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+    from comfyui_flux_qlora.nodes.comfy_glue import make_ops
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "layer.gguf"
+    write_gguf(path, {"layer.weight": torch.randn(96, 64, generator=g).numpy()},
+               lambda name, array: gguf.GGMLQuantizationType.Q8_0)
+    model = torch.nn.Module()
+    model.layer = make_ops(None).Linear(64, 96, bias=False)
+    model.layer.load_state_dict({"weight": read_gguf(path).tensors["layer.weight"]})
+    install_hooks(model, ["layer"])
+    stack = LoraStack([LoraEntry("a", 0.5, {"layer": (LowRankAdapter(torch.randn(4, 64), torch.randn(96, 4), 1.0),)})])
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad(), activate(stack):
+        eager = model.layer(x)
+        compiled = torch.compile(model.layer, fullgraph=True)(x)
+    assert model.layer.weight.dtype == torch.uint8
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -193,3 +193,13 @@ def test_adapter_validates_shapes():
         LowRankAdapter(torch.zeros(4, IN), torch.zeros(OUT, 3), scale=1.0)
     with pytest.raises(ValueError, match="out_slice"):
         LowRankAdapter(torch.zeros(4, IN), torch.zeros(OUT, 4), scale=1.0, out_slice=(0, OUT + 1))
+
+
+def test_hooked_layer_compiles_without_graph_breaks(model, x):
+    """ComfyUI users run TorchCompileModel: the LoRA path must trace as one graph."""
+    proj = model.blocks[0].proj
+    stack = LoraStack([_entry("a", 0.7)])
+    with torch.no_grad(), activate(stack):
+        eager = proj(x)  # ComfyUI's first (eager) call fills the cast cache
+        compiled = torch.compile(proj, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
