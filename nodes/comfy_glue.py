@@ -132,6 +132,10 @@ def is_quantized_key(model: torch.nn.Module, key: str) -> bool:
     return param == "weight" and getattr(module, "qtype", None) is not None
 
 
+class QuantizedWeightPatch(comfy.model_patcher.LowVramPatch):
+    """Core patches of a quantized weight, run after dequantization; set by a full load."""
+
+
 class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
     """Core LoRA patches on quantized weights run after dequantization instead of being merged.
 
@@ -142,16 +146,28 @@ class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
         if key in self.patches and is_quantized_key(self.model, key):
             module = comfy.utils.get_attr(self.model, key.rpartition(".")[0])
-            module.weight_function = [comfy.model_patcher.LowVramPatch(key, self.patches)]
+            module.weight_function = [QuantizedWeightPatch(key, self.patches)]
             return
         super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
+        # Layers moved to lowvram here got core's own LowVramPatch appended beside the one our full
+        # load set: keep one, or the LoRA would count twice.
+        for module in self._quantized_modules():
+            core_keys = {f.key for f in module.weight_function if type(f) is comfy.model_patcher.LowVramPatch}
+            module.weight_function = [f for f in module.weight_function
+                                      if not (isinstance(f, QuantizedWeightPatch) and f.key in core_keys)]
+        return freed
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
         if unpatch_weights:
-            for module in self.model.modules():
-                if getattr(module, "qtype", None) is not None:
-                    module.weight_function = []
+            for module in self._quantized_modules():
+                module.weight_function = []
+
+    def _quantized_modules(self):
+        return (m for m in self.model.modules() if getattr(m, "qtype", None) is not None)
 
 
 class GGUFModelError(ValueError):

@@ -31,7 +31,8 @@ def test_weights_stay_quantized_in_memory(pack, models_dir):
 
 def test_partial_lowvram_load_with_core_lora_matches_full_load(pack, models_dir):
     """ComfyUI's partial loading (every layer lowvram: weights cast per call, core LoRA patches as
-    LowVramPatch weight functions) gives what a full load gives, and unpatching leaves no patch."""
+    LowVramPatch weight functions) and partial unloading give what a full load gives, and
+    unpatching leaves no patch."""
     import comfy.sd
 
     base = tiny_gguf_model(models_dir, "Q8_0")
@@ -58,10 +59,14 @@ def test_partial_lowvram_load_with_core_lora_matches_full_load(pack, models_dir)
     patched.unpatch_model()
     patched.load(torch.device("cpu"), full_load=True)
     full = denoise()
+    # ComfyUI frees memory by moving loaded layers back to lowvram: the patch must not double
+    patched.partially_unload(torch.device("cpu"), memory_to_free=1 << 40)
+    unloaded = denoise()
     patched.unpatch_model()
     base_out = base.model.apply_model(x, torch.tensor([0.7]), c_crossattn=cond, y=pooled, guidance=torch.tensor([3.5]))
 
     torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unloaded, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, base_out, atol=1e-4)  # the LoRA was applied
     qkv = base.model.diffusion_model.double_blocks[0].img_attn.qkv
     assert qkv.weight_function == [] and qkv.weight.dtype == torch.uint8
