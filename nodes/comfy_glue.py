@@ -60,6 +60,10 @@ class _QuantizedWeightMixin:
     qtype = None
     qshape = None
     dequant_dtype = None
+    # Core patches (LoraLoader) of this quantized weight, set by FluxQModelPatcher at a full load.
+    # Kept apart from ``weight_function``, which ComfyUI wipes and refills as layers move between
+    # full and lowvram loading.
+    core_patch = None
 
     def _take_tensor(self, value, name: str) -> None:
         if isinstance(value, QTensor):
@@ -79,7 +83,11 @@ class _QuantizedWeightMixin:
     def _dequantized_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         raw = self.weight.to(device, non_blocking=comfy.model_management.device_supports_non_blocking(device))
         weight = dequantize(raw, self.qtype, self.qshape, dtype=self.dequant_dtype or dtype).to(dtype)
-        for patch in self.weight_function:
+        patches = self.weight_function
+        # A lowvram load brings its own LowVramPatch for the key: apply the patches once, not twice.
+        if self.core_patch is not None and not any(getattr(p, "key", None) == self.core_patch.key for p in patches):
+            patches = [*patches, self.core_patch]
+        for patch in patches:
             weight = patch(weight)
         return weight
 
@@ -132,10 +140,6 @@ def is_quantized_key(model: torch.nn.Module, key: str) -> bool:
     return param == "weight" and getattr(module, "qtype", None) is not None
 
 
-class QuantizedWeightPatch(comfy.model_patcher.LowVramPatch):
-    """Core patches of a quantized weight, run after dequantization; set by a full load."""
-
-
 class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
     """Core LoRA patches on quantized weights run after dequantization instead of being merged.
 
@@ -146,28 +150,16 @@ class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
         if key in self.patches and is_quantized_key(self.model, key):
             module = comfy.utils.get_attr(self.model, key.rpartition(".")[0])
-            module.weight_function = [QuantizedWeightPatch(key, self.patches)]
+            module.core_patch = comfy.model_patcher.LowVramPatch(key, self.patches)
             return
         super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
-
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-        freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
-        # Layers moved to lowvram here got core's own LowVramPatch appended beside the one our full
-        # load set: keep one, or the LoRA would count twice.
-        for module in self._quantized_modules():
-            core_keys = {f.key for f in module.weight_function if type(f) is comfy.model_patcher.LowVramPatch}
-            module.weight_function = [f for f in module.weight_function
-                                      if not (isinstance(f, QuantizedWeightPatch) and f.key in core_keys)]
-        return freed
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
         if unpatch_weights:
-            for module in self._quantized_modules():
-                module.weight_function = []
-
-    def _quantized_modules(self):
-        return (m for m in self.model.modules() if getattr(m, "qtype", None) is not None)
+            for module in self.model.modules():
+                if getattr(module, "qtype", None) is not None:
+                    module.core_patch = None
 
 
 class GGUFModelError(ValueError):

@@ -59,6 +59,9 @@ def test_partial_lowvram_load_with_core_lora_matches_full_load(pack, models_dir)
     patched.unpatch_model()
     patched.load(torch.device("cpu"), full_load=True)
     full = denoise()
+    # loading again (ComfyUI does when memory frees up) wipes weight functions: the patch must stay
+    patched.load(torch.device("cpu"), full_load=True)
+    reloaded = denoise()
     # ComfyUI frees memory by moving loaded layers back to lowvram: the patch must not double
     patched.partially_unload(torch.device("cpu"), memory_to_free=1 << 40)
     unloaded = denoise()
@@ -66,10 +69,11 @@ def test_partial_lowvram_load_with_core_lora_matches_full_load(pack, models_dir)
     base_out = base.model.apply_model(x, torch.tensor([0.7]), c_crossattn=cond, y=pooled, guidance=torch.tensor([3.5]))
 
     torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unloaded, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, base_out, atol=1e-4)  # the LoRA was applied
     qkv = base.model.diffusion_model.double_blocks[0].img_attn.qkv
-    assert qkv.weight_function == [] and qkv.weight.dtype == torch.uint8
+    assert qkv.weight_function == [] and qkv.core_patch is None and qkv.weight.dtype == torch.uint8
 
 
 def test_quantized_linear_with_lora_compiles_as_one_graph(pack, tmp_path):
