@@ -32,15 +32,15 @@ class ExecutionFailed(RuntimeError):
 class ComfyServer:
     """A real ComfyUI server process with the pack, driven over HTTP."""
 
-    def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None):
+    def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = workdir / "output"
         self.input_dir = workdir / "input"
         self.output_dir.mkdir()
         self.input_dir.mkdir()
-        command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--disable-auto-launch", "--output-directory", str(self.output_dir),
+        command = [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1",
+                   "--port", str(self.port), "--disable-auto-launch", "--output-directory", str(self.output_dir),
                    "--input-directory", str(self.input_dir),
                    # ComfyUI empties its temp folder at start: a private one per server
                    "--temp-directory", str(workdir / "temp")]
@@ -55,7 +55,11 @@ class ComfyServer:
         self.log_path = workdir / "comfyui.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout

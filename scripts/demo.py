@@ -51,14 +51,15 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fluxq-demo-") as workdir:
         print(f"[demo] starting ComfyUI ({COMFY_DIR}) headless ...", flush=True)
-        server = ComfyServer(COMFY_DIR, Path(workdir))
+        # the tiny models run on the CPU anywhere; real FLUX files get ComfyUI's own device choice
+        server = ComfyServer(COMFY_DIR, Path(workdir), cpu=bool(missing))
         try:
             result = subprocess.run(client + ["--server", server.url])
+            if result.returncode != 0:
+                print(f"[demo] failed; the end of ComfyUI's log:\n{server.log_tail()}", file=sys.stderr)
+                return result.returncode
         finally:
             server.stop()
-    if result.returncode != 0:
-        print(f"[demo] failed; ComfyUI's log was in {workdir}", file=sys.stderr)
-        return result.returncode
     print(f"[demo] done: images in {args.out.resolve()}")
     return 0
 

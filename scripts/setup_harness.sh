@@ -65,8 +65,9 @@ fi
 # --- 3. link the pack ------------------------------------------------------------
 mkdir -p "$COMFY/custom_nodes"
 LINK="$COMFY/custom_nodes/comfyui-flux-qlora"
-if [ ! -e "$LINK" ]; then
-    ln -s "$PACK_DIR" "$LINK"
+# a link (possibly stale) is pointed here; a real folder is the user's own install: left alone
+if [ -L "$LINK" ] || [ ! -e "$LINK" ]; then
+    [ "$(readlink "$LINK")" = "$PACK_DIR" ] || ln -sfn "$PACK_DIR" "$LINK"
 fi
 
 # --- 4. tiny demo models --------------------------------------------------------
