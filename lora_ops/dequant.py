@@ -42,8 +42,9 @@ def quantized_nbytes(qtype: int | QType, shape: tuple[int, ...]) -> int:
     return math.prod(shape) // block_size * type_size
 
 
-def _shifts(values: list[int], view: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device).reshape(view)
+def _shifts(step: int, view: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Bit shifts 0, step, 2*step, ... shaped `view`; made on the device (no host copy per call)."""
+    return torch.arange(0, math.prod(view) * step, step, dtype=torch.uint8, device=device).reshape(view)
 
 
 def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -59,7 +60,7 @@ def _low_then_high_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def _bits_of_le_uint32(four_bytes: torch.Tensor) -> torch.Tensor:
     """(n, 4) bytes of a little-endian uint32 -> (n, 32) bits, bit j at column j."""
-    bits = four_bytes.unsqueeze(-1) >> _shifts(list(range(8)), (1, 1, 8), four_bytes.device)
+    bits = four_bytes.unsqueeze(-1) >> _shifts(1, (1, 1, 8), four_bytes.device)
     return (bits & 1).reshape(-1, 32)
 
 
@@ -103,7 +104,7 @@ def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     d, dmin = _half(blocks, 80), _half(blocks, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = (qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), blocks.device)) & 3
+    q = (qs.reshape(n, 2, 1, 32) >> _shifts(2, (1, 1, 4, 1), blocks.device)) & 3
     q = q.reshape(n, 16, 16).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
 
@@ -114,12 +115,12 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     device = blocks.device
     hmask, qs, scales = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
     d = _half(blocks, 108)
-    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts([0, 4], (1, 2, 1), device)).reshape(n, 16)
-    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts([0, 2, 4, 6], (1, 4, 1), device)).reshape(n, 16)
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(4, (1, 2, 1), device)).reshape(n, 16)
+    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(2, (1, 4, 1), device)).reshape(n, 16)
     sc = ((low & 0x0F) | ((high & 0x03) << 4)).to(torch.float32) - 32
     dl = (d * sc).reshape(n, 16, 1)
-    ql = ((qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), device)) & 3).reshape(n, 16, 16)
-    qh = ((hmask.reshape(n, 1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), device)) & 1).reshape(n, 16, 16)
+    ql = ((qs.reshape(n, 2, 1, 32) >> _shifts(2, (1, 1, 4, 1), device)) & 3).reshape(n, 16, 16)
+    qh = ((hmask.reshape(n, 1, 1, 32) >> _shifts(1, (1, 1, 8, 1), device)) & 1).reshape(n, 16, 16)
     # A set hmask bit means "no offset"; a clear one subtracts 4.
     q = ql.to(torch.float32) - ((qh ^ 1) << 2).to(torch.float32)
     return (dl * q).reshape(n, QK_K)
@@ -138,7 +139,7 @@ def _k_scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
     """(n, 128) bytes -> (n, 8, 32): per 32 bytes, the low nibbles then the high nibbles."""
     n = qs.shape[0]
-    return ((qs.reshape(n, 4, 1, 32) >> _shifts([0, 4], (1, 1, 2, 1), qs.device)) & 0x0F).reshape(n, 8, 32)
+    return ((qs.reshape(n, 4, 1, 32) >> _shifts(4, (1, 1, 2, 1), qs.device)) & 0x0F).reshape(n, 8, 32)
 
 
 def _q4_k_like(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,7 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     # d, dmin, scales[12], qh[32] (5th bit), qs[128]
     n = blocks.shape[0]
-    qh = blocks[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), blocks.device)
+    qh = blocks[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(1, (1, 1, 8, 1), blocks.device)
     q = _k_nibbles(blocks[:, 48:]) | ((qh & 1).reshape(n, 8, 32) << 4)
     return _q4_k_like(blocks, q)
 
@@ -170,8 +171,8 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     ql, qh, scales = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208]
     d = _half(blocks, 208)
     dl = (d * scales.view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
-    low = ((ql.reshape(n, 2, 1, 64) >> _shifts([0, 4], (1, 1, 2, 1), device)) & 0x0F).reshape(n, 8, 32)
-    high = ((qh.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), device)) & 3).reshape(n, 8, 32)
+    low = ((ql.reshape(n, 2, 1, 64) >> _shifts(4, (1, 1, 2, 1), device)) & 0x0F).reshape(n, 8, 32)
+    high = ((qh.reshape(n, 2, 1, 32) >> _shifts(2, (1, 1, 4, 1), device)) & 3).reshape(n, 8, 32)
     q = (low | (high << 4)).to(torch.float32) - 32
     return (dl * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
