@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -34,7 +35,6 @@ from ..lora_ops.lora_formats import (
     detect_format,
     normalize_flux_lora,
     read_lora_file,
-    validate_lora_tensors,
 )
 from ..lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
 
@@ -49,6 +49,14 @@ def check_file_choice(folder: str, input_name: str, value: str, extra_choices: t
     if value in extra_choices or value in folder_paths.get_filename_list(folder):
         return True
     return f"{input_name}: '{value}' is not a file in ComfyUI's '{folder}' model folders."
+
+
+def show_progress_text(text: str, node_id) -> None:
+    """Text on the node in the UI. Looked up, not imported: called as a library (tests, scripts)
+    there is no running server to tell."""
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id)
 
 
 # --- quantized layers --------------------------------------------------------------------
@@ -178,9 +186,9 @@ def load_flux_gguf(path: str, dequant_dtype: str = "auto") -> FluxQModelPatcher:
 
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    n_params = sum(int(torch.Size(t.shape).numel()) for t in gguf_model.tensors.values())
     supported = model_config.supported_inference_dtypes
-    unet_dtype = comfy.model_management.unet_dtype(model_params=n_params, supported_dtypes=supported)
+    unet_dtype = comfy.model_management.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(gguf_model.tensors), supported_dtypes=supported)
     manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device, supported)
     model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
     model_config.custom_operations = make_ops(DEQUANT_DTYPES[dequant_dtype])
@@ -295,8 +303,7 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     Returns ``(entry, clip_or_None, report)``. CLIP (``lora_te1_``) keys go through core patches.
     """
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
-    lora_sd = read_lora_file(path)
-    validate_lora_tensors(lora_sd, lora_name)
+    lora_sd = read_lora_file(path)  # refuses pickles, checks the header, NaN/Inf and dtypes
     fmt = detect_format(lora_sd.keys())
     lora_sd = normalize_flux_lora(lora_sd)
 

@@ -4,7 +4,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..lora_ops.lora_runtime import REMOVE_ALL
-from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, with_lora_stack
+from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, show_progress_text, with_lora_stack
 
 CATEGORY = "Flux QLoRA Lab/lora"
 
@@ -43,7 +43,7 @@ class FluxQApplyLoRA(io.ComfyNode):
     def execute(cls, model, lora_name, strength_model, clip=None, strength_clip=1.0) -> io.NodeOutput:
         entry, clip_out, report = load_lora_entry(model, lora_name, strength_model, clip, strength_clip)
         patched = with_lora_stack(model, get_lora_stack(model).with_lora(entry))
-        _show_text(report, cls.hidden.unique_id)
+        show_progress_text(report, cls.hidden.unique_id)
         return io.NodeOutput(patched, clip_out if clip_out is not None else clip, ui={"text": [report]})
 
 
@@ -71,13 +71,6 @@ class FluxQRemoveLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name) -> io.NodeOutput:
         return io.NodeOutput(with_lora_stack(model, get_lora_stack(model).without(lora_name)))
-
-
-def _show_text(text: str, node_id) -> None:
-    from server import PromptServer
-
-    if node_id is not None and PromptServer.instance is not None:
-        PromptServer.instance.send_progress_text(text, node_id)
 
 
 NODES = [FluxQApplyLoRA, FluxQRemoveLoRA]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 
@@ -23,15 +22,13 @@ from comfy_api.latest import io, ui
 from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
 from ..lora_ops import grid
-from .comfy_glue import get_lora_stack, load_lora_entry, with_lora_stack
+from ..lora_ops.flow_match import BASE_SHIFT, MAX_SHIFT  # ModelSamplingFlux's / BFL's mu line
+from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, show_progress_text, with_lora_stack
 
 CATEGORY = "Flux QLoRA Lab/sampling"
 SETTINGS = io.Custom("FLUX_SAMPLER_SETTINGS")
 NO_LORA = "none"
 
-# ModelSamplingFlux's defaults: mu on a line through (256 tokens, 0.5) and (4096 tokens, 1.15),
-# the values of BFL's flux/sampling.py get_schedule and diffusers' FluxPipeline.
-BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
 
 
 @dataclass(frozen=True)
@@ -264,8 +261,12 @@ class FluxQCompareGrid(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strengths=None, seeds=None) -> bool | str:
-        # Queue-time check of the lists when they are widgets; the cell limit is checked in execute.
+    def validate_inputs(cls, lora_name=None, lora_name_b=None, strengths=None, seeds=None) -> bool | str:
+        # Queue-time check of the file names and lists when they are widgets; the cell limit is
+        # checked in execute.
+        for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
+            if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
+                return known
         try:
             if strengths is not None:
                 grid.parse_strengths(strengths)
@@ -309,7 +310,7 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
     started = time.perf_counter()
     for index, (row, seed) in enumerate(cells):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        report_progress_text(node_id, f"cell {index + 1}/{len(cells)}: {row.label}, seed {seed}")
+        show_progress_text(f"cell {index + 1}/{len(cells)}: {row.label}, seed {seed}", node_id)
 
         def callback(step, x0, x, total_steps, index=index):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
@@ -320,15 +321,8 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
         # Decode now and keep only CPU pixels, so a big grid holds no latents or device memory.
         images.append(vae.decode(samples)[0].cpu())
     seconds = time.perf_counter() - started
-    report_progress_text(node_id, f"{len(cells)} cells in {seconds:.1f} s ({seconds / len(cells):.1f} s per cell)")
+    show_progress_text(f"{len(cells)} cells in {seconds:.1f} s ({seconds / len(cells):.1f} s per cell)", node_id)
     return torch.stack(images)
-
-
-def report_progress_text(node_id, text: str) -> None:
-    # Only a running ComfyUI has imported its server; nodes called as a library have none to tell.
-    prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-    if prompt_server is not None and node_id is not None:
-        prompt_server.send_progress_text(text, node_id)
 
 
 def header_lines(model, settings, plan, lora_a, lora_b, stack, loras) -> list[str]:

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ from ..lora_ops import dataset as ds
 from ..lora_ops import flow_match as fm
 from ..lora_ops import lora_checkpoint as ckpt
 from ..lora_ops.lora_runtime import LoraEntry, LowRankAdapter, activate, install_hooks
-from .comfy_glue import get_lora_stack, with_lora_stack
+from .comfy_glue import check_file_choice, get_lora_stack, show_progress_text, with_lora_stack
 
 CATEGORY = "Flux QLoRA Lab/training"
 NONE = "[none]"
@@ -93,6 +92,12 @@ class FluxQTrainLoRA(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, resume=None):
+        # is_input_list: widget values arrive as 1-lists
+        name = resume[0] if isinstance(resume, list) else resume
+        return True if name is None else check_file_choice("loras", "resume", name, (NONE,))
 
     @classmethod
     def execute(cls, images=None, captions=None, **lists) -> io.NodeOutput:
@@ -363,7 +368,7 @@ class TrainingRun:
         for step, loss in trainer.run():
             rate = (step - first_step) / (time.perf_counter() - started)
             progress.update_absolute(step)
-            self._progress_text(f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} it/s")
+            show_progress_text(f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} it/s", self.node_id)
             if not torch.isfinite(torch.tensor(loss)):
                 raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
             if comfy.model_management.processing_interrupted():
@@ -384,12 +389,6 @@ class TrainingRun:
         ckpt.prune_step_checkpoints(self.folder, self.name, self.keep_last)
         log.info("FluxQTrainLoRA: saved %s at step %d", file_name, trainer.state.step)
         return file_name
-
-    def _progress_text(self, text: str) -> None:
-        # Looked up, not imported: used as a library (tests, scripts) there is no server.
-        server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-        if server is not None and self.node_id is not None:
-            server.send_progress_text(text, self.node_id)
 
 
 def draw_loss_curve(losses: list[float], size: tuple[int, int] = (512, 256)) -> torch.Tensor:
