@@ -278,7 +278,7 @@ def measure(label: str, model, ctx) -> dict:
 
 
 def core_switch(base, lora_model, timer: Timer) -> dict:
-    """ANCHORS' definition: load_models_gpu of the LoRA clone while the base is loaded, then the base."""
+    """The reference definition: load_models_gpu of the LoRA clone while the base is loaded, then the base."""
     import comfy.model_management as mm
 
     mm.load_models_gpu([base])

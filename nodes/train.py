@@ -309,9 +309,9 @@ class TrainingRun:
         dtype = self.model.model.manual_cast_dtype or self.model.model.get_dtype()
         guidance_embed = getattr(diffusion_model.params, "guidance_embed", False)
         options = {"patches_replace": {"dit": self._checkpointed_blocks(stack)}} if self.gradient_checkpointing else {}
-        use_autocast = device.type == "cuda"
-        if use_autocast:
-            dtype = torch.bfloat16
+        # bf16 compute with fp32 LoRA masters where ComfyUI chose bf16 for this GPU; older GPUs
+        # (no bf16) and the CPU run in the model's own compute dtype.
+        use_autocast = device.type == "cuda" and dtype == torch.bfloat16
 
         def predict(x_t, t, context, pooled):
             # FLUX dev is trained with its distilled guidance fixed at 1.0 (kohya's advice for dev).
