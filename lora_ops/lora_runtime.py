@@ -96,7 +96,7 @@ class LoraEntry:
 class LoraStack:
     """An immutable, ordered set of applied LoRAs, indexed by module path for the hooks."""
 
-    __slots__ = ("_entries", "_by_module")
+    __slots__ = ("_entries", "_by_module", "_module_paths")
 
     def __init__(self, entries: Iterable[LoraEntry] = ()):
         self._entries = tuple(entries)
@@ -110,6 +110,7 @@ class LoraStack:
             for path, adapters in entry.adapters.items():
                 by_module.setdefault(path, []).extend((entry.strength, a) for a in adapters)
         self._by_module = {path: tuple(pairs) for path, pairs in by_module.items()}
+        self._module_paths = frozenset(path for e in self._entries for path in e.adapters)
 
     @property
     def entries(self) -> tuple[LoraEntry, ...]:
@@ -124,7 +125,7 @@ class LoraStack:
 
     def module_paths(self) -> frozenset[str]:
         """Every module some entry adapts, zero-strength entries included."""
-        return frozenset(path for e in self._entries for path in e.adapters)
+        return self._module_paths
 
     def adapters_for(self, module_path: str) -> tuple[tuple[float, LowRankAdapter], ...]:
         """(strength, adapter) pairs for one module, zero-strength entries left out."""

@@ -260,7 +260,7 @@ class TrainingRun:
             trainer = fm.FlowMatchTrainer(self._predictor(stack, device), examples, empty_cond, params,
                                           self.settings, self.state)
             lora_file = self._loop(trainer, factors, image_count=len(examples))
-        trained = {path: (LowRankAdapter(f.down.detach().clone(), f.up.detach().clone(), self.alpha / self.rank),)
+        trained = {path: (LowRankAdapter(f.down.detach().cpu(), f.up.detach().cpu(), self.alpha / self.rank),)
                    for path, f in factors.items()}
         model = with_lora_stack(self.model, get_lora_stack(self.model).with_lora(LoraEntry(self.name, 1.0, trained)))
         return model, lora_file, trainer.state.loss_history

@@ -24,9 +24,7 @@ def free_port() -> int:
 
 
 class ExecutionFailed(RuntimeError):
-    def __init__(self, message: str, details: dict):
-        super().__init__(message)
-        self.details = details
+    """The server refused the prompt or its execution failed; the message is the server's."""
 
 
 class ComfyServer:
@@ -95,7 +93,7 @@ class ComfyServer:
         """Queue ``prompt``, wait for it, return its /history entry; raise ExecutionFailed on error."""
         status, body = self.post_prompt(prompt)
         if status != 200:
-            raise ExecutionFailed(f"validation failed: {json.dumps(body)[:2000]}", body)
+            raise ExecutionFailed(f"validation failed: {json.dumps(body)[:2000]}")
         prompt_id = body["prompt_id"]
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -104,8 +102,7 @@ class ComfyServer:
                 entry = history[prompt_id]
                 if entry["status"].get("status_str") == "error":
                     errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-                    raise ExecutionFailed(errors[0]["exception_message"] if errors else "execution failed",
-                                          errors[0] if errors else entry)
+                    raise ExecutionFailed(errors[0]["exception_message"] if errors else "execution failed")
                 return entry
             time.sleep(0.3)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s\n{self.log_tail()}")

@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -343,9 +344,15 @@ async def download_outputs(session: aiohttp.ClientSession, entry: dict, out_dir:
                 continue
             if response.status != 200:
                 raise ClientError(f"GET /view {item}: HTTP {response.status}")
-            with open(target, "wb") as handle:
-                async for chunk in response.content.iter_chunked(1 << 20):
-                    handle.write(chunk)
+            # written beside the target, then renamed: a broken download leaves no half file
+            partial = target.with_name(target.name + ".part")
+            try:
+                with open(partial, "wb") as handle:
+                    async for chunk in response.content.iter_chunked(1 << 20):
+                        handle.write(chunk)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
         saved.append(target)
     return saved
 
