@@ -33,8 +33,9 @@ class FluxQLoadGGUF(io.ComfyNode):
                                tooltip="A FLUX.1 .gguf from models/diffusion_models or models/unet "
                                        "(e.g. flux1-dev-Q8_0.gguf)."),
                 io.Combo.Input("dequant_dtype", options=list(DEQUANT_DTYPES), default="auto",
-                               tooltip="Precision the quantized weights are expanded to. 'auto' uses the "
-                                       "model's compute dtype (bf16 on recent GPUs, fp32 on CPU)."),
+                               tooltip="Precision of the dequantization arithmetic. 'auto' dequantizes straight "
+                                       "to the model's compute dtype (bf16 on recent GPUs, fp32 on CPU), where the "
+                                       "matmul always runs."),
             ],
             outputs=[io.Model.Output()],
         )
