@@ -89,11 +89,12 @@ def save_checkpoint(
             for key, value in values.items()
         }
         info = {**(state_info or {}), "step": state.step, "loss_history": state.loss_history}
-        _atomic_save(state_tensors, {_STATE_KEY: json.dumps(info)}, state_path_for(lora_path))
-    _atomic_save(tensors, dict(metadata), lora_path)
+        atomic_save_safetensors(state_tensors, {_STATE_KEY: json.dumps(info)}, state_path_for(lora_path))
+    atomic_save_safetensors(tensors, dict(metadata), lora_path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written file survives."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")

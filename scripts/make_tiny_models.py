@@ -17,7 +17,6 @@ Generation is deterministic (fixed seeds) and skipped for files that already exi
 """
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,14 +118,9 @@ def tiny_kohya_lora(flux_sd: dict[str, np.ndarray], seed: int, scale: float) -> 
 
 
 def save_safetensors(path: Path, sd: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from lora_ops.lora_checkpoint import atomic_save_safetensors
 
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, metadata or {}, str(path))
 
 
 @dataclass(frozen=True)
