@@ -131,6 +131,7 @@ def setup_comfy(args):
     if not (args.comfyui / "comfy").is_dir():
         sys.exit(f"no ComfyUI code at {args.comfyui} (--comfyui)")
     sys.path.insert(0, str(args.comfyui))
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     argv, sys.argv = sys.argv, [sys.argv[0]] + ([] if want_cuda else ["--cpu"])
     import comfy.options
 
@@ -157,8 +158,10 @@ def random_flux_state_dict(params: dict, device, seed: int):
     import comfy.ops
     import torch
 
+    from make_tiny_models import flux_params
+
     with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **params)
+        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **flux_params(**params))
     g = torch.Generator(device=device).manual_seed(seed)
     return {
         name: (torch.randn(t.shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02)

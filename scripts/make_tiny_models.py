@@ -17,6 +17,7 @@ Generation is deterministic (fixed seeds) and skipped for files that already exi
 """
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,17 @@ def import_comfy(comfy_dir: Path):
     return comfy
 
 
+def flux_params(**params) -> dict:
+    """``params`` for ComfyUI's ``Flux`` model class, plus what this ComfyUI requires: 0.33+'s
+    ``FluxParams`` grew ``txt_ids_dims`` (FLUX.2's text position ids), [] for FLUX.1 as its own
+    detection sets it."""
+    import comfy.ldm.flux.model
+
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        params.setdefault("txt_ids_dims", [])
+    return params
+
+
 def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
     """Every tensor set explicitly: ComfyUI builds modules uninitialised (torch.empty garbage)."""
     rng = np.random.default_rng(seed)
@@ -69,7 +81,7 @@ def tiny_flux(comfy, guidance: bool, seed: int) -> dict[str, np.ndarray]:
 
     with torch.device("meta"):
         model = comfy.ldm.flux.model.Flux(
-            operations=comfy.ops.disable_weight_init, guidance_embed=guidance, **TINY_FLUX_PARAMS
+            operations=comfy.ops.disable_weight_init, **flux_params(guidance_embed=guidance, **TINY_FLUX_PARAMS)
         )
     return random_state_dict(model, seed)
 

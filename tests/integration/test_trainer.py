@@ -15,6 +15,7 @@ import zipfile
 
 import pytest
 import torch
+from make_tiny_models import flux_params
 from PIL import Image
 from safetensors import safe_open
 
@@ -57,7 +58,7 @@ def narrow_flux(seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.Flux(dict(
+    config = comfy.supported_models.Flux(flux_params(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768,
         hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
         theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,

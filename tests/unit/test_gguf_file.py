@@ -1,7 +1,6 @@
 import json
 import os
 import struct
-import sys
 import tracemalloc
 import warnings
 
@@ -21,7 +20,6 @@ from lora_ops.gguf_file import (
 )
 from lora_ops.gguf_write import encode, write_gguf
 
-COMFYUI_ROOT = "/work/main/.harness/ComfyUI"
 FLUX_TYPES = {
     "double_blocks.0.img_attn.qkv.weight": ((96, 256), QType.Q4_K),
     "double_blocks.0.img_mlp.0.weight": ((64, 64), QType.Q8_0),
@@ -281,12 +279,8 @@ def tiny_llama_cpp_t5(path, n_blocks: int = 24, dim: int = 32) -> None:
     write_gguf(path, tensors, lambda n, a: QType.Q8_0 if a.shape[-1] % 32 == 0 else QType.F32, arch="t5")
 
 
-def comfyui_t5_xxl_keys(monkeypatch) -> set[str]:
-    monkeypatch.syspath_prepend(COMFYUI_ROOT)
-    monkeypatch.setattr(sys, "argv", ["x", "--cpu"])
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+def comfyui_t5_xxl_keys() -> set[str]:
+    """Every key of ComfyUI's own T5-XXL (the suite's ComfyUI: see tests/conftest.py)."""
     import comfy.ops
     import comfy.text_encoders.t5 as comfy_t5
 
@@ -296,12 +290,11 @@ def comfyui_t5_xxl_keys(monkeypatch) -> set[str]:
     return set(model.state_dict())
 
 
-@pytest.mark.skipif(not os.path.isdir(COMFYUI_ROOT), reason="needs the harness ComfyUI tree")
-def test_llama_cpp_t5_names_map_onto_comfyui_t5_xxl(tmp_path, monkeypatch):
+def test_llama_cpp_t5_names_map_onto_comfyui_t5_xxl(tmp_path, models_dir):
     path = tmp_path / "t5.gguf"
     tiny_llama_cpp_t5(path)
     mapped = read_text_encoder_gguf(path)
-    expected = comfyui_t5_xxl_keys(monkeypatch)
+    expected = comfyui_t5_xxl_keys()
     assert set(mapped) - {"dec.blk.0.attn_q.weight"} == expected
     q = mapped["encoder.block.3.layer.0.SelfAttention.q.weight"]
     assert q.name == "encoder.block.3.layer.0.SelfAttention.q.weight" and q.qtype == QType.Q8_0
