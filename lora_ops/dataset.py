@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import zipfile
@@ -19,14 +20,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 MAX_DATASET_BYTES = 4 << 30  # uncompressed total of a dataset's images and captions
+MAX_DATASET_FILES = 100_000  # images and captions: an archive of millions of tiny members is refused
 MAX_CAPTION_BYTES = 64 << 10
 MAX_IMAGE_PIXELS = 64_000_000  # a 8000x8000 photo passes; a decompression bomb does not
+# kohya's repeat folders: `10_dog/` means its images are drawn ten times as often.
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MAX_REPEATS = 1000
 # FLUX latents are 1/8 of the image and are cut into 2x2 patches.
 SIDE_MULTIPLE = 16
 MAX_ASPECT = 4.0
@@ -43,6 +48,7 @@ class Sample:
     name: str  # path inside the dataset, for messages
     image: Image.Image  # RGB
     caption: str | None  # None: no caption file
+    repeats: int = 1  # from a kohya repeat folder (`10_name/`): relative sampling weight
 
 
 def is_archive(path: str) -> bool:
@@ -51,33 +57,21 @@ def is_archive(path: str) -> bool:
 
 def read_dataset(path: str, max_bytes: int = MAX_DATASET_BYTES) -> list[Sample]:
     """Images and their captions, sorted by name. Raises DatasetError naming the bad file."""
-    label = os.path.basename(path.rstrip("/\\")) or path
-    if os.path.isdir(path):
-        files = dict(_folder_files(path, max_bytes))
-    elif os.path.isfile(path) and is_archive(path):
-        files = dict(_archive_files(path, max_bytes))
-    elif os.path.exists(path):
-        raise DatasetError(f"dataset {label!r} is neither a folder nor a {'/'.join(ARCHIVE_EXTENSIONS)} archive")
-    else:
-        raise DatasetError(f"dataset {label!r} not found")
-
-    samples, ignored, uncaptioned = [], [], []
+    label = dataset_label(path)
+    files = dict(iter_dataset_files(path, IMAGE_EXTENSIONS, max_bytes))
+    samples, uncaptioned = [], []
     for name in sorted(files):
         stem, ext = os.path.splitext(name)
         if ext.lower() not in IMAGE_EXTENSIONS:
-            if ext.lower() != CAPTION_EXTENSION:
-                ignored.append(name)
             continue
-        image = _decode_image(label, name, files[name])
+        image = normalize_image(decode_image(label, name, files[name]))
         caption_bytes = files.get(stem + CAPTION_EXTENSION)
-        caption = None if caption_bytes is None else _decode_caption(label, stem + CAPTION_EXTENSION, caption_bytes)
+        caption = None if caption_bytes is None else decode_caption(label, stem + CAPTION_EXTENSION, caption_bytes)
         if caption is None:
             uncaptioned.append(name)
-        samples.append(Sample(name, image, caption))
+        samples.append(Sample(name, image, caption, repeat_count(label, name)))
     if not samples:
         raise DatasetError(f"dataset {label!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    if ignored:
-        log.warning("dataset %r: ignoring %d non-image file(s): %s", label, len(ignored), ", ".join(ignored[:5]))
     if uncaptioned:
         log.warning(
             "dataset %r: %d image(s) have no caption and train on the trigger word alone: %s",
@@ -86,7 +80,41 @@ def read_dataset(path: str, max_bytes: int = MAX_DATASET_BYTES) -> list[Sample]:
     return samples
 
 
-def _folder_files(root: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
+def dataset_label(path: str) -> str:
+    return os.path.basename(path.rstrip("/\\")) or path
+
+
+def iter_dataset_files(path: str, extensions, max_bytes: int = MAX_DATASET_BYTES,
+                       skipped: list[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name inside the dataset, bytes) of its files with `extensions` or `.txt`, one at a time,
+    after the safety checks (no escaping names, no links, size and file-count budgets) have passed
+    for all of them. Other files are listed in `skipped` when given."""
+    label = dataset_label(path)
+    wanted = (*extensions, CAPTION_EXTENSION)
+    if os.path.isdir(path):
+        return _folder_files(path, max_bytes, wanted, skipped)
+    if os.path.isfile(path) and is_archive(path):
+        return _archive_files(path, max_bytes, wanted, skipped)
+    if os.path.exists(path):
+        raise DatasetError(f"dataset {label!r} is neither a folder nor a {'/'.join(ARCHIVE_EXTENSIONS)} archive")
+    raise DatasetError(f"dataset {label!r} not found")
+
+
+def repeat_count(label: str, name: str) -> int:
+    """kohya's repeats: the innermost folder of `name` called `<N>_<anything>` gives N (else 1)."""
+    for folder in reversed(name.split("/")[:-1]):
+        match = REPEAT_FOLDER.match(folder)
+        if match:
+            repeats = int(match.group(1))
+            if not 1 <= repeats <= MAX_REPEATS:
+                raise DatasetError(
+                    f"dataset {label!r}: folder {folder!r} reads as {repeats} repeats (kohya's <N>_<name>); "
+                    f"use 1 to {MAX_REPEATS}, or rename the folder")
+            return repeats
+    return 1
+
+
+def _folder_files(root: str, max_bytes: int, wanted, skipped) -> Iterator[tuple[str, bytes]]:
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -94,25 +122,29 @@ def _folder_files(root: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
             if os.path.islink(full):
                 raise DatasetError(f"dataset file {_rel(root, full)!r} is a symbolic link; copy the file in instead")
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        entries += [os.path.join(dirpath, f) for f in filenames if _is_candidate(f)]
-    _check_budget(root, sum(os.path.getsize(f) for f in entries), max_bytes)
-    for full in entries:
+        for f in filenames:
+            if _is_candidate(f, wanted):
+                entries.append(os.path.join(dirpath, f))
+            elif skipped is not None and not f.startswith("."):
+                skipped.append(_rel(root, os.path.join(dirpath, f)))
+    _check_budget(root, sum(os.path.getsize(f) for f in entries), max_bytes, len(entries))
+    for full in sorted(entries):
         with open(full, "rb") as f:
             yield _rel(root, full), f.read()
 
 
-def _archive_files(path: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
+def _archive_files(path: str, max_bytes: int, wanted, skipped) -> Iterator[tuple[str, bytes]]:
     label = os.path.basename(path)
     try:
         if path.lower().endswith(".zip"):
-            yield from _zip_files(path, label, max_bytes)
+            yield from _zip_files(path, label, max_bytes, wanted, skipped)
         else:
-            yield from _tar_files(path, label, max_bytes)
+            yield from _tar_files(path, label, max_bytes, wanted, skipped)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
         raise DatasetError(f"dataset archive {label!r} is unreadable: {e}") from e
 
 
-def _zip_files(path: str, label: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
+def _zip_files(path: str, label: str, max_bytes: int, wanted, skipped) -> Iterator[tuple[str, bytes]]:
     with zipfile.ZipFile(path) as archive:
         members = []
         for info in archive.infolist():
@@ -121,15 +153,17 @@ def _zip_files(path: str, label: str, max_bytes: int) -> Iterator[tuple[str, byt
             name = _safe_member_name(label, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise DatasetError(f"dataset archive {label!r}: {info.filename!r} is a symbolic link")
-            if _is_candidate(name):
+            if _is_candidate(name, wanted):
                 members.append((name, info))
-        _check_budget(label, sum(info.file_size for _, info in members), max_bytes)
+            elif skipped is not None:
+                skipped.append(name)
+        _check_budget(label, sum(info.file_size for _, info in members), max_bytes, len(members))
         for name, info in members:
             with archive.open(info) as f:
                 yield name, _read_exactly(label, name, f, info.file_size)
 
 
-def _tar_files(path: str, label: str, max_bytes: int) -> Iterator[tuple[str, bytes]]:
+def _tar_files(path: str, label: str, max_bytes: int, wanted, skipped) -> Iterator[tuple[str, bytes]]:
     with tarfile.open(path, "r:*") as archive:
         members, total = [], 0
         for member in archive:  # headers only; stops early if the budget is exceeded
@@ -138,10 +172,12 @@ def _tar_files(path: str, label: str, max_bytes: int) -> Iterator[tuple[str, byt
                 continue
             if not member.isfile():
                 raise DatasetError(f"dataset archive {label!r}: {member.name!r} is a link or special file")
-            if _is_candidate(name):
+            if _is_candidate(name, wanted):
                 total += member.size
-                _check_budget(label, total, max_bytes)
                 members.append((name, member))
+                _check_budget(label, total, max_bytes, len(members))
+            elif skipped is not None:
+                skipped.append(name)
         for name, member in members:
             f = archive.extractfile(member)
             yield name, _read_exactly(label, name, f, member.size)
@@ -155,16 +191,18 @@ def _safe_member_name(label: str, raw: str) -> str:
     return normal
 
 
-def _is_candidate(name: str) -> bool:
+def _is_candidate(name: str, wanted) -> bool:
     base = os.path.basename(name)
-    return not base.startswith(".") and os.path.splitext(base)[1].lower() in (*IMAGE_EXTENSIONS, CAPTION_EXTENSION)
+    return not base.startswith(".") and os.path.splitext(base)[1].lower() in wanted
 
 
-def _check_budget(label: str, total: int, max_bytes: int) -> None:
+def _check_budget(label: str, total: int, max_bytes: int, count: int) -> None:
     if total > max_bytes:
         raise DatasetError(
             f"dataset {label!r} declares {total / 2**20:.0f} MiB of files, over the {max_bytes / 2**20:.0f} MiB budget"
         )
+    if count > MAX_DATASET_FILES:
+        raise DatasetError(f"dataset {label!r} holds over {MAX_DATASET_FILES} image and caption files")
 
 
 def _read_exactly(label: str, name: str, f, size: int) -> bytes:
@@ -178,7 +216,8 @@ def _rel(root: str, full: str) -> str:
     return os.path.relpath(full, root).replace(os.sep, "/")
 
 
-def _decode_image(label: str, name: str, data: bytes) -> Image.Image:
+def decode_image(label: str, name: str, data: bytes) -> Image.Image:
+    """The decoded image (first frame), as stored: any mode, no orientation applied."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > MAX_IMAGE_PIXELS:
@@ -190,12 +229,30 @@ def _decode_image(label: str, name: str, data: bytes) -> Image.Image:
         raise
     except Exception as e:  # Pillow raises many types for corrupt data
         raise DatasetError(f"dataset {label!r}: cannot read image {name!r}: {e}") from e
-    if image.mode == "I":  # 16-bit PNG
-        image = image.point(lambda v: v * (1 / 255))
+    return image
+
+
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+
+
+def normalize_image(image: Image.Image, background: str = "white") -> Image.Image:
+    """8-bit RGB the right way up: EXIF orientation applied, transparency flattened onto
+    `background`, CMYK/palette/greyscale converted, 16-bit and float scaled down."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = image.convert("F")
+        high = image.getextrema()[1]
+        # 16-bit samples span 0..65535; float ones 0..1; anything at most 255 is already 8-bit.
+        scale = 1 / 257 if high > 255 else 255.0 if high <= 1.0 else 1.0
+        image = image.point(lambda v: v * scale + 0.5).convert("L")  # rounded, not truncated
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*BACKGROUNDS[background], 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def _decode_caption(label: str, name: str, data: bytes) -> str:
+def decode_caption(label: str, name: str, data: bytes) -> str:
     if len(data) > MAX_CAPTION_BYTES:
         raise DatasetError(f"dataset {label!r}: caption {name!r} is over {MAX_CAPTION_BYTES // 1024} KiB")
     try:
@@ -205,9 +262,16 @@ def _decode_caption(label: str, name: str, data: bytes) -> str:
 
 
 def compose_caption(trigger_word: str, caption: str | None) -> str:
-    """kohya's convention: the trigger word leads the caption."""
-    parts = [p for p in (trigger_word.strip(), (caption or "").strip()) if p]
-    return ", ".join(parts)
+    """kohya's convention: the trigger word leads the caption, unless the caption already holds it
+    (placed where the user wrote it, e.g. by FluxQPrepareDataset)."""
+    trigger, caption = trigger_word.strip(), (caption or "").strip()
+    if trigger and has_word(caption, trigger):
+        return caption
+    return ", ".join(p for p in (trigger, caption) if p)
+
+
+def has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 
 from .loaders import NODES as _LOADERS
 from .lora import NODES as _LORA
+from .prepare import NODES as _PREPARE
 from .sampling import NODES as _SAMPLING
 from .train import NODES as _TRAIN
 
-ALL_NODES = [*_LOADERS, *_LORA, *_SAMPLING, *_TRAIN]
+ALL_NODES = [*_LOADERS, *_LORA, *_SAMPLING, *_TRAIN, *_PREPARE]

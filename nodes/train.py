@@ -84,6 +84,9 @@ class FluxQTrainLoRA(io.ComfyNode):
                                tooltip="Continue from a LoRA this node saved (needs its .trainstate beside it)."),
                 io.Image.Input("images", optional=True, tooltip="Images from core dataset nodes, instead of `dataset`."),
                 io.String.Input("captions", optional=True, force_input=True, tooltip="Captions matching `images`."),
+                io.String.Input("dataset_name", optional=True, force_input=True,
+                                tooltip="A dataset folder/archive name under input/ from another node (e.g. "
+                                        "FluxQPrepareDataset); overrides `dataset`."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -100,10 +103,11 @@ class FluxQTrainLoRA(io.ComfyNode):
         return True if name is None else check_file_choice("loras", "resume", name, (NONE,))
 
     @classmethod
-    def execute(cls, images=None, captions=None, **lists) -> io.NodeOutput:
+    def execute(cls, images=None, captions=None, dataset_name=None, **lists) -> io.NodeOutput:
         args = {name: values[0] for name, values in lists.items()}  # scalars arrive as 1-lists
         model, vae, clip = args.pop("model"), args.pop("vae"), args.pop("clip")
-        samples = collect_samples(args.pop("dataset"), images, captions)
+        dataset = args.pop("dataset")
+        samples = collect_samples(dataset_name[0] if dataset_name else dataset, images, captions)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         run = TrainingRun(model, samples, node_id=node_id, **args)
         trained_model, lora_file, losses = run.train(vae, clip)
@@ -250,6 +254,9 @@ class TrainingRun:
         self.diffusion_model.requires_grad_(False)
         with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model):
             examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device)) for e in examples]
+            # kohya repeats: an image of a `10_name/` folder is listed ten times (the same tensors),
+            # so the trainer draws it ten times as often.
+            examples = [e for e, sample in zip(examples, self.samples) for _ in range(sample.repeats)]
             empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
             factors = self._initial_factors(device)
             stack = get_lora_stack(self.model).with_lora(LoraEntry(self.name, 1.0, {
@@ -286,8 +293,9 @@ class TrainingRun:
             latent = latent_format(vae.encode(pixels)).float().cpu()[0]
             examples.append(fm.TrainingExample(latent, embed(ds.compose_caption(self.trigger_word, sample.caption))))
         empty = embed("") if self.settings.caption_dropout > 0 else None
-        log.info("FluxQTrainLoRA: %d images in %d bucket(s), %d captions encoded", len(examples),
-                 len({tuple(e.latent.shape) for e in examples}), len(embeddings))
+        log.info("FluxQTrainLoRA: %d images in %d bucket(s), %d captions encoded, %d draws per pass with kohya "
+                 "repeats", len(examples), len({tuple(e.latent.shape) for e in examples}), len(embeddings),
+                 sum(s.repeats for s in self.samples))
         return examples, empty
 
     def _initial_factors(self, device) -> dict[str, ckpt.LoraFactors]:

@@ -466,3 +466,18 @@ def test_server_trains_from_core_dataset_nodes_and_core_loraloader_loads_the_res
     finally:
         for path in written:
             path.unlink(missing_ok=True)
+
+
+def test_dataset_name_input_overrides_the_dropdown_and_repeat_folders_weigh(comfy_libs, clip_vae, folders):
+    """FluxQPrepareDataset's output (a folder name) feeds `dataset_name`; kohya's `3_red/` counts
+    its image three times (kohya's ss_num_train_images counts repeats too)."""
+    clip, vae = clip_vae
+    inputs, loras = folders
+    (inputs / "prepared" / "3_red").mkdir(parents=True)
+    pattern_image("red").save(inputs / "prepared" / "3_red" / "red.png")
+    pattern_image("blue").save(inputs / "prepared" / "blue.png")
+    node = comfy_libs.train.FluxQTrainLoRA.PREPARE_CLASS_CLONE({"unique_id": "7"})
+    with torch.inference_mode():
+        out = node.execute(dataset_name=["prepared"], **node_args(narrow_flux(), clip, vae, dataset="[none]", steps=1))
+    _, metadata = lora_tensors(loras / out.result[1])
+    assert metadata["ss_num_train_images"] == "4"

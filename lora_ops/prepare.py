@@ -1,0 +1,365 @@
+"""From a folder or archive of mixed photos to a clean training set (FluxQPrepareDataset).
+
+Every image Pillow can open becomes an 8-bit RGB PNG the right way up; exact duplicates (same
+pixels) and images below a minimum side are dropped and reported; the folder structure is kept,
+so kohya repeat folders (`10_name/`) still weight the images. The source is only read.
+
+Captions are written afterwards, one file at a time, by `write_captions`: kept from the source,
+filled from a template, or asked of a vision endpoint (lora_ops.captioning). Replies of the
+endpoint are remembered in the set's folder (`.fluxq_captions.jsonl`, keyed by the image's pixels
+and the request settings), so a cancelled or failed run resumes without asking again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from . import dataset as ds
+
+log = logging.getLogger(__name__)
+
+MARKER_FILE = ".fluxq_prepared.json"  # says a folder was written by this module (so it may be replaced)
+CAPTION_CACHE_FILE = ".fluxq_captions.jsonl"
+HEIC_EXTENSIONS = (".heic", ".heif")
+CAPTION_MODES = ("keep", "fill", "overwrite")
+TRIGGER_PLACEMENTS = ("start", "end", "none")
+FAILURE_POLICIES = ("fail", "skip")
+
+# Report reasons, in the order the summary lists them.
+WRITTEN, DUPLICATE, TOO_SMALL, UNREADABLE, NEEDS_HEIF, IGNORED = (
+    "images written", "exact duplicates dropped", "below min_side dropped", "unreadable images dropped",
+    "HEIC skipped (pip install pillow-heif)", "other files ignored")
+KEPT, GENERATED, REUSED, TEMPLATED, FAILED, UNCAPTIONED = (
+    "captions kept", "captions generated", "captions reused from an earlier run", "captions from the template",
+    "captions failed (left without)", "images without a caption")
+
+
+class PrepareError(ValueError):
+    pass
+
+
+@dataclass
+class PrepareOptions:
+    min_side: int = 256  # shorter side in pixels; 0 keeps every size
+    max_side: int = 2048  # longer side is scaled down to this; 0 keeps the size
+    background: str = "white"  # what transparent pixels become
+
+
+@dataclass
+class PreparedImage:
+    name: str  # path inside the prepared set, e.g. "10_dog/a.png"
+    source: str  # path inside the source
+    pixel_hash: str
+    source_caption: str | None
+
+    @property
+    def caption_name(self) -> str:
+        return os.path.splitext(self.name)[0] + ds.CAPTION_EXTENSION
+
+
+@dataclass
+class Report:
+    counts: Counter = field(default_factory=Counter)
+    names: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, name: str | None = None) -> None:
+        self.counts[reason] += 1
+        if name is not None:
+            self.names.setdefault(reason, []).append(name)
+
+    def summary(self) -> str:
+        lines = []
+        for reason in (WRITTEN, DUPLICATE, TOO_SMALL, UNREADABLE, NEEDS_HEIF, IGNORED,
+                       KEPT, GENERATED, REUSED, TEMPLATED, FAILED, UNCAPTIONED):
+            if self.counts[reason]:
+                shown = self.names.get(reason, [])[:5]
+                more = "" if len(self.names.get(reason, [])) <= 5 else ", ..."
+                lines.append(f"{reason}: {self.counts[reason]}" + (f" ({', '.join(shown)}{more})" if shown else ""))
+        return "\n".join(lines)
+
+
+def openable_extensions() -> tuple[str, ...]:
+    """Every extension Pillow has an opener for, plus HEIC (read when pillow-heif is installed)."""
+    Image.init()
+    return tuple(sorted({ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+                        | set(HEIC_EXTENSIONS)))
+
+
+def _heif_available() -> bool:
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def pixel_hash(image: Image.Image) -> str:
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def prepare_images(source: str, out_dir: str, options: PrepareOptions, report: Report,
+                   check_cancel: Callable[[], None] = lambda: None,
+                   on_image: Callable[[int], None] = lambda done: None) -> list[PreparedImage]:
+    """Converts the images of `source` (folder or archive) into `out_dir` (created, must not exist)."""
+    if options.background not in ds.BACKGROUNDS:
+        raise PrepareError(f"background {options.background!r} is not one of {', '.join(ds.BACKGROUNDS)}")
+    label = ds.dataset_label(source)
+    extensions = openable_extensions()
+    heif = None  # probed at the first HEIC file
+    skipped: list[str] = []
+    captions: dict[str, str] = {}
+    prepared: list[PreparedImage] = []
+    by_hash: dict[str, str] = {}
+    taken: set[str] = set()
+    os.makedirs(out_dir)
+    for name, data in ds.iter_dataset_files(source, extensions, skipped=skipped):
+        check_cancel()
+        stem, ext = os.path.splitext(name)
+        if ext.lower() == ds.CAPTION_EXTENSION:
+            captions[stem] = ds.decode_caption(label, name, data)
+            continue
+        ds.repeat_count(label, name)  # a bad repeat folder is refused before any work is wasted
+        if ext.lower() in HEIC_EXTENSIONS:
+            heif = _heif_available() if heif is None else heif
+            if not heif:
+                report.add(NEEDS_HEIF, name)
+                continue
+        try:
+            image = ds.normalize_image(ds.decode_image(label, name, data), options.background)
+        except ds.DatasetError as e:
+            report.add(UNREADABLE, name)
+            log.warning("%s", e)
+            continue
+        if min(image.size) < options.min_side:
+            report.add(TOO_SMALL, f"{name} {image.width}x{image.height}")
+            continue
+        digest = pixel_hash(image)
+        if digest in by_hash:
+            report.add(DUPLICATE, f"{name} = {by_hash[digest]}")
+            continue
+        by_hash[digest] = name
+        if options.max_side and max(image.size) > options.max_side:
+            scale = options.max_side / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.LANCZOS)
+        out_name = _free_name(stem, ext, taken)
+        path = os.path.join(out_dir, *out_name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image.save(path, format="PNG", compress_level=4)
+        prepared.append(PreparedImage(out_name, name, digest, None))
+        report.add(WRITTEN)
+        on_image(len(prepared))
+    for image in prepared:
+        image.source_caption = captions.get(os.path.splitext(image.source)[0])
+    for name in skipped:
+        report.add(IGNORED, name)
+    if not prepared:
+        raise PrepareError(f"dataset {label!r}: no usable image\n{report.summary()}")
+    return prepared
+
+
+def _free_name(stem: str, ext: str, taken: set[str]) -> str:
+    """`stem.png`, or `stem_<ext>.png` when `stem.jpg` and `stem.png` both exist in the source."""
+    name = stem + ".png"
+    if name in taken:
+        name = f"{stem}_{ext.lstrip('.').lower()}.png"
+    taken.add(name)
+    return name
+
+
+# --- captions ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionStyle:
+    """How a caption this module writes is assembled from the captioner's text."""
+
+    trigger_word: str = "TOK"
+    placement: str = "start"  # start | end | none; never added twice
+    prefix: str = ""
+    suffix: str = ""
+
+    def fill(self, text: str) -> str:
+        return text.replace("{trigger}", self.trigger_word.strip())
+
+    def apply(self, text: str) -> str:
+        body = " ".join(p for p in (self.fill(self.prefix).strip(), text.strip(), self.fill(self.suffix).strip()) if p)
+        trigger = self.trigger_word.strip()
+        if not trigger or self.placement == "none" or ds.has_word(body, trigger):
+            return body
+        return f"{trigger}, {body}" if self.placement == "start" else f"{body}, {trigger}"
+
+
+class CaptionCache:
+    """Endpoint replies already paid for, appended one JSON line per caption as it arrives."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.entries: dict[str, str] = {}
+        self._lock = threading.Lock()
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        self.entries[entry["key"]] = entry["text"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut by a crash: that caption is asked for again
+
+    @staticmethod
+    def key(image: PreparedImage, settings_key: str) -> str:
+        return hashlib.sha256(f"{image.pixel_hash}\n{settings_key}".encode()).hexdigest()
+
+    def add(self, key: str, text: str) -> None:
+        with self._lock:
+            self.entries[key] = text
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "text": text}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def write_captions(out_dir: str, images: list[PreparedImage], *, mode: str, style: CaptionStyle,
+                   report: Report, template: str | None = None,
+                   captioner: Callable[[PreparedImage, str], str] | None = None, settings_key: str = "",
+                   concurrency: int = 1, on_failure: str = "fail",
+                   check_cancel: Callable[[], None] = lambda: None,
+                   on_caption: Callable[[int, int], None] = lambda done, total: None) -> None:
+    """Writes `<image>.txt` beside each prepared image.
+
+    keep: the source's captions only; fill: the source's, else a new one; overwrite: new ones for
+    all. New ones come from `template` or from `captioner(image, path)` (its text is cached).
+    Failures of single images follow `on_failure` (fail | skip); a failure of the endpoint itself
+    (exception attribute `fatal`) always stops the run.
+    """
+    if mode not in CAPTION_MODES:
+        raise PrepareError(f"caption_mode {mode!r} is not one of {', '.join(CAPTION_MODES)}")
+    if on_failure not in FAILURE_POLICIES:
+        raise PrepareError(f"on_caption_error {on_failure!r} is not one of {', '.join(FAILURE_POLICIES)}")
+    if style.placement not in TRIGGER_PLACEMENTS:
+        raise PrepareError(f"trigger_placement {style.placement!r} is not one of {', '.join(TRIGGER_PLACEMENTS)}")
+    cache = CaptionCache(os.path.join(out_dir, CAPTION_CACHE_FILE))
+    to_ask: list[PreparedImage] = []
+
+    def write(image: PreparedImage, text: str) -> None:
+        write_text_atomic(os.path.join(out_dir, *image.caption_name.split("/")), text)
+
+    for image in images:
+        if image.source_caption is not None and mode in ("keep", "fill"):
+            write(image, image.source_caption)
+            report.add(KEPT)
+        elif mode == "keep":
+            report.add(UNCAPTIONED, image.name)
+        elif template is not None:
+            write(image, style.apply(style.fill(template)))
+            report.add(TEMPLATED)
+        elif (cached := cache.entries.get(cache.key(image, settings_key))) is not None:
+            write(image, style.apply(cached))
+            report.add(REUSED)
+        else:
+            to_ask.append(image)
+    if not to_ask:
+        return
+    if captioner is None:
+        raise PrepareError("captions are needed but neither a template nor a captioner was given")
+
+    stop = threading.Event()
+
+    def ask(image: PreparedImage) -> str:
+        if stop.is_set():
+            raise InterruptedError
+        return captioner(image, os.path.join(out_dir, *image.name.split("/")))
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fluxq-caption") as pool:
+        pending: dict[Future, PreparedImage] = {pool.submit(ask, image): image for image in to_ask}
+        try:
+            while pending:
+                finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                check_cancel()
+                for future in finished:
+                    image = pending.pop(future)
+                    try:
+                        text = future.result()
+                    except Exception as e:
+                        if getattr(e, "fatal", False) or on_failure == "fail":
+                            raise
+                        report.add(FAILED, image.name)
+                        log.warning("caption of %s skipped: %s", image.name, e)
+                    else:
+                        cache.add(cache.key(image, settings_key), text)
+                        write(image, style.apply(text))
+                        report.add(GENERATED)
+                    done += 1
+                    on_caption(done, len(to_ask))
+        except BaseException:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def build_prepared_set(source: str, out_dir: str, options: PrepareOptions, report: Report,
+                       check_cancel: Callable[[], None] = lambda: None,
+                       on_image: Callable[[int], None] = lambda done: None) -> list[PreparedImage]:
+    """prepare_images into a hidden sibling folder, then swapped in for `out_dir`: a failed or
+    cancelled run leaves the previous set whole. Its caption cache is carried over."""
+    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, MARKER_FILE)):
+        raise PrepareError(f"{os.path.basename(out_dir)!r} already exists and was not written by "
+                           "FluxQPrepareDataset: choose another output_name")
+    parent, name = os.path.split(out_dir)
+    build_dir = os.path.join(parent, f".{name}.fluxq-build")
+    shutil.rmtree(build_dir, ignore_errors=True)
+    try:
+        images = prepare_images(source, build_dir, options, report, check_cancel, on_image)
+        old_cache = os.path.join(out_dir, CAPTION_CACHE_FILE)
+        if os.path.isfile(old_cache):
+            shutil.copyfile(old_cache, os.path.join(build_dir, CAPTION_CACHE_FILE))
+        with open(os.path.join(build_dir, MARKER_FILE), "w", encoding="utf-8") as f:
+            json.dump({"source": ds.dataset_label(source), "min_side": options.min_side,
+                       "max_side": options.max_side, "background": options.background}, f)
+        _replace_folder(build_dir, out_dir)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return images
+
+
+def _replace_folder(build_dir: str, out_dir: str) -> None:
+    if os.path.exists(out_dir):
+        parent, name = os.path.split(out_dir)
+        old = os.path.join(parent, f".{name}.fluxq-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(build_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(build_dir, out_dir)
+
+
+def checked_folder_name(name: str) -> str:
+    name = name.strip()
+    if not name or name.startswith(".") or re.search(r"[/\\:\x00]", name):
+        raise PrepareError(f"output_name {name!r} must be a plain folder name (no folders, not starting with '.')")
+    return name
