@@ -28,6 +28,7 @@ from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, show
 CATEGORY = "Flux QLoRA Lab/sampling"
 SETTINGS = io.Custom("FLUX_SAMPLER_SETTINGS")
 NO_LORA = "none"
+NOT_CONNECTED = object()  # validate_inputs' default for an optional link that is absent
 
 
 
@@ -250,6 +251,9 @@ class FluxQCompareGrid(io.ComfyNode):
                 io.Boolean.Input("difference", default=False, optional=True,
                                  tooltip="Show each cell as |cell - baseline| (same seed, without the compared "
                                          "LoRAs), brightened, with its mean difference as a label."),
+                io.String.Input("lora_file", optional=True, force_input=True,
+                                tooltip="A LoRA file name in models/loras handed on by another node (FluxQTrainLoRA's "
+                                        "lora_file); when connected it replaces lora_name."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid"),
@@ -261,9 +265,13 @@ class FluxQCompareGrid(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name=None, lora_name_b=None, strengths=None, seeds=None) -> bool | str:
+    def validate_inputs(cls, lora_name=None, lora_name_b=None, strengths=None, seeds=None,
+                        lora_file=NOT_CONNECTED) -> bool | str:
         # Queue-time check of the file names and lists when they are widgets; the cell limit is
-        # checked in execute.
+        # checked in execute. A connected lora_file arrives as None (its value exists only at run
+        # time, maybe a file not yet written): lora_name is then not used, so not checked.
+        if lora_file is None:
+            lora_name = None
         for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
             if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
                 return known
@@ -278,7 +286,11 @@ class FluxQCompareGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, vae, settings, lora_name, strengths, seeds, lora_name_b=NO_LORA,
-                difference=False) -> io.NodeOutput:
+                difference=False, lora_file=None) -> io.NodeOutput:
+        if lora_file is not None:
+            if (known := check_file_choice("loras", "lora_file", lora_file)) is not True:
+                raise ValueError(known)
+            lora_name = lora_file
         lora_b = None if lora_name_b in (None, NO_LORA) else lora_name_b
         plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference)
         loras = [lora_name] if lora_b is None else [lora_name, lora_b]

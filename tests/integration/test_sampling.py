@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 
+from comfy_server import ExecutionFailed
 from fluxq_testing import TINY, saved_latent
 
 SIZE = 64  # 4 x 4 image tokens: the tiny model samples in well under a second per step on CPU
@@ -309,3 +310,35 @@ def test_grid_over_the_api_sends_the_compare_payload_and_rejects_bad_lists(comfy
     prompt["grid"]["inputs"]["strengths"] = "0, lots"
     status, body = comfy_server.post_prompt(prompt)
     assert status == 400 and "item 2 ('lots') is not a number" in str(body)
+
+
+@pytest.mark.server
+def test_grid_takes_a_lora_file_name_from_a_link_instead_of_the_dropdown(comfy_server):
+    """A connected lora_file (here from core's String node, in a workflow from FluxQTrainLoRA)
+    replaces lora_name, which is then not checked at queue time (the file may not exist yet)."""
+    settings = {"preset": "custom", "steps": 1, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
+                "shift_mode": "auto", "shift": 1.0, "width": SIZE, "height": SIZE, "denoise": 1.0}
+    grid_inputs = {"model": ["unet", 0], "positive": ["pos", 0], "vae": ["vae", 0], "settings": ["settings", 0],
+                   "strengths": "1", "seeds": "0"}
+    prompt = {
+        **encode_graph(TINY["clip_l"]),
+        "unet": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY["dev_gguf"]["Q8_0"], "dequant_dtype": "auto"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY["vae"]}},
+        "settings": {"class_type": "FluxQSamplerSettings", "inputs": settings},
+        "name": {"class_type": "PrimitiveString", "inputs": {"value": TINY["lora"]}},
+        "by_widget": {"class_type": "FluxQCompareGrid", "inputs": {**grid_inputs, "lora_name": TINY["lora"]}},
+        "by_link": {"class_type": "FluxQCompareGrid", "inputs": {
+            **grid_inputs, "lora_name": "not-written-yet.safetensors", "lora_file": ["name", 0]}},
+    }
+    history = comfy_server.run(prompt)
+    widget_cells, link_cells = (history["outputs"][node]["fluxq_cells"] for node in ("by_widget", "by_link"))
+    assert link_cells[0]["label"] == widget_cells[0]["label"]
+    assert comfy_server.view(link_cells[0]) == comfy_server.view(widget_cells[0])
+
+    prompt["name"]["inputs"]["value"] = "../escape.safetensors"
+    with pytest.raises(ExecutionFailed, match=r"lora_file: '\.\./escape\.safetensors' is not a file"):
+        comfy_server.run(prompt)
+    del prompt["by_link"]["inputs"]["lora_file"]  # without the link the dropdown value is checked again
+    del prompt["by_widget"]  # (a prompt with one valid output would be queued with node_errors)
+    status, body = comfy_server.post_prompt(prompt)
+    assert status == 400 and "lora_name: 'not-written-yet.safetensors' is not a file" in str(body)
