@@ -26,6 +26,8 @@ TRAINED_LORA = "fluxq-workflow-test"
 # Small and fast on CPU; the shipped files keep the real 1024x1024, 28-step settings.
 TINY_DEV = ["Sampler settings.preset=custom", "Sampler settings.steps=2",
             "Sampler settings.width=64", "Sampler settings.height=64"]
+TINY_TRAIN = [*TINY_DEV, "Train LoRA.steps=2", "Train LoRA.resolution=64", "Train LoRA.rank=4", "Train LoRA.alpha=4",
+              "Train LoRA.save_every=0", f"Train LoRA.lora_name={TRAINED_LORA}"]
 TINY_RUNS = {
     # name: (overrides, saved files expected as {downloaded name prefix: (width, height) or None})
     "flux_dev_gguf_lora_txt2img": (TINY_DEV, {"fluxq_dev_lora_": (64, 64)}),
@@ -37,9 +39,12 @@ TINY_RUNS = {
                           {"fluxq_lora_vs_lora_": None}),
     "flux_stack_then_remove_lora": (TINY_DEV, {"fluxq_stack_a_b_": (64, 64), "fluxq_stack_b_only_": (64, 64)}),
     "flux_train_then_compare": (
-        [*TINY_DEV, "Train LoRA.steps=2", "Train LoRA.resolution=64", "Train LoRA.rank=4", "Train LoRA.alpha=4",
-         "Train LoRA.save_every=0", f"Train LoRA.lora_name={TRAINED_LORA}"],
-        {"fluxq_train_loss_": None, "fluxq_train_compare_": (64 + 16 + 64, 64)},  # base | 16 px | trained
+        [*TINY_TRAIN, "LoRA compare grid.strengths=0, 1"],
+        {"fluxq_train_loss_": None, "fluxq_train_compare_": None},
+    ),
+    "flux_prepare_caption_train_compare": (
+        [*TINY_TRAIN, "Train LoRA.steps=1", "LoRA compare grid.strengths=1", "Prepare and caption images.min_side=0"],
+        {"fluxq_prepared_train_loss_": None, "fluxq_prepared_train_compare_": None},
     ),
 }
 NAMES = sorted(TINY_RUNS)
@@ -169,8 +174,12 @@ def test_api_twin_runs_end_to_end_on_the_tiny_models(name, server, models_dir, t
             assert len(matches) == 1, (prefix, saved)
             with Image.open(matches[0]) as image:
                 assert size is None or image.size == size
-        if name == "flux_train_then_compare":
+        if "train" in name:
             assert (loras / f"{TRAINED_LORA}.safetensors").is_file()
+        if name == "flux_prepare_caption_train_compare":
+            prepared = server.input_dir / f"{TINY_MAP['my_photos']}_prepared"
+            assert sorted(p.name for p in prepared.glob("*.png")) == [f"square_{i}.png" for i in range(4)]
+            assert len(list(prepared.glob("*.txt"))) == 4  # the tiny set's own captions, kept
     finally:
         for path in loras.glob(f"{TRAINED_LORA}*"):  # the trainer writes into the harness's models/loras
             path.unlink()
