@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from caption_stub import CaptionStub
+from fluxq_testing import node_class_for_prompt
 from PIL import Image
 
 from comfy_server import ExecutionFailed
@@ -151,7 +152,7 @@ def test_the_key_is_sent_to_the_endpoint_and_nowhere_else(pack, stub, tmp_path, 
         write_source(tmp_path / "src")
         inputs = prepare_inputs("src", caption_mode="overwrite", captioner="openai-compatible",
                                 endpoint_url=stub.base_url, model=stub.model, api_key_env="FLUXQ_NODE_TEST_API_KEY")
-        node = node_class.PREPARE_CLASS_CLONE({"unique_id": "5"})
+        node = node_class_for_prompt(node_class, "5")
         stub.requests.clear()
         stub.script = [("status", 500, {}, {"error": {"message": f"echo {SECRET}"}})]
         with caplog.at_level(logging.DEBUG), torch.inference_mode():
