@@ -4,7 +4,6 @@ endpoint of tests/caption_stub.py on a loopback port) and in-process for the API
 from __future__ import annotations
 
 import importlib
-import io
 import logging
 import uuid
 
