@@ -96,7 +96,7 @@ def check_read(path, data: bytes) -> None:
     expect_only(bounded(read_text_encoder_gguf, size, path), GGUFFormatError, str(path))
 
 
-@fuzz_settings(ci_examples=150)
+@fuzz_settings(ci_examples=300)
 @given(data=st.data(), which=st.sampled_from(("flux", "t5")))
 def test_mutated_gguf_is_read_or_refused_with_a_named_error(seeds, data, which):
     valid, points = seeds[which]

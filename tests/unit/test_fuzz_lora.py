@@ -91,7 +91,7 @@ def check_keys(keys: list[str]) -> None:
         assert len(normalized) == len(set(keys))
 
 
-@fuzz_settings(ci_examples=400)
+@fuzz_settings(ci_examples=200)
 @given(data=st.data())
 def test_mutated_bytes_are_read_or_refused(seeds, data):
     check_read(seeds["folder"] / "bytes.safetensors", data.draw(mutated_bytes(seeds["valid"], seeds["points"])))
@@ -147,13 +147,13 @@ def mutated_header(draw, valid: bytes) -> bytes:
     return join(header, body)
 
 
-@fuzz_settings(ci_examples=400)
+@fuzz_settings(ci_examples=200)
 @given(data=st.data())
 def test_mutated_headers_are_read_or_refused(seeds, data):
     check_read(seeds["folder"] / "header.safetensors", data.draw(mutated_header(seeds["valid"])))
 
 
-@fuzz_settings(ci_examples=400)
+@fuzz_settings(ci_examples=200)
 @given(st.lists(st.sampled_from(KOHYA_KEYS + [
     "transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "base_model.model.transformer_blocks.0.ff.net.2.lora_B.weight",
     "double_blocks.0.processor.qkv_lora1.down.weight", "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",

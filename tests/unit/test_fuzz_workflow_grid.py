@@ -68,7 +68,7 @@ def check_convert(workflow) -> None:
             assert isinstance(entry["_meta"]["title"], str)
 
 
-@fuzz_settings(ci_examples=600)
+@fuzz_settings(ci_examples=300)
 @given(mutated_workflow())
 def test_mutated_workflows_convert_or_are_refused(workflow):
     check_convert(workflow)
@@ -112,7 +112,7 @@ list_text = st.one_of(
 )
 
 
-@fuzz_settings(ci_examples=500)
+@fuzz_settings(ci_examples=300)
 @given(strengths=list_text, seeds=list_text, b=st.sampled_from((None, "a.safetensors", "b.safetensors")),
        baseline=st.booleans())
 @example(strengths="1", seeds="9" * 5000, b=None, baseline=False)  # found: int() refused 4,300+ digits with ValueError
