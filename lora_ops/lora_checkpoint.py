@@ -163,7 +163,8 @@ def load_train_state(lora_path: str) -> tuple[TrainState, dict]:
     if info.pop(_PAIR_KEY, lora_id) != lora_id:
         raise CheckpointError(
             f"cannot resume from {label}: its {os.path.basename(path)} is from another save (step {state.step}; "
-            f"a save was interrupted); resume from an earlier {label.rsplit('.', 1)[0]}_stepNNNNNN checkpoint"
+            f"a save was interrupted); resume from an earlier "
+            f"{_STEP_SUFFIX.sub('', os.path.splitext(label)[0])}_stepNNNNNN checkpoint"
         )
     return state, info
 
