@@ -2,7 +2,6 @@
 #   make demo   start headless ComfyUI with the pack, run a bundled workflow, print where the PNGs are
 #   make test   the whole test suite (unit, real-ComfyUI integration, headless-browser)
 #   make fuzz   the parser fuzz campaign (FUZZ_EXAMPLES per target, default 20000; see docs/RELIABILITY.md)
-#   make soak   one server, concurrent clients, valid/invalid prompts, interrupts (SOAK_SECONDS, SOAK_CLIENTS)
 # `make test` runs the suite against ComfyUI 0.3.75 and 0.33.0 (scripts/run_tests.sh), each in its
 # own harness; COMFYUI_VERSIONS="0.33.0" picks one, COMFYUI_PATH (your own ComfyUI) runs once against
 # it. Demo and bench use the default harness (.harness, ComfyUI 0.3.75) or COMFYUI_PATH.
@@ -11,7 +10,7 @@ HARNESS_DIR ?= $(CURDIR)/.harness
 PY := $(HARNESS_DIR)/venv/bin/python
 PYTEST := $(PY) -m pytest --rootdir tests -c tests/pytest.ini
 
-.PHONY: setup demo test test-unit bench fuzz soak
+.PHONY: setup demo test test-unit bench fuzz
 
 setup:
 	bash scripts/setup_harness.sh
