@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import lzma
 import math
 import os
 import posixpath
@@ -16,6 +17,7 @@ import re
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +30,8 @@ ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 MAX_DATASET_BYTES = 4 << 30  # uncompressed total of a dataset's images and captions
 MAX_DATASET_FILES = 100_000  # images and captions: an archive of millions of tiny members is refused
 MAX_CAPTION_BYTES = 64 << 10
+_READ_CHUNK = 1 << 20
+_TAR_MODES = ((".tar.gz", "r:gz"), (".tgz", "r:gz"), (".tar.bz2", "r:bz2"), (".tar.xz", "r:xz"))
 MAX_IMAGE_PIXELS = 64_000_000  # a 8000x8000 photo passes; a decompression bomb does not
 # kohya's repeat folders: `10_dog/` means its images are drawn ten times as often.
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -140,7 +144,10 @@ def _archive_files(path: str, max_bytes: int, wanted, skipped) -> Iterator[tuple
             yield from _zip_files(path, label, max_bytes, wanted, skipped)
         else:
             yield from _tar_files(path, label, max_bytes, wanted, skipped)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+    # zlib/lzma: corrupt compressed data; NotImplementedError: an unknown compression method;
+    # RuntimeError: an encrypted zip member
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError,
+            NotImplementedError, RuntimeError) as e:
         raise DatasetError(f"dataset archive {label!r} is unreadable: {e}") from e
 
 
@@ -148,9 +155,9 @@ def _zip_files(path: str, label: str, max_bytes: int, wanted, skipped) -> Iterat
     with zipfile.ZipFile(path) as archive:
         members = []
         for info in archive.infolist():
+            name = _safe_member_name(label, info.filename)  # first: is_dir() fails on an empty name
             if info.is_dir():
                 continue
-            name = _safe_member_name(label, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise DatasetError(f"dataset archive {label!r}: {info.filename!r} is a symbolic link")
             if _is_candidate(name, wanted):
@@ -164,7 +171,9 @@ def _zip_files(path: str, label: str, max_bytes: int, wanted, skipped) -> Iterat
 
 
 def _tar_files(path: str, label: str, max_bytes: int, wanted, skipped) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(path, "r:*") as archive:
+    # The extension names the compression: "r:*" would try every decompressor on any file.
+    mode = next((m for ext, m in _TAR_MODES if path.lower().endswith(ext)), "r:")
+    with tarfile.open(path, mode) as archive:
         members, total = [], 0
         for member in archive:  # headers only; stops early if the budget is exceeded
             name = _safe_member_name(label, member.name)
@@ -184,6 +193,8 @@ def _tar_files(path: str, label: str, max_bytes: int, wanted, skipped) -> Iterat
 
 
 def _safe_member_name(label: str, raw: str) -> str:
+    if not raw:
+        raise DatasetError(f"dataset archive {label!r} has a member with an empty name")
     name = raw.replace("\\", "/")
     normal = posixpath.normpath(name)
     if name.startswith("/") or normal == ".." or normal.startswith("../") or ":" in name.split("/")[0]:
@@ -206,7 +217,13 @@ def _check_budget(label: str, total: int, max_bytes: int, count: int) -> None:
 
 
 def _read_exactly(label: str, name: str, f, size: int) -> bytes:
-    data = f.read(size + 1)  # one byte more reveals a member larger than it declared
+    # In chunks: one read(size) allocates the declared size up front, and a 10 KB archive can
+    # declare a 4 GB member. One byte more than declared reveals a member larger than its header.
+    chunks, total = [], 0
+    while total <= size and (chunk := f.read(min(_READ_CHUNK, size + 1 - total))):
+        chunks.append(chunk)
+        total += len(chunk)
+    data = b"".join(chunks)
     if len(data) != size:
         raise DatasetError(f"dataset archive {label!r}: {name!r} is not the size its header declares")
     return data

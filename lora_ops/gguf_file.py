@@ -123,7 +123,7 @@ class _HeaderScanner:
         if vtype in _SCALAR_SIZES:
             self.take(_SCALAR_SIZES[vtype], what)
         elif vtype == VType.STRING:
-            self.take(self.u64(f"length of {what}"), what)
+            self.string(what)  # decoded: GGUFReader decodes string values without a check
         else:  # ARRAY
             item_type = self.value_type(f"items of {what}")
             count = self.u64(f"length of {what}")

@@ -58,10 +58,10 @@ def parse_seeds(text: str) -> list[int]:
             raise GridInputError(
                 f"seeds: item {position} ({item!r}) is not a whole number >= 0; write e.g. '0, 1, 42'."
             )
-        value = int(item)
-        if value > MAX_SEED:
-            raise GridInputError(f"seeds: item {position} ({item}) is larger than 2^64-1.")
-        values.append(value)
+        # Length first: int() refuses strings of over 4,300 digits with a ValueError of its own.
+        if len(item.lstrip("0")) > len(str(MAX_SEED)) or int(item) > MAX_SEED:
+            raise GridInputError(f"seeds: item {position} ({item[:30]}{'...' if len(item) > 30 else ''}) is larger than 2^64-1.")
+        values.append(int(item))
     _reject_duplicates("seeds", values)
     return values
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from .lora_formats import kohya_name, module_path_from_kohya_name
 LORA_EXTENSION = ".safetensors"
 STATE_EXTENSION = ".trainstate"
 _STATE_KEY = "fluxq_train_state"
+_PAIR_KEY = "fluxq_checkpoint_id"  # in the LoRA's metadata and its train state: written together
 _OPTIMIZER_PREFIX = "optimizer/"
 _STEP_SUFFIX = re.compile(r"_step(\d{6,})$")
 
@@ -76,7 +78,7 @@ def save_checkpoint(
 ) -> None:
     """Writes the LoRA and, with `state`, its `.trainstate` sibling (state first, so a LoRA file
     never points at an older state than its own)."""
-    tensors = {}
+    tensors, metadata = {}, dict(metadata)
     for path, f in factors.items():
         base = kohya_name(path)
         tensors[f"{base}.lora_down.weight"] = f.down.detach().float().cpu().contiguous()
@@ -88,9 +90,11 @@ def save_checkpoint(
             for param, values in state.optimizer_state.items()
             for key, value in values.items()
         }
-        info = {**(state_info or {}), "step": state.step, "loss_history": state.loss_history}
+        metadata[_PAIR_KEY] = uuid.uuid4().hex
+        info = {**(state_info or {}), "step": state.step, "loss_history": state.loss_history,
+                _PAIR_KEY: metadata[_PAIR_KEY]}
         atomic_save_safetensors(state_tensors, {_STATE_KEY: json.dumps(info)}, state_path_for(lora_path))
-    atomic_save_safetensors(tensors, dict(metadata), lora_path)
+    atomic_save_safetensors(tensors, metadata, lora_path)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
@@ -152,6 +156,16 @@ def load_train_state(lora_path: str) -> tuple[TrainState, dict]:
             param, _, name = key[len(_OPTIMIZER_PREFIX):].rpartition("/")
             optimizer_state.setdefault(param, {})[name] = f.get_tensor(key)
     state = TrainState(int(info.pop("step")), [float(x) for x in info.pop("loss_history", [])], optimizer_state)
+    # The state is written before its LoRA: a save killed between the two leaves a newer state
+    # beside an older LoRA of the same name. The pair shares an id written with both.
+    with safe_open(lora_path, framework="pt") as f:
+        lora_id = (f.metadata() or {}).get(_PAIR_KEY)
+    if info.pop(_PAIR_KEY, lora_id) != lora_id:
+        raise CheckpointError(
+            f"cannot resume from {label}: its {os.path.basename(path)} is from another save (step {state.step}; "
+            f"a save was interrupted); resume from an earlier "
+            f"{_STEP_SUFFIX.sub('', os.path.splitext(label)[0])}_stepNNNNNN checkpoint"
+        )
     return state, info
 
 

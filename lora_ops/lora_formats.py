@@ -188,7 +188,7 @@ def _check_safetensors_header(path: str) -> None:
             raise _refuse(path, "the file does not start with a safetensors header")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: deeply nested JSON
             raise _refuse(path, "the safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _refuse(path, "the safetensors header is not a JSON object")

@@ -45,6 +45,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
     `object_info` is the server's `GET /object_info` answer (only the node types used are read).
     """
+    _check_structure(workflow)
     if workflow.get("definitions", {}).get("subgraphs"):
         raise WorkflowConvertError("workflows with subgraphs are not supported; export them as API format")
     graph = _Graph(workflow)
@@ -75,6 +76,51 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_structure(workflow: Any) -> None:
+    """The shapes the conversion reads, checked first: a workflow file is untrusted JSON."""
+    def fail(problem: str):
+        raise WorkflowConvertError(f"malformed workflow: {problem}")
+
+    if not isinstance(workflow, dict):
+        fail("the top level is not a JSON object")
+    if not isinstance(workflow.get("definitions", {}), dict):
+        fail("'definitions' is not an object")
+    nodes, links = workflow.get("nodes", []), workflow.get("links", [])
+    if not isinstance(nodes, list) or not isinstance(links, list):
+        fail("'nodes' and 'links' must be lists")
+    ids = set()
+    for node in nodes:
+        if not isinstance(node, dict) or not (_is_int(node.get("id")) or isinstance(node.get("id"), str)):
+            fail(f"a node without an id: {str(node)[:80]}")
+        where = f"node {node['id']!r}"
+        if node["id"] in ids:
+            fail(f"{where} appears twice")
+        ids.add(node["id"])
+        if not isinstance(node.get("type"), str) or not _is_int(node.get("mode", 0)):
+            fail(f"{where} has no type name or a non-integer mode")
+        if not isinstance(node.get("title") or "", str) or not isinstance(node.get("widgets_values"), (list, dict, type(None))):
+            fail(f"{where} has a title that is not text or widgets_values that are not a list")
+        for key in ("inputs", "outputs"):
+            slots = node.get(key) or []
+            if not isinstance(slots, list) or not all(isinstance(slot, dict) for slot in slots):
+                fail(f"{where}: '{key}' is not a list of objects")
+            for slot in slots:
+                if not isinstance(slot.get("type", "*"), str) or not isinstance(slot.get("name", ""), str):
+                    fail(f"{where}: a slot of '{key}' has a name or type that is not text")
+        if not all(slot.get("link") is None or (_is_int(slot["link"]) and "name" in slot) for slot in node.get("inputs") or []):
+            fail(f"{where}: a linked input has no name or a link that is not an integer")
+    for link in links:
+        fields = (link.get("id"), link.get("origin_id"), link.get("origin_slot")) if isinstance(link, dict) \
+            else tuple(link[:3]) if isinstance(link, list) and len(link) >= 3 else None
+        if fields is None or not _is_int(fields[0]) or not _is_int(fields[2]) or fields[2] < 0 \
+                or not (_is_int(fields[1]) or isinstance(fields[1], str)):
+            fail(f"link {str(link)[:80]} is not [id, origin node, origin slot, ...]")
+
+
 class _Source:
     """What an input resolves to: a link `[origin_id, slot]` or a PrimitiveNode's literal value."""
 
@@ -94,32 +140,33 @@ class _Graph:
                 link_id, origin_id, origin_slot = link[0], link[1], link[2]
             self.links[link_id] = (origin_id, origin_slot)
 
-    def resolve_link(self, link_id: int, wanted_type: str, seen: frozenset = frozenset()) -> _Source | None:
-        if link_id in seen:
-            raise WorkflowConvertError(f"link {link_id} is part of a cycle through reroutes or bypassed nodes")
-        seen = seen | {link_id}
-        if link_id not in self.links:
-            raise WorkflowConvertError(f"link {link_id} is used by a node but missing from the workflow's links")
-        origin_id, origin_slot = self.links[link_id]
-        origin = self.nodes.get(origin_id)
-        if origin is None:
-            raise WorkflowConvertError(f"link {link_id} starts at node {origin_id}, which is not in the workflow")
+    def resolve_link(self, link_id: int, wanted_type: str) -> _Source | None:
+        """Follows a link back through reroutes and bypassed nodes (a loop: chains may be long)."""
+        seen = set()
+        while True:
+            if link_id in seen:
+                raise WorkflowConvertError(f"link {link_id} is part of a cycle through reroutes or bypassed nodes")
+            seen.add(link_id)
+            if link_id not in self.links:
+                raise WorkflowConvertError(f"link {link_id} is used by a node but missing from the workflow's links")
+            origin_id, origin_slot = self.links[link_id]
+            origin = self.nodes.get(origin_id)
+            if origin is None:
+                raise WorkflowConvertError(f"link {link_id} starts at node {origin_id}, which is not in the workflow")
 
-        if origin["type"] == "PrimitiveNode":
-            values = origin.get("widgets_values") or []
-            return _Source(_wrap_list(values[0])) if values else None
-        if origin["type"] == "Reroute":
-            return self._follow_input(origin, 0, wanted_type, seen)
-        if origin.get("mode", 0) == MODE_BYPASSED:
-            slot = _bypass_input_slot(origin, origin_slot, wanted_type)
-            return None if slot is None else self._follow_input(origin, slot, wanted_type, seen)
-        return _Source([str(origin_id), int(origin_slot)])
-
-    def _follow_input(self, node: dict, slot: int, wanted_type: str, seen: frozenset) -> _Source | None:
-        inputs = node.get("inputs") or []
-        if slot >= len(inputs) or inputs[slot].get("link") is None:
-            return None
-        return self.resolve_link(inputs[slot]["link"], wanted_type, seen)
+            if origin["type"] == "PrimitiveNode":
+                values = origin.get("widgets_values") or []
+                return _Source(_wrap_list(values[0])) if isinstance(values, list) and values else None
+            if origin["type"] == "Reroute":
+                slot = 0
+            elif origin.get("mode", 0) == MODE_BYPASSED:
+                slot = _bypass_input_slot(origin, origin_slot, wanted_type)
+            else:
+                return _Source([str(origin_id), int(origin_slot)])
+            inputs = origin.get("inputs") or []
+            if slot is None or slot >= len(inputs) or inputs[slot].get("link") is None:
+                return None
+            link_id = inputs[slot]["link"]
 
 
 def _bypass_input_slot(node: dict, output_slot: int, wanted_type: str) -> int | None:

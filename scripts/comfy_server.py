@@ -30,7 +30,8 @@ class ExecutionFailed(RuntimeError):
 class ComfyServer:
     """A real ComfyUI server process with the pack, driven over HTTP."""
 
-    def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True):
+    def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True,
+                 extra_models_first: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = workdir / "output"
@@ -47,7 +48,9 @@ class ComfyServer:
             extra.write_text(
                 "fluxq_extra:\n"
                 f"    base_path: {extra_model_root}\n"
-                "    loras: loras\n    diffusion_models: diffusion_models\n    text_encoders: text_encoders\n"
+                # first: the folders files are saved into (e.g. the trainer's loras)
+                + ("    is_default: true\n" if extra_models_first else "")
+                + "    loras: loras\n    diffusion_models: diffusion_models\n    text_encoders: text_encoders\n"
             )
             command += ["--extra-model-paths-config", str(extra)]
         self.log_path = workdir / "comfyui.log"
