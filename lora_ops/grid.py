@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .lora_runtime import MAX_STRENGTH
+
 MAX_CELLS = 64
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # Pillow warns when opening images above MAX_IMAGE_PIXELS and refuses twice that; staying under
@@ -28,7 +30,20 @@ def _split_items(text: str) -> list[str]:
 
 
 def parse_strengths(text: str) -> list[float]:
-    """`"0, 0.5, 1.0"` -> `[0.0, 0.5, 1.0]`; commas, semicolons or spaces separate items."""
+    """`"0, 0.5, 1.0"` -> `[0.0, 0.5, 1.0]`; commas, semicolons or spaces separate items.
+
+    A comma between two digits (`0,75`) is refused: in many locales it is a decimal comma, and
+    splitting it would silently give two rows (0 and 75)."""
+    decimal_comma = re.search(r"[\d.]+(?:,\d[\d.]*)+", text)
+    if decimal_comma:
+        token = decimal_comma.group()
+        parts = token.split(",")
+        one = f"{token.replace(',', '.', 1)!r} for one strength or " if len(parts) == 2 and "." not in token else ""
+        raise GridInputError(
+            f"strengths: {token!r} is ambiguous (a comma between digits may be a decimal comma). "
+            f"Write {one}{', '.join(parts)!r} for {len(parts)} strengths: decimals take a point, and a comma that "
+            "separates strengths needs a space after it."
+        )
     items = _split_items(text)
     if not items:
         raise GridInputError("strengths is empty: give at least one LoRA strength, e.g. '0, 0.5, 1.0'.")
@@ -42,6 +57,11 @@ def parse_strengths(text: str) -> list[float]:
             ) from None
         if not math.isfinite(value):
             raise GridInputError(f"strengths: item {position} ({item!r}) must be a finite number.")
+        if abs(value) > MAX_STRENGTH:
+            raise GridInputError(
+                f"strengths: item {position} ({item!r}) is outside -{MAX_STRENGTH:g}..{MAX_STRENGTH:g}, "
+                "the strength range of FluxQApplyLoRA."
+            )
         values.append(value)
     _reject_duplicates("strengths", values)
     return values

@@ -3,7 +3,7 @@
 import folder_paths
 from comfy_api.latest import io
 
-from ..lora_ops.lora_runtime import REMOVE_ALL
+from ..lora_ops.lora_runtime import MAX_STRENGTH, REMOVE_ALL
 from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, show_progress_text, with_lora_stack
 
 CATEGORY = "Flux QLoRA Lab/lora"
@@ -24,11 +24,11 @@ class FluxQApplyLoRA(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A FLUX.1 LoRA from models/loras (.safetensors)."),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                io.Float.Input("strength_model", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.01,
                                tooltip="Scale of the LoRA on the transformer; 0 gives exactly the base model."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Connect to also apply the LoRA's CLIP-L (lora_te1_) part, if it has one."),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                io.Float.Input("strength_clip", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.01,
                                tooltip="Scale of the LoRA on CLIP-L (core ComfyUI patching)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],

@@ -240,8 +240,9 @@ class FluxQCompareGrid(io.ComfyNode):
                                tooltip="The LoRA to vary. If it is already applied upstream (FluxQApplyLoRA) its "
                                        "strength is varied; otherwise it is loaded once here."),
                 io.String.Input("strengths", default="0, 0.5, 1.0",
-                                tooltip="LoRA strengths, one row each (commas or spaces). 0 is the render "
-                                        "without the LoRA."),
+                                tooltip="LoRA strengths, one row each, separated by ', ' or spaces; decimals "
+                                        "with a point (0.75; '0,75' is refused as ambiguous); -10 to 10. 0 is "
+                                        "the render without the LoRA."),
                 io.String.Input("seeds", default="0, 1",
                                 tooltip="Seeds, one column each. Every cell of a column starts from the same noise."),
                 io.Combo.Input("lora_name_b", options=[NO_LORA, *loras], default=NO_LORA, optional=True,

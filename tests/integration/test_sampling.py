@@ -309,3 +309,33 @@ def test_grid_over_the_api_sends_the_compare_payload_and_rejects_bad_lists(comfy
     prompt["grid"]["inputs"]["strengths"] = "0, lots"
     status, body = comfy_server.post_prompt(prompt)
     assert status == 400 and "item 2 ('lots') is not a number" in str(body)
+
+
+def grid_prompt(model_loader: dict, steps=1, **grid_inputs) -> dict:
+    """CLIP-L text, the VAE, settings and a FluxQCompareGrid on the MODEL of node "unet"."""
+    settings = {"preset": "custom", "steps": steps, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
+                "shift_mode": "auto", "shift": 1.0, "width": SIZE, "height": SIZE, "denoise": 1.0}
+    settings.update(grid_inputs.pop("settings", {}))
+    inputs = {"model": ["unet", 0], "positive": ["pos", 0], "vae": ["vae", 0], "settings": ["settings", 0],
+              "lora_name": TINY["lora"], "strengths": "0, 1", "seeds": "0"}
+    inputs.update(grid_inputs)
+    return {
+        **encode_graph(TINY["clip_l"]),
+        "unet": model_loader,
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY["vae"]}},
+        "settings": {"class_type": "FluxQSamplerSettings", "inputs": settings},
+        "grid": {"class_type": "FluxQCompareGrid", "inputs": inputs},
+    }
+
+
+GGUF_Q8 = {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY["dev_gguf"]["Q8_0"], "dequant_dtype": "auto"}}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(("strengths", "message"), [
+    ("0,75", "'0,75' is ambiguous"),  # was two rows, strength 0 and strength 75
+    ("0, 1e3", "item 2 ('1e3') is outside -10..10"),
+])
+def test_grid_refuses_a_decimal_comma_and_strengths_out_of_range_at_queue_time(comfy_server, strengths, message):
+    status, body = comfy_server.post_prompt(grid_prompt(GGUF_Q8, strengths=strengths))
+    assert status == 400 and message in str(body), body

@@ -9,6 +9,7 @@ from lora_ops import grid
     ("0, 0.5, 1.0", [0.0, 0.5, 1.0]),
     ("  -1 0.25;2 ", [-1.0, 0.25, 2.0]),
     ("1e-1,\n.8", [0.1, 0.8]),
+    ("-10, 10", [-10.0, 10.0]),
 ])
 def test_parse_strengths(text, expected):
     assert grid.parse_strengths(text) == expected
@@ -20,6 +21,11 @@ def test_parse_strengths(text, expected):
     ("0, 0..5", r"item 2 \('0..5'\) is not a number"),
     ("1, inf", "item 2 .* must be a finite number"),
     ("0.5, 0.50", "lists 0.5 twice"),
+    # a decimal comma would otherwise become two rows, 0 and 75
+    ("0,75", r"'0,75' is ambiguous .* Write '0.75' for one strength or '0, 75' for 2 strengths"),
+    ("0, 0.5,1", r"'0.5,1' is ambiguous .* Write '0.5, 1' for 2 strengths"),
+    ("1e3", r"item 1 \('1e3'\) is outside -10..10"),
+    ("0, -10.5", r"item 2 \('-10.5'\) is outside -10..10"),
 ])
 def test_parse_strengths_errors(text, message):
     with pytest.raises(grid.GridInputError, match=message):
