@@ -86,11 +86,19 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def strength_label(value: float) -> str:
+    """The shortest text that reads back as exactly `value` (1 -> "1", 0.1234561 -> "0.1234561"):
+    two rows never share a label, as they could with a fixed number of digits."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _reject_duplicates(what: str, values: list) -> None:
     seen = set()
     for value in values:
         if value in seen:
-            raise GridInputError(f"{what} lists {value:g} twice; each row/column must differ.")
+            shown = strength_label(value) if isinstance(value, float) else str(value)
+            raise GridInputError(f"{what} lists {shown} twice; each row/column must differ.")
         seen.add(value)
 
 
@@ -151,7 +159,8 @@ def plan_grid(strengths_text: str, seeds_text: str, lora_a: str, lora_b: str | N
             rows.append(baseline)
             continue
         for tag, lora in zip("AB", loras):
-            label = f"strength {strength:g}" if lora_b is None else f"{tag} @ {strength:g}"
+            shown = strength_label(strength)
+            label = f"strength {shown}" if lora_b is None else f"{tag} @ {shown}"
             rows.append(GridRow(lora, strength, label))
 
     plan = GridPlan(tuple(rows), tuple(seeds))
