@@ -30,8 +30,10 @@ class ExecutionFailed(RuntimeError):
 class ComfyServer:
     """A real ComfyUI server process with the pack, driven over HTTP."""
 
-    def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True):
-        self.port = free_port()
+    def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True,
+                 port: int | None = None):
+        self.comfy_dir = comfy_dir
+        self.port = port or free_port()  # a given port: a server restarted where a client expects it
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = workdir / "output"
         self.input_dir = workdir / "input"
