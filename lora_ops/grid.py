@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .lora_runtime import MAX_STRENGTH
+
 MAX_CELLS = 64
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # Pillow warns when opening images above MAX_IMAGE_PIXELS and refuses twice that; staying under
@@ -28,7 +30,20 @@ def _split_items(text: str) -> list[str]:
 
 
 def parse_strengths(text: str) -> list[float]:
-    """`"0, 0.5, 1.0"` -> `[0.0, 0.5, 1.0]`; commas, semicolons or spaces separate items."""
+    """`"0, 0.5, 1.0"` -> `[0.0, 0.5, 1.0]`; commas, semicolons or spaces separate items.
+
+    A comma between two digits (`0,75`) is refused: in many locales it is a decimal comma, and
+    splitting it would silently give two rows (0 and 75)."""
+    decimal_comma = re.search(r"[\d.]+(?:,\d[\d.]*)+", text)
+    if decimal_comma:
+        token = decimal_comma.group()
+        parts = token.split(",")
+        one = f"{token.replace(',', '.', 1)!r} for one strength or " if len(parts) == 2 and "." not in token else ""
+        raise GridInputError(
+            f"strengths: {token!r} is ambiguous (a comma between digits may be a decimal comma). "
+            f"Write {one}{', '.join(parts)!r} for {len(parts)} strengths: decimals take a point, and a comma that "
+            "separates strengths needs a space after it."
+        )
     items = _split_items(text)
     if not items:
         raise GridInputError("strengths is empty: give at least one LoRA strength, e.g. '0, 0.5, 1.0'.")
@@ -42,6 +57,11 @@ def parse_strengths(text: str) -> list[float]:
             ) from None
         if not math.isfinite(value):
             raise GridInputError(f"strengths: item {position} ({item!r}) must be a finite number.")
+        if abs(value) > MAX_STRENGTH:
+            raise GridInputError(
+                f"strengths: item {position} ({item!r}) is outside -{MAX_STRENGTH:g}..{MAX_STRENGTH:g}, "
+                "the strength range of FluxQApplyLoRA."
+            )
         values.append(value)
     _reject_duplicates("strengths", values)
     return values
@@ -66,11 +86,19 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def strength_label(value: float) -> str:
+    """The shortest text that reads back as exactly `value` (1 -> "1", 0.1234561 -> "0.1234561"):
+    two rows never share a label, as they could with a fixed number of digits."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _reject_duplicates(what: str, values: list) -> None:
     seen = set()
     for value in values:
         if value in seen:
-            raise GridInputError(f"{what} lists {value:g} twice; each row/column must differ.")
+            shown = strength_label(value) if isinstance(value, float) else str(value)
+            raise GridInputError(f"{what} lists {shown} twice; each row/column must differ.")
         seen.add(value)
 
 
@@ -131,7 +159,8 @@ def plan_grid(strengths_text: str, seeds_text: str, lora_a: str, lora_b: str | N
             rows.append(baseline)
             continue
         for tag, lora in zip("AB", loras):
-            label = f"strength {strength:g}" if lora_b is None else f"{tag} @ {strength:g}"
+            shown = strength_label(strength)
+            label = f"strength {shown}" if lora_b is None else f"{tag} @ {shown}"
             rows.append(GridRow(lora, strength, label))
 
     plan = GridPlan(tuple(rows), tuple(seeds))

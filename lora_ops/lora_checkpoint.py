@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .flow_match import TrainState
@@ -29,6 +29,7 @@ _STATE_KEY = "fluxq_train_state"
 _PAIR_KEY = "fluxq_checkpoint_id"  # in the LoRA's metadata and its train state: written together
 _OPTIMIZER_PREFIX = "optimizer/"
 _STEP_SUFFIX = re.compile(r"_step(\d{6,})$")
+RUN_ID_KEY = "fluxq_run_id"
 
 
 class CheckpointError(ValueError):
@@ -43,9 +44,10 @@ class LoraFactors:
 
 def lora_metadata(
     *, base_model: str, rank: int, alpha: float, steps: int, trigger_word: str,
-    image_count: int, resolution: int,
+    image_count: int, resolution: int, run_id: str,
 ) -> dict[str, str]:
-    """kohya's `ss_*` keys (read by kohya, A1111/Forge and model sites) and the modelspec trigger."""
+    """kohya's `ss_*` keys (read by kohya, A1111/Forge and model sites), the modelspec trigger, and
+    the training run the file belongs to (pruning and name clashes go by run, not by file name)."""
     return {
         "ss_network_module": "networks.lora_flux",
         "ss_base_model_version": "flux1",
@@ -57,6 +59,7 @@ def lora_metadata(
         "ss_resolution": f"({resolution}, {resolution})",
         "modelspec.trigger_phrase": trigger_word,
         "fluxq_format": "kohya",
+        RUN_ID_KEY: run_id,
     }
 
 
@@ -169,21 +172,53 @@ def load_train_state(lora_path: str) -> tuple[TrainState, dict]:
     return state, info
 
 
-def prune_step_checkpoints(folder: str, name: str, keep_last: int) -> list[str]:
-    """Deletes all but the newest `keep_last` `<name>_stepNNNNNN` checkpoints (0 keeps all).
-    Returns the deleted LoRA paths."""
-    if keep_last <= 0 or not os.path.isdir(folder):
+def run_id_of(lora_path: str) -> str | None:
+    """The training run a LoRA file belongs to (None: not written by this trainer's runs)."""
+    try:
+        with safe_open(lora_path, framework="pt") as f:
+            return (f.metadata() or {}).get(RUN_ID_KEY)
+    except (OSError, SafetensorError):  # an unreadable file belongs to no run
+        return None
+
+
+def run_files(folder: str, name: str) -> list[tuple[int | None, str]]:
+    """`(step, path)` of every `<name>.safetensors` (step None) and `<name>_stepNNNNNN.safetensors`
+    in `folder`, of any run."""
+    if not os.path.isdir(folder):
         return []
-    steps = []
+    found = []
     for entry in os.listdir(folder):
         stem, ext = os.path.splitext(entry)
+        if ext != LORA_EXTENSION:
+            continue
         match = _STEP_SUFFIX.search(stem)
-        if ext == LORA_EXTENSION and match and stem[: match.start()] == name:
-            steps.append((int(match.group(1)), os.path.join(folder, entry)))
+        if match and stem[: match.start()] == name:
+            found.append((int(match.group(1)), os.path.join(folder, entry)))
+        elif stem == name:
+            found.append((None, os.path.join(folder, entry)))
+    return sorted(found, key=lambda item: (item[0] is None, item[0] or 0))
+
+
+def other_runs_files(folder: str, name: str, run_id: str) -> list[str]:
+    """The files named like run `run_id`'s (`<name>…`) that another run (or another tool) wrote."""
+    return [path for _, path in run_files(folder, name) if run_id_of(path) != run_id]
+
+
+def delete_checkpoint(lora_path: str) -> None:
+    """A LoRA file and its `.trainstate`."""
+    for victim in (lora_path, state_path_for(lora_path)):
+        if os.path.exists(victim):
+            os.remove(victim)
+
+
+def prune_step_checkpoints(folder: str, name: str, keep_last: int, run_id: str) -> list[str]:
+    """Deletes all but the newest `keep_last` `<name>_stepNNNNNN` checkpoints of run `run_id`
+    (0 keeps all); other runs' files are never touched. Returns the deleted LoRA paths."""
+    if keep_last <= 0:
+        return []
+    steps = [(step, path) for step, path in run_files(folder, name) if step is not None and run_id_of(path) == run_id]
     deleted = []
-    for _, path in sorted(steps)[:-keep_last]:
-        for victim in (path, state_path_for(path)):
-            if os.path.exists(victim):
-                os.remove(victim)
+    for _, path in steps[:-keep_last]:
+        delete_checkpoint(path)
         deleted.append(path)
     return deleted

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 REMOVE_ALL = "all"
+# The strength range the nodes accept (FluxQApplyLoRA, the grid's rows).
+MAX_STRENGTH = 10.0
 
 # Attribute marking a hooked module with its path (makes install idempotent).
 _HOOK_ATTR = "_fluxq_lora_hook"

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import sys
+import uuid
 
 import torch
 
@@ -38,7 +39,7 @@ from ..lora_ops.lora_formats import (
     normalize_flux_lora,
     read_lora_file,
 )
-from ..lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+from ..lora_ops.lora_runtime import REMOVE_ALL, LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
 
 log = logging.getLogger("fluxq")
 
@@ -59,6 +60,15 @@ def show_progress_text(text: str, node_id) -> None:
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
     if server is not None and node_id is not None:
         server.send_progress_text(text, node_id)
+
+
+# What core's FLUX model uses when the conditioning carries no guidance (comfy.model_base.Flux.extra_conds).
+CORE_DEFAULT_GUIDANCE = 3.5
+
+
+def has_guidance_input(model) -> bool:
+    """Whether a FLUX MODEL takes distilled guidance (dev has a guidance_in layer; schnell has none)."""
+    return bool(model.model.model_config.unet_config.get("guidance_embed", False))
 
 
 # --- quantized layers --------------------------------------------------------------------
@@ -329,6 +339,22 @@ class LoraStackWrapper:
             return executor(*args, **kwargs)
 
 
+def core_patch_count(model) -> int:
+    """How many weights carry core patches (LoraLoader / LoraLoaderModelOnly and the like)."""
+    return len(model.patches)
+
+
+def without_core_patches(model):
+    """A clone whose weights carry no core patches: the truly unpatched base. Runtime LoRAs and
+    object patches (sampling shift) stay. ComfyUI has no call to drop patches, so the clone gets an
+    empty patch table and a new patches_uuid, which makes ComfyUI unpatch the shared weights
+    (restoring its backups) before this clone samples."""
+    clone = model.clone()
+    clone.patches = {}
+    clone.patches_uuid = uuid.uuid4()
+    return clone
+
+
 def get_lora_stack(model) -> LoraStack:
     wrappers = model.get_wrappers(_APPLY_MODEL, LORA_WRAPPER_KEY)
     return wrappers[0].stack if wrappers else LoraStack()
@@ -341,6 +367,60 @@ def with_lora_stack(model, stack: LoraStack):
     if not stack.is_empty:
         clone.add_wrapper_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY, LoraStackWrapper(stack))
     return clone
+
+
+# --- a LoRA's CLIP-L part (core patches, recorded by LoRA name) -----------------------------
+
+CLIP_LORAS_KEY = "fluxq_clip_loras"
+
+
+class ClipLoras:
+    """Which core patches each FluxQ LoRA added to a CLIP: {lora name: ((weight key, adapter), ...)}.
+
+    Core CLIP patches are anonymous and add up; this record (a patcher attachment, shared by
+    clones, never changed) is what lets the CLIP follow the MODEL's rule: applying a file again
+    replaces its earlier patches, and removal takes exactly its patches out.
+    """
+
+    def __init__(self, by_name: dict[str, tuple[tuple[str, object], ...]]):
+        self.by_name = by_name
+
+
+def _clip_loras(clip) -> dict[str, tuple[tuple[str, object], ...]]:
+    record = clip.patcher.get_attachment(CLIP_LORAS_KEY)
+    return record.by_name if record is not None else {}
+
+
+def without_clip_lora(clip, name: str):
+    """A clone of ``clip`` without the patches FluxQ LoRA ``name`` added (every FluxQ LoRA's for
+    ``"all"``); core LoraLoader patches stay. ``clip`` itself if there is nothing to remove."""
+    applied = _clip_loras(clip)
+    names = list(applied) if name == REMOVE_ALL else [name] if name in applied else []
+    if not names:
+        return clip
+    out = clip.clone()
+    patches = out.patcher.patches
+    for removed in names:
+        for key, adapter in applied[removed]:
+            remaining = [patch for patch in patches.get(key, []) if patch[1] is not adapter]
+            if remaining:
+                patches[key] = remaining
+            else:
+                patches.pop(key, None)
+    out.patcher.patches_uuid = uuid.uuid4()  # the weights differ from the clone's parent's
+    out.patcher.set_attachments(CLIP_LORAS_KEY, ClipLoras({n: p for n, p in applied.items() if n not in names}))
+    return out
+
+
+def with_clip_lora(clip, name: str, clip_patches: dict, strength: float):
+    """A clone of ``clip`` with LoRA ``name``'s core patches at ``strength``, replacing any earlier
+    application of the same name."""
+    out = without_clip_lora(clip, name)
+    out = out.clone() if out is clip else out
+    added = set(out.add_patches(clip_patches, strength))
+    record = tuple((k if isinstance(k, str) else k[0], adapter) for k, adapter in clip_patches.items() if k in added)
+    out.patcher.set_attachments(CLIP_LORAS_KEY, ClipLoras({**_clip_loras(out), name: record}))
+    return out
 
 
 class LoraMatchError(ValueError):
@@ -407,8 +487,7 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
         clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
         clip_patches = comfy.lora.load_lora(lora_sd, clip_map, log_missing=False)
         matched |= _matched_keys(clip_patches, lora_sd)
-        clip_out = clip.clone()
-        clip_out.add_patches(clip_patches, strength_clip)
+        clip_out = with_clip_lora(clip, lora_name, clip_patches, strength_clip)
 
     if not adapters:
         raise LoraMatchError(

@@ -3,8 +3,15 @@
 import folder_paths
 from comfy_api.latest import io
 
-from ..lora_ops.lora_runtime import REMOVE_ALL
-from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, show_progress_text, with_lora_stack
+from ..lora_ops.lora_runtime import MAX_STRENGTH, REMOVE_ALL
+from .comfy_glue import (
+    check_file_choice,
+    get_lora_stack,
+    load_lora_entry,
+    show_progress_text,
+    with_lora_stack,
+    without_clip_lora,
+)
 
 CATEGORY = "Flux QLoRA Lab/lora"
 
@@ -18,17 +25,18 @@ class FluxQApplyLoRA(io.ComfyNode):
             category=CATEGORY,
             description="Adds a LoRA as a separate low-rank path beside the (quantized) weights: "
                         "y = Wx + strength·(alpha/rank)·B(Ax). Nothing is merged, so strength changes and "
-                        "removal are instant and exact. Chain several to stack them. Reads kohya, diffusers/PEFT "
-                        "(ai-toolkit), XLabs and BFL-native FLUX LoRAs.",
+                        "removal are instant and exact. Chain several to stack them; applying a file that is already "
+                        "applied replaces it (on MODEL and CLIP alike: the strength is set, not added). Reads kohya, "
+                        "diffusers/PEFT (ai-toolkit), XLabs and BFL-native FLUX LoRAs.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A FLUX.1 LoRA from models/loras (.safetensors)."),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                io.Float.Input("strength_model", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.01,
                                tooltip="Scale of the LoRA on the transformer; 0 gives exactly the base model."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Connect to also apply the LoRA's CLIP-L (lora_te1_) part, if it has one."),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                io.Float.Input("strength_clip", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.01,
                                tooltip="Scale of the LoRA on CLIP-L (core ComfyUI patching)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],
@@ -54,14 +62,19 @@ class FluxQRemoveLoRA(io.ComfyNode):
             node_id="FluxQRemoveLoRA",
             display_name="Remove LoRA (FluxQ runtime)",
             category=CATEGORY,
-            description="Removes a LoRA applied upstream by 'Apply LoRA (FluxQ runtime)'. The result is bit for bit "
-                        "the model without it; no weights are reloaded.",
+            description="Removes a LoRA applied upstream by 'Apply LoRA (FluxQ runtime)' from the MODEL and, when "
+                        "connected, from the CLIP. The result is bit for bit the model (and CLIP) without it; no "
+                        "weights are reloaded.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=[REMOVE_ALL, *folder_paths.get_filename_list("loras")],
                                default=REMOVE_ALL, tooltip="The LoRA to remove, or 'all'."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Connect the CLIP that came out of the same Apply LoRA chain to remove the "
+                                      "LoRA's CLIP-L part too ('all': every FluxQ LoRA's; core LoraLoader patches "
+                                      "stay)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(), io.Clip.Output()],
         )
 
     @classmethod
@@ -69,8 +82,9 @@ class FluxQRemoveLoRA(io.ComfyNode):
         return check_file_choice("loras", "lora_name", lora_name, (REMOVE_ALL,))
 
     @classmethod
-    def execute(cls, model, lora_name) -> io.NodeOutput:
-        return io.NodeOutput(with_lora_stack(model, get_lora_stack(model).without(lora_name)))
+    def execute(cls, model, lora_name, clip=None) -> io.NodeOutput:
+        model_out = with_lora_stack(model, get_lora_stack(model).without(lora_name))
+        return io.NodeOutput(model_out, without_clip_lora(clip, lora_name) if clip is not None else None)
 
 
 NODES = [FluxQApplyLoRA, FluxQRemoveLoRA]

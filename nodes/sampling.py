@@ -3,6 +3,7 @@ comfy.sample) and the A/B LoRA compare grid."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -23,7 +24,19 @@ from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD
 
 from ..lora_ops import grid
 from ..lora_ops.flow_match import BASE_SHIFT, MAX_SHIFT  # ModelSamplingFlux's / BFL's mu line
-from .comfy_glue import check_file_choice, get_lora_stack, load_lora_entry, show_progress_text, with_lora_stack
+from .comfy_glue import (
+    CORE_DEFAULT_GUIDANCE,
+    check_file_choice,
+    core_patch_count,
+    get_lora_stack,
+    has_guidance_input,
+    load_lora_entry,
+    show_progress_text,
+    with_lora_stack,
+    without_core_patches,
+)
+
+log = logging.getLogger("fluxq")
 
 CATEGORY = "Flux QLoRA Lab/sampling"
 SETTINGS = io.Custom("FLUX_SAMPLER_SETTINGS")
@@ -110,10 +123,41 @@ def sample_latent(model, positive, settings: FluxSamplerSettings, seed: int, lat
     return {**latent, "samples": samples}
 
 
-def settings_summary(settings: FluxSamplerSettings, model) -> str:
-    guidance = "no guidance" if settings.guidance is None else f"guidance {settings.guidance:g}"
-    text = (f"steps {settings.steps} · {guidance} · {settings.sampler_name} / {settings.scheduler} · "
-            f"shift {shift_factor(model):.3g} ({settings.shift_mode})")
+def guidance_label(model, positive) -> str:
+    """The guidance the model actually gets: none without a guidance input (schnell), else the
+    conditioning's value, or core's default when the conditioning sets none."""
+    if not has_guidance_input(model):
+        return "no guidance (the model has no guidance input)"
+    values = sorted({entry[1].get("guidance", CORE_DEFAULT_GUIDANCE) for entry in positive})
+    label = "guidance " + ", ".join(f"{value:g}" for value in values)
+    if all("guidance" not in entry[1] for entry in positive):
+        label += " (ComfyUI's default: nothing set it)"
+    return label
+
+
+def preset_warning(settings: FluxSamplerSettings, model) -> str | None:
+    """A warning when a dev/schnell preset meets the other kind of model."""
+    dev_model = has_guidance_input(model)
+    if settings.preset == "flux-schnell" and dev_model:
+        return ("warning: preset flux-schnell on a dev (guidance-distilled) model: 4 unshifted steps, and the model "
+                "still gets guidance; use flux-dev (or custom).")
+    if settings.preset == "flux-dev" and not dev_model:
+        return ("warning: preset flux-dev on a schnell model (no guidance input): the guidance has no effect and "
+                "its 28 steps are for dev; use flux-schnell (or custom).")
+    return None
+
+
+def warn_on_node(settings: FluxSamplerSettings, model, node_id) -> str | None:
+    warning = preset_warning(settings, model)
+    if warning:
+        log.warning("[FluxQ] %s", warning)
+        show_progress_text(warning, node_id)
+    return warning
+
+
+def settings_summary(settings: FluxSamplerSettings, model, positive) -> str:
+    text = (f"steps {settings.steps} · {guidance_label(model, positive)} · {settings.sampler_name} / "
+            f"{settings.scheduler} · shift {shift_factor(model):.3g} ({settings.shift_mode})")
     return text if settings.denoise == 1.0 else f"{text} · denoise {settings.denoise:g}"
 
 
@@ -194,10 +238,12 @@ class FluxQSampler(io.ComfyNode):
                                         "of the settings' size is used. The auto shift follows this latent's size."),
             ],
             outputs=[io.Latent.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, positive, settings, seed, latent_image=None) -> io.NodeOutput:
+        warn_on_node(settings, model, cls.hidden.unique_id if cls.hidden else None)
         latent = latent_image if latent_image is not None else empty_latent(settings)
         model, positive = prepare(model, positive, settings, latent)
         callback = latent_preview.prepare_callback(model, settings.steps)
@@ -241,8 +287,9 @@ class FluxQCompareGrid(io.ComfyNode):
                                tooltip="The LoRA to vary. If it is already applied upstream (FluxQApplyLoRA) its "
                                        "strength is varied; otherwise it is loaded once here."),
                 io.String.Input("strengths", default="0, 0.5, 1.0",
-                                tooltip="LoRA strengths, one row each (commas or spaces). 0 is the render "
-                                        "without the LoRA."),
+                                tooltip="LoRA strengths, one row each, separated by ', ' or spaces; decimals "
+                                        "with a point (0.75; '0,75' is refused as ambiguous); -10 to 10. 0 is "
+                                        "the render without the LoRA."),
                 io.String.Input("seeds", default="0, 1",
                                 tooltip="Seeds, one column each. Every cell of a column starts from the same noise."),
                 io.Combo.Input("lora_name_b", options=[NO_LORA, *loras], default=NO_LORA, optional=True,
@@ -254,6 +301,10 @@ class FluxQCompareGrid(io.ComfyNode):
                 io.String.Input("lora_file", optional=True, force_input=True,
                                 tooltip="A LoRA file name in models/loras handed on by another node (FluxQTrainLoRA's "
                                         "lora_file); when connected it replaces lora_name."),
+                io.Latent.Input("latent_image", optional=True,
+                                tooltip="One start latent for every cell (img2img: the settings' denoise < 1 needs "
+                                        "it). Without it an empty latent of the settings' size; the auto shift "
+                                        "follows this latent's size."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid"),
@@ -286,23 +337,35 @@ class FluxQCompareGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, vae, settings, lora_name, strengths, seeds, lora_name_b=NO_LORA,
-                difference=False, lora_file=None) -> io.NodeOutput:
+                difference=False, lora_file=None, latent_image=None) -> io.NodeOutput:
         if lora_file is not None:
             if (known := check_file_choice("loras", "lora_file", lora_file)) is not True:
                 raise ValueError(known)
             lora_name = lora_file
         lora_b = None if lora_name_b in (None, NO_LORA) else lora_name_b
         plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference)
+        latent = start_latent(settings, latent_image)
         loras = [lora_name] if lora_b is None else [lora_name, lora_b]
         stack = compared_stack(model, loras)
+        node_id = cls.hidden.unique_id if cls.hidden else None  # None when called outside an executor
+        # Core patches (e.g. the same LoRA through LoraLoaderModelOnly) would ride in every cell, so
+        # "strength 0" would not be the base: every cell samples the unpatched model instead.
+        core_patched = core_patch_count(model)
+        if core_patched:
+            model = without_core_patches(model)
+            note = (f"{core_patched} weights of the input MODEL carry core LoRA patches (LoraLoader...): they are "
+                    "left out of every cell; apply LoRAs with FluxQApplyLoRA to keep them in all cells.")
+            log.warning("[FluxQ] compare grid: %s", note)
+            show_progress_text(note, node_id)
 
-        latent = empty_latent(settings)
         model, positive = prepare(model, positive, settings, latent)
         cells = [(row, seed) for row in plan.rows for seed in plan.seeds]
-        node_id = cls.hidden.unique_id if cls.hidden else None  # None when called outside an executor
+        warning = warn_on_node(settings, model, node_id)
         images = render_cells(node_id, model, positive, vae, settings, latent, stack, loras, cells)
 
-        header = header_lines(model, settings, plan, lora_name, lora_b, stack, loras)
+        header = header_lines(model, positive, settings, latent, plan, lora_name, lora_b, stack, loras, core_patched)
+        if warning:
+            header.append(warning)
         shown, captions = images, None
         if difference:
             baselines = images[[plan.baseline_cell(i) for i in range(len(cells))]]
@@ -311,7 +374,22 @@ class FluxQCompareGrid(io.ComfyNode):
             header.append(f"difference view: |cell - baseline| brightened x{gain:.1f}; label = mean difference (0-1)")
         grid_image = grid.draw_grid(list(shown), len(plan.rows), len(plan.seeds), plan.row_labels(),
                                     plan.column_labels(), header, captions)
-        return io.NodeOutput(grid_image, images, ui=compare_view_payload(images, plan, cells, header[0]))
+        return io.NodeOutput(grid_image, images, ui=compare_view_payload(images, plan, cells, header))
+
+
+def start_latent(settings: FluxSamplerSettings, latent_image: dict | None) -> dict:
+    """The grid's one start latent; refused where the cells would silently denoise from zeros."""
+    if latent_image is None:
+        if settings.denoise < 1.0:
+            raise ValueError(f"the settings' denoise is {settings.denoise:g}, but the grid has no latent_image to "
+                             "start from (it would denoise an empty latent): connect one (e.g. VAE Encode of your "
+                             "image) or set denoise to 1.0.")
+        return empty_latent(settings)
+    batch = latent_image["samples"].shape[0]
+    if batch != 1:
+        raise ValueError(f"latent_image holds {batch} latents; the grid starts every cell from one: pick it with "
+                         "'Latent From Batch'.")
+    return latent_image
 
 
 def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, cells) -> torch.Tensor:
@@ -337,17 +415,21 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
     return torch.stack(images)
 
 
-def header_lines(model, settings, plan, lora_a, lora_b, stack, loras) -> list[str]:
+def header_lines(model, positive, settings, latent, plan, lora_a, lora_b, stack, loras, core_patched: int) -> list[str]:
     seeds = ", ".join(str(seed) for seed in plan.seeds)
+    height, width = latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
     lines = [f"LoRA: {lora_a}" if lora_b is None else f"A: {lora_a}   B: {lora_b}",
-             f"{settings_summary(settings, model)} · {settings.width}x{settings.height} · seeds {seeds}"]
+             f"{settings_summary(settings, model, positive)} · {width}x{height} · seeds {seeds}"]
     others = [entry for entry in stack.entries if entry.name not in loras]
-    if others:
-        lines.append("also applied: " + ", ".join(f"{e.name} @ {e.strength:g}" for e in others))
+    baseline = "baseline (" + ("no LoRA" if lora_b else "strength 0") + "): the base model"
+    baseline += "".join(f" + {e.name} @ {grid.strength_label(e.strength)}" for e in others)
+    if core_patched:
+        baseline += f", without the core LoRA patches of {core_patched} weights on the input MODEL"
+    lines.append(baseline)
     return lines
 
 
-def compare_view_payload(images: torch.Tensor, plan: grid.GridPlan, cells, title: str) -> dict:
+def compare_view_payload(images: torch.Tensor, plan: grid.GridPlan, cells, header: list[str]) -> dict:
     """Cells saved to the temp folder like PreviewImage, with the labels js/fluxq_compare.js needs."""
     prefix = "fluxq_compare_" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
     saved = ui.ImageSaveHelper.save_images(images, prefix, io.FolderType.temp, cls=None, compress_level=1)
@@ -356,7 +438,7 @@ def compare_view_payload(images: torch.Tensor, plan: grid.GridPlan, cells, title
          "col": index % len(plan.seeds)}
         for index, (result, (row, seed)) in enumerate(zip(saved, cells))
     ]
-    layout = {"title": title, "rows": plan.row_labels(), "cols": plan.column_labels()}
+    layout = {"title": header[0], "header": header, "rows": plan.row_labels(), "cols": plan.column_labels()}
     return {"fluxq_cells": entries, "fluxq_grid": [layout]}
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -87,6 +88,10 @@ class FluxQTrainLoRA(io.ComfyNode):
                 io.String.Input("dataset_name", optional=True, force_input=True,
                                 tooltip="A dataset folder/archive name under input/ from another node (e.g. "
                                         "FluxQPrepareDataset); overrides `dataset`."),
+                io.Boolean.Input("replace_existing", default=False, optional=True,
+                                 tooltip="When files of an earlier training run already use lora_name (the final "
+                                         "LoRA or its _stepNNNNNN checkpoints): off refuses to start; on deletes "
+                                         "them and starts over. A resumed run keeps its own files either way."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -205,9 +210,12 @@ class TrainingRun:
     def __init__(self, model, samples: list[ds.Sample], *, node_id, trigger_word, rank, alpha,
                  learning_rate, steps, batch_size, gradient_accumulation, resolution, seed, optimizer,
                  lr_schedule, warmup_steps, caption_dropout, timestep_sampling, gradient_checkpointing,
-                 layer_regex, save_every, keep_last, lora_name, resume):
+                 layer_regex, save_every, keep_last, lora_name, resume, replace_existing=False):
         self.model, self.samples, self.node_id = model, samples, node_id
         self.name = checked_lora_name(lora_name)
+        # The final file's name is also the LoRA's name on the returned model, as FluxQApplyLoRA
+        # names it: remove, re-apply and the grid then treat it as that file.
+        self.file_name = self.name + ckpt.LORA_EXTENSION
         self.folder = folder_paths.get_folder_paths("loras")[0]
         self.trigger_word, self.resolution = trigger_word, resolution
         self.buckets = ds.bucket_sizes(resolution)
@@ -224,12 +232,24 @@ class TrainingRun:
         self.layers = trainable_layers(self.diffusion_model, layer_regex, rank)
         self.state_info = {"optimizer": optimizer, "rank": rank, "alpha": alpha, "seed": seed,
                            "layer_regex": layer_regex, "resolution": resolution}
-        self.resumed_factors, self.state = self._load_resume(resume)
+        self.resumed_factors, self.state, resumed_run, resume_path = self._load_resume(resume)
+        # Checkpoints are pruned by run, not by name; a resumed run goes on under its own id.
+        self.run_id = resumed_run or uuid.uuid4().hex
+        self.state_info["run_id"] = self.run_id
+        self.replaced = [path for path in ckpt.other_runs_files(self.folder, self.name, self.run_id)
+                         if os.path.abspath(path) != resume_path]
+        if self.replaced and not replace_existing:
+            raise ValueError(
+                f"lora_name {self.name!r}: {', '.join(os.path.basename(p) for p in self.replaced)} in {self.folder} "
+                "belong to an earlier training run. Pick another lora_name, continue that run with `resume`, or turn "
+                "on `replace_existing` to delete them and start over."
+            )
 
     def _load_resume(self, resume: str):
+        """(factors, state, run id, path) of the checkpoint to continue; Nones for a new run."""
         if resume == NONE:
-            return None, None
-        path = folder_paths.get_full_path_or_raise("loras", resume)
+            return None, None, None, None
+        path = os.path.abspath(folder_paths.get_full_path_or_raise("loras", resume))
         state, info = ckpt.load_train_state(path)
         factors, alpha, _ = ckpt.load_checkpoint(path, self.diffusion_model_paths())
         for key in ("optimizer", "rank", "alpha", "layer_regex"):
@@ -240,12 +260,15 @@ class TrainingRun:
             raise ValueError(f"cannot resume {resume}: its layers differ from this model's selection")
         if state.step >= self.settings.steps:
             raise ValueError(f"{resume} has already trained {state.step} steps; raise `steps` to continue")
-        return factors, state
+        return factors, state, info.get("run_id"), path
 
     def diffusion_model_paths(self) -> list[str]:
         return [path for path, _ in self.diffusion_model.named_modules()]
 
     def train(self, vae, clip):
+        for path in self.replaced:  # the user chose replace_existing
+            ckpt.delete_checkpoint(path)
+            log.info("FluxQTrainLoRA: deleted %s of an earlier run (replace_existing)", path)
         examples, empty_cond = self._encode(vae, clip)
         # The text encoders and VAE are done: loading only the transformer lets ComfyUI evict them.
         comfy.model_management.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
@@ -259,7 +282,7 @@ class TrainingRun:
             examples = [e for e, sample in zip(examples, self.samples) for _ in range(sample.repeats)]
             empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
             factors = self._initial_factors(device)
-            stack = get_lora_stack(self.model).with_lora(LoraEntry(self.name, 1.0, {
+            stack = get_lora_stack(self.model).with_lora(LoraEntry(self.file_name, 1.0, {
                 path: (LowRankAdapter(f.down, f.up, self.alpha / self.rank),) for path, f in factors.items()
             }))
             install_hooks(self.diffusion_model, stack.module_paths())
@@ -269,7 +292,7 @@ class TrainingRun:
             lora_file = self._loop(trainer, factors, image_count=len(examples))
         trained = {path: (LowRankAdapter(f.down.detach().cpu(), f.up.detach().cpu(), self.alpha / self.rank),)
                    for path, f in factors.items()}
-        model = with_lora_stack(self.model, get_lora_stack(self.model).with_lora(LoraEntry(self.name, 1.0, trained)))
+        model = with_lora_stack(self.model, get_lora_stack(self.model).with_lora(LoraEntry(self.file_name, 1.0, trained)))
         return model, lora_file, trainer.state.loss_history
 
     @staticmethod
@@ -384,17 +407,17 @@ class TrainingRun:
                 comfy.model_management.throw_exception_if_processing_interrupted()
             if self.save_every and step % self.save_every == 0 and step < total:
                 self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
-        return self._save(trainer, factors, image_count, self.name + ckpt.LORA_EXTENSION)
+        return self._save(trainer, factors, image_count, self.file_name)
 
     def _save(self, trainer, factors, image_count: int, file_name: str) -> str:
         metadata = ckpt.lora_metadata(
             base_model="flux1-dev" if getattr(self.diffusion_model.params, "guidance_embed", False) else "flux1-schnell",
             rank=self.rank, alpha=self.alpha, steps=trainer.state.step, trigger_word=self.trigger_word,
-            image_count=image_count, resolution=self.resolution,
+            image_count=image_count, resolution=self.resolution, run_id=self.run_id,
         )
         state = fm.TrainState(trainer.state.step, list(trainer.state.loss_history), trainer.optimizer_state())
         ckpt.save_checkpoint(os.path.join(self.folder, file_name), factors, self.alpha, metadata, state, self.state_info)
-        ckpt.prune_step_checkpoints(self.folder, self.name, self.keep_last)
+        ckpt.prune_step_checkpoints(self.folder, self.name, self.keep_last, self.run_id)
         log.info("FluxQTrainLoRA: saved %s at step %d", file_name, trainer.state.step)
         return file_name
 

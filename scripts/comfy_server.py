@@ -31,8 +31,9 @@ class ComfyServer:
     """A real ComfyUI server process with the pack, driven over HTTP."""
 
     def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True,
-                 extra_models_first: bool = False):
-        self.port = free_port()
+                 extra_models_first: bool = False, port: int | None = None):
+        self.comfy_dir = comfy_dir
+        self.port = port or free_port()  # a given port: a server restarted where a client expects it
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = workdir / "output"
         self.input_dir = workdir / "input"

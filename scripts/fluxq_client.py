@@ -11,8 +11,10 @@ or a UI workflow as the frontend saves it; a UI workflow is converted with the s
 `/object_info`, by the same rules the frontend uses when it queues.
 
 --set NODE.input=value   Override one input. NODE is a node id or a node's title
-                         (`_meta.title`); the value is parsed as JSON when it parses (numbers,
-                         true/false, quoted strings), else taken as a plain string. Repeatable.
+                         (`_meta.title`). The value takes the input's type as the server's
+                         /object_info declares it: a number for INT/FLOAT, true/false for
+                         BOOLEAN, the text as written for STRING and dropdowns (so `null`,
+                         `true` or `NaN` stay text there), a JSON list for a link. Repeatable.
                          Example: --set "Prompt.text=a red fox" --set Sampler.seed=7
 --map FILE               A JSON object {old value: new value}: every input value equal to a key
                          is replaced (e.g. real model file names -> small test models). Applied
@@ -35,10 +37,10 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -46,6 +48,7 @@ import aiohttp
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 HISTORY_POLL_SECONDS = 0.5
+RECONNECT_SECONDS = 1.0
 
 
 def _load_workflow_convert():
@@ -71,20 +74,57 @@ class ClientError(Exception):
 # --- building the prompt -------------------------------------------------------------------------
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_override(text: str) -> tuple[str, str, object]:
-    """`NODE.input=value` -> (node, input, value); NODE may itself contain dots (a title)."""
+def parse_override(text: str) -> tuple[str, str, str]:
+    """`NODE.input=value` -> (node, input, value text); NODE may itself contain dots (a title)."""
     target, sep, raw_value = text.partition("=")
     node, dot, input_name = target.rpartition(".")
     if not sep or not dot or not node or not input_name:
         raise ClientError(f"--set {text!r}: expected NODE.input=value", EXIT_USAGE)
-    return node, input_name, parse_value(raw_value)
+    return node, input_name, raw_value
+
+
+def input_spec(object_info: dict, class_type: str, input_name: str) -> list | None:
+    """The server's declaration `[type, options]` of one input, or None when it declares none."""
+    sections = (object_info.get(class_type) or {}).get("input") or {}
+    for section in ("required", "optional"):
+        spec = (sections.get(section) or {}).get(input_name)
+        if spec:
+            return spec
+    return None
+
+
+def typed_value(text: str, spec: list | None, where: str):
+    """The --set text as the value its input's declared type takes: numbers for INT/FLOAT, true/false
+    for BOOLEAN, the text itself for STRING and combos (so `null`, `true` or `NaN` stay text there),
+    a JSON list for a link. Undeclared inputs keep the text."""
+    input_type = spec[0] if spec else None
+    options = spec[1] if spec and len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if input_type == "INT":
+        if not re.fullmatch(r"[+-]?\d+", text.strip()):
+            raise ClientError(f"--set {where}={text}: this INT input takes a whole number", EXIT_USAGE)
+        return int(text)
+    if input_type == "FLOAT":
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ClientError(f"--set {where}={text}: this FLOAT input takes a finite number", EXIT_USAGE)
+        return value
+    if input_type == "BOOLEAN":
+        if text.strip().lower() not in ("true", "false"):
+            raise ClientError(f"--set {where}={text}: this BOOLEAN input takes true or false", EXIT_USAGE)
+        return text.strip().lower() == "true"
+    if isinstance(input_type, list) or input_type == "COMBO":
+        choices = input_type if isinstance(input_type, list) else options.get("options", [])
+        # a combo of numbers is matched by its text; anything else stays text for the server to check
+        return next((choice for choice in choices if not isinstance(choice, str) and str(choice) == text), text)
+    if input_type is not None and input_type != "STRING" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)  # a link: ["node id", output index]
+        except json.JSONDecodeError:
+            pass
+    return text
 
 
 def find_node(prompt: dict, node_ref: str) -> str:
@@ -109,13 +149,15 @@ def apply_value_map(prompt: dict, value_map: dict) -> None:
                 inputs[name] = value_map[value]
 
 
-def apply_overrides(prompt: dict, overrides: list[str]) -> None:
+def apply_overrides(prompt: dict, overrides: list[str], object_info: dict) -> None:
+    """--set values, typed by the input declarations in the server's `object_info`."""
     for text in overrides:
-        node_ref, input_name, value = parse_override(text)
+        node_ref, input_name, raw_value = parse_override(text)
         node = prompt[find_node(prompt, node_ref)]
         if input_name not in node["inputs"]:
             print(f"note: node {node_ref!r} had no input {input_name!r}; adding it", file=sys.stderr)
-        node["inputs"][input_name] = value
+        spec = input_spec(object_info, node["class_type"], input_name)
+        node["inputs"][input_name] = typed_value(raw_value, spec, f"{node_ref}.{input_name}")
 
 
 def read_json(path: str, what: str):
@@ -127,8 +169,9 @@ def read_json(path: str, what: str):
 
 async def build_prompt(session: aiohttp.ClientSession, args) -> dict:
     data = read_json(args.workflow, "workflow")
+    # the node definitions convert UI workflows and type --set values
+    object_info = await get_json(session, "/object_info") if workflow_convert.is_ui_workflow(data) or args.set else {}
     if workflow_convert.is_ui_workflow(data):
-        object_info = await get_json(session, "/object_info")
         try:
             prompt = workflow_convert.ui_to_api(data, object_info)
         except workflow_convert.WorkflowConvertError as error:
@@ -142,7 +185,7 @@ async def build_prompt(session: aiohttp.ClientSession, args) -> dict:
         if not isinstance(value_map, dict):
             raise ClientError(f"map file {args.map} must hold a JSON object", EXIT_USAGE)
         apply_value_map(prompt, value_map)
-    apply_overrides(prompt, args.set)
+    apply_overrides(prompt, args.set, object_info)
     return prompt
 
 
@@ -243,8 +286,9 @@ class ProgressDisplay:
             self.stream.write("\n")
 
 
-async def follow_progress(ws: aiohttp.ClientWebSocketResponse, prompt_id: str, display: ProgressDisplay) -> None:
-    """Consume websocket messages until the server says our prompt is finished."""
+async def follow_progress(ws: aiohttp.ClientWebSocketResponse, prompt_id: str, display: ProgressDisplay) -> bool:
+    """Consume websocket messages until the server says our prompt is finished (True), or the
+    socket closes first (False: a server restart, a proxy)."""
     async for message in ws:
         if message.type != aiohttp.WSMsgType.TEXT:
             continue  # binary frames are latent previews
@@ -257,14 +301,14 @@ async def follow_progress(ws: aiohttp.ClientWebSocketResponse, prompt_id: str, d
         elif kind == "executing":
             if data.get("node") is None:
                 if data.get("prompt_id") == prompt_id:
-                    return
+                    return True
             else:
                 display.node_started(data["node"])
         elif kind == "progress":
             display.progress(data.get("node"), data.get("value", 0), data.get("max", 0))
         elif kind in ("execution_error", "execution_interrupted"):
             display.done(f"{kind.replace('_', ' ')} at {describe_node(display.prompt, data.get('node_id'))}")
-    # The socket closed early (server restart, proxy): the history will tell how it ended.
+    return False
 
 
 async def wait_for_history(session: aiohttp.ClientSession, prompt_id: str) -> dict:
@@ -273,6 +317,53 @@ async def wait_for_history(session: aiohttp.ClientSession, prompt_id: str) -> di
         if prompt_id in history:
             return history[prompt_id]
         await asyncio.sleep(HISTORY_POLL_SECONDS)
+
+
+async def prompt_state(session: aiohttp.ClientSession, prompt_id: str) -> tuple[str, dict | None]:
+    """("finished", its history entry), ("queued", None) while pending or running, or ("lost", None)."""
+    history = await get_json(session, f"/history/{prompt_id}")
+    if prompt_id in history:
+        return "finished", history[prompt_id]
+    queue = await get_json(session, "/queue")
+    if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+        return "queued", None
+    # It may have finished between the two questions (ComfyUI moves a prompt from the queue to the
+    # history in one step): ask the history again before calling it lost.
+    history = await get_json(session, f"/history/{prompt_id}")
+    if prompt_id in history:
+        return "finished", history[prompt_id]
+    return "lost", None
+
+
+async def follow_after_disconnect(session: aiohttp.ClientSession, ws_path: str, prompt_id: str,
+                                  display: ProgressDisplay) -> dict:
+    """The websocket dropped: reconnect (retrying while the server is away) and find the prompt
+    again. A prompt the server neither queues, runs nor lists in its history is lost (a restarted
+    ComfyUI forgets its queue): that fails now instead of waiting out --timeout."""
+    print("note: the connection to the server dropped; reconnecting", file=sys.stderr)
+    while True:
+        try:
+            async with session.ws_connect(ws_path, heartbeat=30) as ws:
+                # asked once connected, so a prompt finishing now still reaches this socket
+                state, entry = await prompt_state(session, prompt_id)
+                if state == "finished":
+                    return entry
+                if state == "lost":
+                    raise ClientError(f"prompt {prompt_id} is lost: the server has it neither queued, running nor "
+                                      "in its history (it was restarted?); queue it again")
+                if await follow_progress(ws, prompt_id, display):
+                    return await wait_for_history(session, prompt_id)
+        except (aiohttp.ClientError, OSError):
+            pass  # the server is not back yet
+        await asyncio.sleep(RECONNECT_SECONDS)
+
+
+async def wait_for_result(session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, ws_path: str,
+                          prompt_id: str, display: ProgressDisplay) -> dict:
+    """The prompt's history entry, following its progress on `ws` (and on a new socket after a drop)."""
+    if await follow_progress(ws, prompt_id, display):
+        return await wait_for_history(session, prompt_id)
+    return await follow_after_disconnect(session, ws_path, prompt_id, display)
 
 
 def execution_failure(entry: dict, prompt: dict) -> str | None:
@@ -371,14 +462,12 @@ async def run(args) -> int:
         client_id = uuid.uuid4().hex
         display = ProgressDisplay(prompt)
         # Connect before queueing so no message of a fast prompt is missed.
-        async with session.ws_connect(f"/ws?clientId={client_id}", heartbeat=30) as ws:
+        ws_path = f"/ws?clientId={client_id}"
+        async with session.ws_connect(ws_path, heartbeat=30) as ws:
             prompt_id = await queue_prompt(session, prompt, client_id)
             print(f"queued prompt {prompt_id}", file=sys.stderr)
-            started = time.monotonic()
             try:
-                await asyncio.wait_for(follow_progress(ws, prompt_id, display), args.timeout)
-                remaining = args.timeout - (time.monotonic() - started)
-                entry = await asyncio.wait_for(wait_for_history(session, prompt_id), max(remaining, 1.0))
+                entry = await asyncio.wait_for(wait_for_result(session, ws, ws_path, prompt_id, display), args.timeout)
             except asyncio.TimeoutError:
                 await cancel_prompt(session, prompt_id)
                 raise ClientError(f"timed out after {args.timeout:g} s; prompt {prompt_id} cancelled", EXIT_TIMEOUT)

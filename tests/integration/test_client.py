@@ -54,15 +54,43 @@ def sample_prompt():
     }
 
 
-@pytest.mark.parametrize("text, value", [("7", 7), ("0.5", 0.5), ("true", True), ('"0"', "0"),
-                                         ("a red fox", "a red fox"), ("0, 1", "0, 1"), ("[1, 2]", [1, 2])])
-def test_set_values_are_json_when_they_parse_else_strings(text, value):
-    assert client.parse_value(text) == value
+OBJECT_INFO = {  # the declarations /object_info gives for sample_prompt's nodes
+    "CLIPTextEncode": {"input": {"required": {"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}}},
+    "VAELoader": {"input": {"required": {"vae_name": [["ae.safetensors", "x.safetensors"], {}]}}},
+    "FluxQSampler": {"input": {"required": {"seed": ["INT", {}], "settings": ["FLUX_SAMPLER_SETTINGS", {}]},
+                               "optional": {"denoise": ["FLOAT", {}], "flag": ["BOOLEAN", {}],
+                                            "steps": ["COMBO", {"options": [4, 8]}]}}},
+}
+
+
+@pytest.mark.parametrize("node, text, value", [
+    ("Sampler.v2.seed", "7", 7), ("Sampler.v2.denoise", "0.5", 0.5), ("Sampler.v2.flag", "true", True),
+    ("Sampler.v2.steps", "8", 8), ("Sampler.v2.settings", '["4", 0]', ["4", 0]),
+    # strings stay strings: these used to reach the prompt as the strings None / True / nan
+    ("Prompt.text", "null", "null"), ("Prompt.text", "true", "true"), ("Prompt.text", "NaN", "NaN"),
+    ("Prompt.text", '"0"', '"0"'), ("Prompt.text", "[1, 2]", "[1, 2]"), ("Load VAE.vae_name", "0", "0"),
+    ("Prompt.undeclared", "null", "null"),
+])
+def test_set_values_take_the_type_the_server_declares(node, text, value):
+    prompt = sample_prompt()
+    client.apply_overrides(prompt, [f"{node}={text}"], OBJECT_INFO)
+    node_ref, _, input_name = node.rpartition(".")
+    assert prompt[client.find_node(prompt, node_ref)]["inputs"][input_name] == value
+
+
+@pytest.mark.parametrize("override, message", [
+    ("Sampler.v2.seed=1.5", "INT input takes a whole number"), ("Sampler.v2.denoise=NaN", "FLOAT input takes a finite"),
+    ("Sampler.v2.flag=None", "BOOLEAN input takes true or false"),
+])
+def test_set_values_that_do_not_fit_the_declared_type_are_usage_errors(override, message):
+    with pytest.raises(client.ClientError, match=message) as caught:
+        client.apply_overrides(sample_prompt(), [override], OBJECT_INFO)
+    assert caught.value.exit_code == client.EXIT_USAGE
 
 
 def test_set_finds_nodes_by_id_or_title_and_titles_may_contain_dots():
     prompt = sample_prompt()
-    client.apply_overrides(prompt, ["Prompt.text=a cat=dog", "2.vae_name=x.safetensors", "Sampler.v2.seed=9"])
+    client.apply_overrides(prompt, ["Prompt.text=a cat=dog", "2.vae_name=x.safetensors", "Sampler.v2.seed=9"], OBJECT_INFO)
     assert prompt["1"]["inputs"]["text"] == "a cat=dog"
     assert prompt["2"]["inputs"]["vae_name"] == "x.safetensors"
     assert prompt["3"]["inputs"]["seed"] == 9
@@ -73,7 +101,7 @@ def test_set_finds_nodes_by_id_or_title_and_titles_may_contain_dots():
                                                ("Prompt.text", "expected NODE.input=value")])
 def test_bad_set_is_a_usage_error(override, message):
     with pytest.raises(client.ClientError, match=message) as caught:
-        client.apply_overrides(sample_prompt(), [override])
+        client.apply_overrides(sample_prompt(), [override], OBJECT_INFO)
     assert caught.value.exit_code == client.EXIT_USAGE
 
 
@@ -81,7 +109,7 @@ def test_ambiguous_title_asks_for_an_id():
     prompt = sample_prompt()
     prompt["2"]["_meta"]["title"] = "Prompt"
     with pytest.raises(client.ClientError, match="used by nodes 1, 2"):
-        client.apply_overrides(prompt, ["Prompt.text=x"])
+        client.apply_overrides(prompt, ["Prompt.text=x"], OBJECT_INFO)
 
 
 def test_value_map_replaces_equal_values_only_and_leaves_links_alone():
@@ -219,3 +247,56 @@ def test_timeout_cancels_the_prompt_and_exits_3(comfy_server, tmp_path):
     assert "timed out after 1 s" in result.stderr
     queue = comfy_server.get("/queue")
     assert queue["queue_pending"] == []
+
+
+@pytest.mark.server
+def test_set_types_values_from_the_servers_object_info(comfy_server):
+    result = run_client(str(DEV_WORKFLOW), "--server", comfy_server.url, "--print-prompt",
+                        "--set", "Prompt.text=null", "--set", "Sampler.seed=7", "--set", "Sampler settings.denoise=1")
+    assert result.returncode == 0, result.stderr
+    prompt = json.loads(result.stdout)
+    by_title = {node["_meta"]["title"]: node["inputs"] for node in prompt.values()}
+    assert by_title["Prompt"]["text"] == "null"
+    assert by_title["Sampler"]["seed"] == 7 and by_title["Sampler settings"]["denoise"] == 1.0
+    result = run_client(str(DEV_WORKFLOW), "--server", comfy_server.url, "--print-prompt", "--set", "Sampler.seed=NaN")
+    assert result.returncode == client.EXIT_USAGE and "INT input takes a whole number" in result.stderr
+
+
+@pytest.mark.server
+def test_a_prompt_lost_in_a_server_restart_fails_within_seconds(comfy_server, scratch_models, tmp_path):
+    """The websocket drops, the server comes back without the prompt: the client used to poll
+    /history until --timeout (default an hour) and end with "prompt cancelled"."""
+    import time
+
+    from comfy_server import ComfyServer
+
+    def start_server(name):
+        (tmp_path / name).mkdir()
+        return ComfyServer(comfy_server.comfy_dir, tmp_path / name, extra_model_root=scratch_models, port=port)
+
+    port = free_port()
+    first = start_server("first")
+    overrides = [*TINY_DEV, "Sampler settings.steps=50"]  # still running when the server goes away
+    client_process = subprocess.Popen(
+        [sys.executable, str(CLIENT), str(DEV_WORKFLOW), "--server", first.url, "--map", str(TINY_MAP),
+         *set_args(overrides), "--timeout", "900", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        deadline = time.time() + 300
+        while not first.get("/queue")["queue_running"]:
+            assert time.time() < deadline and client_process.poll() is None, "the prompt never started"
+            time.sleep(0.5)
+        first.stop()
+        second = start_server("second")
+        back = time.monotonic()
+        _, stderr = client_process.communicate(timeout=60)
+        waited = time.monotonic() - back
+    finally:
+        client_process.kill()
+        for server in (first, second):
+            if server is not None and server.process.poll() is None:
+                server.stop()
+    assert client_process.returncode == client.EXIT_FAILED, stderr
+    assert "is lost: the server has it neither queued, running nor in its history" in stderr, stderr
+    assert waited < 30, f"the client needed {waited:.0f} s after the server came back"

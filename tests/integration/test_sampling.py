@@ -345,3 +345,115 @@ def test_grid_takes_a_lora_file_name_from_a_link_instead_of_the_dropdown(comfy_s
     del prompt["by_widget"]  # (a prompt with one valid output would be queued with node_errors)
     status, body = comfy_server.post_prompt(prompt)
     assert status == 400 and "lora_name: 'not-written-yet.safetensors' is not a file" in str(body)
+def grid_prompt(model_loader: dict, steps=1, **grid_inputs) -> dict:
+    """CLIP-L text, the VAE, settings and a FluxQCompareGrid on the MODEL of node "unet"."""
+    settings = {"preset": "custom", "steps": steps, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
+                "shift_mode": "auto", "shift": 1.0, "width": SIZE, "height": SIZE, "denoise": 1.0}
+    settings.update(grid_inputs.pop("settings", {}))
+    inputs = {"model": ["unet", 0], "positive": ["pos", 0], "vae": ["vae", 0], "settings": ["settings", 0],
+              "lora_name": TINY["lora"], "strengths": "0, 1", "seeds": "0"}
+    inputs.update(grid_inputs)
+    return {
+        **encode_graph(TINY["clip_l"]),
+        "unet": model_loader,
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY["vae"]}},
+        "settings": {"class_type": "FluxQSamplerSettings", "inputs": settings},
+        "grid": {"class_type": "FluxQCompareGrid", "inputs": inputs},
+    }
+
+
+GGUF_Q8 = {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY["dev_gguf"]["Q8_0"], "dequant_dtype": "auto"}}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(("strengths", "message"), [
+    ("0,75", "'0,75' is ambiguous"),  # was two rows, strength 0 and strength 75
+    ("0, 1e3", "item 2 ('1e3') is outside -10..10"),
+])
+def test_grid_refuses_a_decimal_comma_and_strengths_out_of_range_at_queue_time(comfy_server, strengths, message):
+    status, body = comfy_server.post_prompt(grid_prompt(GGUF_Q8, strengths=strengths))
+    assert status == 400 and message in str(body), body
+
+
+DEV_F32 = {"class_type": "UNETLoader", "inputs": {"unet_name": TINY["dev_f32"], "weight_dtype": "default"}}
+
+
+@pytest.mark.server
+def test_grid_header_states_the_guidance_the_model_gets_and_warns_on_a_preset_model_mismatch(comfy_server):
+    """schnell's preset on a dev model used to say "no guidance" while the model got core's 3.5."""
+    prompt = grid_prompt(DEV_F32, strengths="0", settings={"preset": "flux-schnell", "width": 16, "height": 16})
+    header = comfy_server.run(prompt)["outputs"]["grid"]["fluxq_grid"][0]["header"]
+    assert "guidance 3.5 (ComfyUI's default: nothing set it)" in header[1], header
+    assert any(line.startswith("warning: preset flux-schnell on a dev") for line in header), header
+
+
+def test_summary_follows_the_model_not_the_preset(sampling, dev_model, loaders, positive):
+    """dev's preset on schnell used to read "guidance 3.5", which schnell has no input for."""
+    schnell = loaders.FluxQLoadGGUF.execute(TINY["schnell_gguf"], "auto").result[0]
+    dev_on_schnell = settings_for(sampling, "flux-dev")
+    model, conditioning = sampling.prepare(schnell, positive, dev_on_schnell, sampling.empty_latent(dev_on_schnell))
+    assert "no guidance (the model has no guidance input)" in sampling.settings_summary(dev_on_schnell, model, conditioning)
+    assert sampling.preset_warning(dev_on_schnell, schnell).startswith("warning: preset flux-dev on a schnell")
+
+    schnell_on_dev = settings_for(sampling, "flux-schnell")
+    model, conditioning = sampling.prepare(dev_model, positive, schnell_on_dev, sampling.empty_latent(schnell_on_dev))
+    assert "guidance 3.5 (ComfyUI's default" in sampling.settings_summary(schnell_on_dev, model, conditioning)
+    custom = settings_for(sampling, guidance=2.0)
+    model, conditioning = sampling.prepare(dev_model, positive, custom, sampling.empty_latent(custom))
+    assert "· guidance 2 ·" in sampling.settings_summary(custom, model, conditioning)
+    assert sampling.preset_warning(custom, dev_model) is None and sampling.preset_warning(custom, schnell) is None
+
+
+def png_pixels(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.server
+def test_grid_baseline_is_the_unpatched_base_when_the_lora_came_in_through_core(comfy_server):
+    """The same LoRA through core LoraLoaderModelOnly used to stay in every cell: "strength 0"
+    rendered it at 1.0 (measured: the baseline equalled the core-LoRA render, max difference 0.43)."""
+    prompt = grid_prompt(GGUF_Q8, strengths="0, 1", seeds="0")
+    prompt["core_lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": TINY["lora"], "strength_model": 1.0}}
+    prompt["grid"]["inputs"]["model"] = ["core_lora", 0]
+    prompt.update({
+        "base": {"class_type": "FluxQSampler", "inputs": {
+            "model": ["unet", 0], "positive": ["pos", 0], "settings": ["settings", 0], "seed": 0}},
+        "base_image": {"class_type": "VAEDecode", "inputs": {"samples": ["base", 0], "vae": ["vae", 0]}},
+        "base_save": {"class_type": "SaveImage", "inputs": {"images": ["base_image", 0], "filename_prefix": "base"}},
+    })
+    outputs = comfy_server.run(prompt)["outputs"]
+    base = png_pixels(comfy_server.output_file(outputs["base_save"]["images"][0]).read_bytes())
+    baseline, lora = (png_pixels(comfy_server.view(cell)) for cell in outputs["grid"]["fluxq_cells"])
+    assert (baseline == base).all(), f"max difference {abs(baseline - base).max()} / 255"
+    assert abs(lora - base).max() > 8, "strength 1 still shows the LoRA"
+    header = outputs["grid"]["fluxq_grid"][0]["header"]
+    assert any(line.startswith("baseline (strength 0): the base model, without the core LoRA patches of") for line in header), header
+
+
+@pytest.mark.server
+def test_grid_with_denoise_below_one_needs_a_latent_and_starts_every_cell_from_it(comfy_server):
+    """denoise < 1 without a start latent used to denoise an empty latent silently."""
+    prompt = grid_prompt(DEV_F32, strengths="0", settings={"denoise": 0.5, "width": 16, "height": 16})
+    with pytest.raises(ExecutionFailed, match="denoise is 0.5, but the grid has no latent_image"):
+        comfy_server.run(prompt)
+
+    prompt.update({
+        "image": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0xC03020}},
+        "start": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["vae", 0]}},
+        "plain": {"class_type": "FluxQSampler", "inputs": {
+            "model": ["unet", 0], "positive": ["pos", 0], "settings": ["settings", 0], "seed": 0,
+            "latent_image": ["start", 0]}},
+        "plain_image": {"class_type": "VAEDecode", "inputs": {"samples": ["plain", 0], "vae": ["vae", 0]}},
+        "plain_save": {"class_type": "SaveImage", "inputs": {"images": ["plain_image", 0], "filename_prefix": "plain"}},
+    })
+    prompt["grid"]["inputs"]["latent_image"] = ["start", 0]
+    outputs = comfy_server.run(prompt)["outputs"]
+    plain = png_pixels(comfy_server.output_file(outputs["plain_save"]["images"][0]).read_bytes())
+    (cell,) = (png_pixels(comfy_server.view(cell)) for cell in outputs["grid"]["fluxq_cells"])
+    assert (cell == plain).all()

@@ -135,3 +135,61 @@ def test_bad_lora_files_fail_clearly(comfy_server, scratch_models):
     # names from a prompt never leave the loras folder: ComfyUI rejects values not in the list
     status, body = comfy_server.post_prompt(_lora_graph("../../../etc/passwd"))
     assert status == 400
+
+
+@pytest.fixture(scope="module")
+def clip_lora(scratch_models, models_dir):
+    """The tiny FLUX LoRA plus a CLIP-L part (lora_te1_ keys on the first attention layer)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(models_dir / "loras" / TINY["lora"]))
+    generator = torch.Generator().manual_seed(5)
+    for proj in ("q_proj", "v_proj"):
+        base = f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"
+        tensors[f"{base}.lora_down.weight"] = torch.randn(4, 768, generator=generator) / 768 ** 0.5
+        tensors[f"{base}.lora_up.weight"] = torch.randn(768, 4, generator=generator)
+        tensors[f"{base}.alpha"] = torch.tensor(4.0)
+    name = "fluxq-tiny-lora-with-clip.safetensors"
+    save_file(tensors, str(scratch_models / "loras" / name))
+    return name
+
+
+def test_applying_a_file_twice_and_removing_it_treat_model_and_clip_alike(comfy_server, clip_lora):
+    """Two Apply LoRA(0.5) used to leave the MODEL at 0.5 (replaced) but the CLIP at 1.0 (two core
+    patches), and Remove LoRA could not reach the CLIP. Now: the same file again replaces it on
+    both, and removal gives the untouched CLIP back, bit for bit (compared through its conditioning:
+    each text encoding samples the same base model with the same seed)."""
+    def apply(node_id, model_ref, clip_ref):
+        return {node_id: {"class_type": "FluxQApplyLoRA", "inputs": {
+            "model": model_ref, "lora_name": clip_lora, "strength_model": 0.5, "clip": clip_ref, "strength_clip": 0.5}}}
+
+    def encoded_sample(prefix, clip_ref):
+        return {
+            f"{prefix}_text": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "a tiny random test"}},
+            f"{prefix}_sample": {"class_type": "FluxQSampler", "inputs": {
+                "model": ["unet", 0], "positive": [f"{prefix}_text", 0], "settings": ["settings", 0], "seed": 1}},
+            f"{prefix}_save": {"class_type": "SaveLatent", "inputs": {"samples": [f"{prefix}_sample", 0],
+                                                                      "filename_prefix": prefix}},
+        }
+
+    prompt = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY["dev_f32"], "weight_dtype": "default"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": TINY["clip_l"], "type": "stable_diffusion"}},
+        "settings": {"class_type": "FluxQSamplerSettings", "inputs": {
+            "preset": "custom", "steps": 1, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
+            "shift_mode": "auto", "shift": 1.0, "width": 16, "height": 16, "denoise": 1.0}},
+        **apply("once", ["unet", 0], ["clip", 0]),
+        **apply("twice", ["once", 0], ["once", 1]),
+        "removed": {"class_type": "FluxQRemoveLoRA", "inputs": {
+            "model": ["twice", 0], "lora_name": clip_lora, "clip": ["twice", 1]}},
+        **encoded_sample("untouched", ["clip", 0]),
+        **encoded_sample("once", ["once", 1]),
+        **encoded_sample("twice", ["twice", 1]),
+        **encoded_sample("removed", ["removed", 1]),
+    }
+    history = comfy_server.run(prompt)
+    latent = {key: saved_latent(comfy_server, history, f"{key}_save") for key in ("untouched", "once", "twice", "removed")}
+    assert "0 keys unmatched" in history["outputs"]["once"]["text"][0]
+    assert not torch.equal(latent["once"], latent["untouched"]), "the LoRA's CLIP part changes the conditioning"
+    assert torch.equal(latent["twice"], latent["once"]), "the same file again replaces it on the CLIP too"
+    assert torch.equal(latent["removed"], latent["untouched"]), "removal gives the untouched CLIP back"

@@ -227,7 +227,7 @@ def test_qlora_on_tiny_gguf_saves_a_lora_core_and_diffusers_load(comfy_libs, cli
     assert_diffusers_applies_the_same_update(loras / lora_file, tensors, rank=4, alpha=4.0)
 
     # the MODEL output carries the LoRA in its runtime stack; the input model does not
-    assert comfy_libs.glue.get_lora_stack(trained_model).names() == ("trained",)
+    assert comfy_libs.glue.get_lora_stack(trained_model).names() == ("trained.safetensors",)
     assert comfy_libs.glue.get_lora_stack(model).names() == ()
 
 
@@ -378,6 +378,37 @@ def test_cancel_saves_a_checkpoint_after_the_current_step(comfy_libs, clip_vae, 
     assert sorted(os.listdir(loras)) == [f"trained_step{step:06d}.safetensors", f"trained_step{step:06d}.trainstate"]
 
 
+def test_a_new_run_under_a_used_name_is_refused_unless_replacing_and_then_keeps_its_own_checkpoint(
+        comfy_libs, clip_vae, folders):
+    """Run 1 (6 steps, save every 2, keep 2) leaves steps 2 and 4; run 2 under the same name,
+    cancelled at step 1, used to lose its step 1 to keep_last (run 1's higher numbers won)."""
+    import comfy.model_management
+
+    clip, vae = clip_vae
+    inputs, loras = folders
+    write_dataset(inputs, ["red"])
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=6, save_every=2, keep_last=2))
+    first_run = sorted(os.listdir(loras))
+    assert first_run == ["trained.safetensors", "trained.trainstate", "trained_step000002.safetensors",
+                         "trained_step000002.trainstate", "trained_step000004.safetensors", "trained_step000004.trainstate"]
+
+    with pytest.raises(ValueError, match="belong to an earlier training run.*replace_existing"):
+        train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=6, save_every=2, keep_last=2))
+    assert sorted(os.listdir(loras)) == first_run
+
+    with cancel_at_step(1), pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=6, save_every=2, keep_last=2,
+                                    replace_existing=True))
+    assert sorted(os.listdir(loras)) == ["trained_step000001.safetensors", "trained_step000001.trainstate"]
+
+    # and that checkpoint resumes, under the same name, without asking to replace anything
+    comfy_libs.folder_paths.filename_list_cache.clear()
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=3, save_every=1, keep_last=1,
+                                resume="trained_step000001.safetensors"))
+    assert sorted(os.listdir(loras)) == ["trained.safetensors", "trained.trainstate",
+                                         "trained_step000002.safetensors", "trained_step000002.trainstate"]
+
+
 # --- bad input: clear errors before training, nothing written --------------------------------
 
 
@@ -489,3 +520,78 @@ def test_dataset_name_input_overrides_the_dropdown_and_repeat_folders_weigh(comf
         out = node.execute(dataset_name=["prepared"], **node_args(narrow_flux(), clip, vae, dataset="[none]", steps=1))
     _, metadata = lora_tensors(loras / out.result[1])
     assert metadata["ss_num_train_images"] == "4"
+
+
+def server_dataset(comfy_server, folder="fluxq_squares") -> str:
+    path = comfy_server.input_dir / folder
+    if not path.exists():
+        path.mkdir()
+        for name in ("red", "stripes"):
+            pattern_image(name).save(path / f"{name}.png")
+            (path / f"{name}.txt").write_text(f"a {name} square")
+    return folder
+
+
+def server_training_graph(comfy_server, lora_name: str, **overrides) -> dict:
+    """Text, VAE, the tiny GGUF and FluxQTrainLoRA (node "train") on a dataset folder, 64 px, fast settings."""
+    settings = {k: v[0] for k, v in node_args(None, None, None, dataset=server_dataset(comfy_server), steps=1,
+                                               gradient_checkpointing=False, lora_name=lora_name,
+                                               **overrides).items() if k not in ("model", "vae", "clip")}
+    return {
+        "model": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY_DEV_Q8, "dequant_dtype": "auto"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": TINY_CLIP_L, "type": "stable_diffusion"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "TOK, a red square"}},
+        "settings": {"class_type": "FluxQSamplerSettings", "inputs": {
+            "preset": "custom", "steps": 1, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
+            "shift_mode": "auto", "shift": 1.0, "width": 64, "height": 64, "denoise": 1.0}},
+        "train": {"class_type": "FluxQTrainLoRA", "inputs": {
+            "model": ["model", 0], "vae": ["vae", 0], "clip": ["clip", 0], **settings}},
+    }
+
+
+def saved_sample(node_id: str, model_ref) -> dict:
+    """FluxQSampler (seed 3) on `model_ref`, saved as a latent under `node_id`."""
+    return {f"{node_id}_sample": {"class_type": "FluxQSampler", "inputs": {
+                "model": model_ref, "positive": ["pos", 0], "settings": ["settings", 0], "seed": 3}},
+            node_id: {"class_type": "SaveLatent", "inputs": {"samples": [f"{node_id}_sample", 0],
+                                                             "filename_prefix": node_id}}}
+
+
+@contextlib.contextmanager
+def removed_afterwards(folder, name: str):
+    """ComfyUI's default loras folder is the harness's own: delete every file a run named `name` wrote."""
+    try:
+        yield
+    finally:
+        for path in folder.glob(f"{name}*"):
+            if path.name == f"{name}.safetensors" or path.name.startswith((f"{name}.", f"{name}_step")):
+                path.unlink(missing_ok=True)
+
+
+@pytest.mark.server
+def test_trained_lora_is_named_by_its_file_so_remove_reapply_and_grid_treat_it_as_that_file(comfy_server, models_dir):
+    import uuid
+
+    from fluxq_testing import saved_latent
+
+    name = f"named_{uuid.uuid4().hex[:8]}"
+    file_name = f"{name}.safetensors"
+    prompt = server_training_graph(comfy_server, name)
+    with removed_afterwards(models_dir / "loras", name):
+        comfy_server.run(prompt)
+        # same node ids and inputs: ComfyUI reuses the trained MODEL from its cache, and the file now exists
+        prompt.update({
+            **saved_sample("base", ["model", 0]),
+            **saved_sample("trained", ["train", 0]),
+            "remove": {"class_type": "FluxQRemoveLoRA", "inputs": {"model": ["train", 0], "lora_name": file_name}},
+            **saved_sample("removed", ["remove", 0]),
+            "again": {"class_type": "FluxQApplyLoRA", "inputs": {
+                "model": ["train", 0], "lora_name": file_name, "strength_model": 1.0, "strength_clip": 1.0}},
+            **saved_sample("reapplied", ["again", 0]),
+        })
+        history = comfy_server.run(prompt)
+    latent = {key: saved_latent(comfy_server, history, key) for key in ("base", "trained", "removed", "reapplied")}
+    assert not torch.equal(latent["trained"], latent["base"]), "the trained LoRA changes the render"
+    assert torch.equal(latent["removed"], latent["base"]), "removing the file's name removes the trained LoRA"
+    assert torch.equal(latent["reapplied"], latent["trained"]), "re-applying the saved file replaces it, not doubles it"

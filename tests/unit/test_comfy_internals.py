@@ -30,6 +30,8 @@ METHODS = {
     "comfy.model_patcher.ModelPatcher.add_wrapper_with_key": ("wrapper_type", "key", "wrapper"),
     "comfy.model_patcher.ModelPatcher.remove_wrappers_with_key": ("wrapper_type", "key"),
     "comfy.model_patcher.ModelPatcher.get_model_object": ("name",),
+    "comfy.model_patcher.ModelPatcher.get_attachment": ("key",),
+    "comfy.model_patcher.ModelPatcher.set_attachments": ("key", "attachment"),
     "comfy.model_patcher.LowVramPatch": ("key", "patches"),
     "comfy.model_base.BaseModel.state_dict_for_saving": (),
     "comfy.model_base.BaseModel.get_dtype": (),

@@ -9,6 +9,7 @@ from lora_ops import grid
     ("0, 0.5, 1.0", [0.0, 0.5, 1.0]),
     ("  -1 0.25;2 ", [-1.0, 0.25, 2.0]),
     ("1e-1,\n.8", [0.1, 0.8]),
+    ("-10, 10", [-10.0, 10.0]),
 ])
 def test_parse_strengths(text, expected):
     assert grid.parse_strengths(text) == expected
@@ -20,6 +21,11 @@ def test_parse_strengths(text, expected):
     ("0, 0..5", r"item 2 \('0..5'\) is not a number"),
     ("1, inf", "item 2 .* must be a finite number"),
     ("0.5, 0.50", "lists 0.5 twice"),
+    # a decimal comma would otherwise become two rows, 0 and 75
+    ("0,75", r"'0,75' is ambiguous .* Write '0.75' for one strength or '0, 75' for 2 strengths"),
+    ("0, 0.5,1", r"'0.5,1' is ambiguous .* Write '0.5, 1' for 2 strengths"),
+    ("1e3", r"item 1 \('1e3'\) is outside -10..10"),
+    ("0, -10.5", r"item 2 \('-10.5'\) is outside -10..10"),
 ])
 def test_parse_strengths_errors(text, message):
     with pytest.raises(grid.GridInputError, match=message):
@@ -54,9 +60,9 @@ def test_plan_lora_vs_lora_and_difference_adds_a_baseline():
 
 
 def test_plan_limits():
-    grid.plan_grid(", ".join(str(i) for i in range(1, 33)), "0, 1", "a")  # 64 cells: fine
+    grid.plan_grid(", ".join(str(i / 4) for i in range(1, 33)), "0, 1", "a")  # 64 cells: fine
     with pytest.raises(grid.GridInputError, match="65 cells, over the limit of 64"):
-        grid.plan_grid(", ".join(str(i) for i in range(1, 14)), "0, 1, 2, 3, 4", "a")
+        grid.plan_grid(", ".join(str(i / 2) for i in range(1, 14)), "0, 1, 2, 3, 4", "a")
     with pytest.raises(grid.GridInputError, match="same LoRA"):
         grid.plan_grid("1", "0", "a", "a")
 
@@ -109,3 +115,14 @@ def test_draw_grid_stays_under_pillows_limits():
 def test_draw_grid_rejects_a_wrong_cell_count():
     with pytest.raises(ValueError, match="3 cells do not fill a 2 x 2 grid"):
         grid.draw_grid(_cells(3, 16), 2, 2, ["a", "b"], ["c", "d"], ["h"])
+
+
+def test_labels_tell_near_equal_strengths_and_large_seeds_apart():
+    plan = grid.plan_grid("0.1234561, 0.1234562, 1, -0.25", "9007199254740993", "a")
+    assert plan.row_labels() == ["strength 0.1234561", "strength 0.1234562", "strength 1", "strength -0.25"]
+    assert plan.column_labels() == ["seed 9007199254740993"]
+    assert [float(label.split()[1]) for label in plan.row_labels()] == [0.1234561, 0.1234562, 1.0, -0.25]
+    with pytest.raises(grid.GridInputError, match="lists 9007199254740993 twice"):  # was 9.0072e+15
+        grid.parse_seeds("9007199254740993, 9007199254740993")
+    with pytest.raises(grid.GridInputError, match="lists 0.1234561 twice"):
+        grid.parse_strengths("0.1234561 0.12345610")

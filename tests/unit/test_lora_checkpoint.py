@@ -21,7 +21,7 @@ def factors(rank=4, seed=0):
 
 def meta(**kw):
     args = dict(base_model="flux-tiny.gguf", rank=4, alpha=4.0, steps=3, trigger_word="TOK",
-                image_count=2, resolution=64)
+                image_count=2, resolution=64, run_id="run-a")
     args.update(kw)
     return ckpt.lora_metadata(**args)
 
@@ -38,7 +38,8 @@ def test_saves_kohya_names_alpha_and_metadata(tmp_path):
     assert len(keys) == 3 * len(PATHS)
     assert md["ss_network_dim"] == "4" and md["ss_steps"] == "3" and md["modelspec.trigger_phrase"] == "TOK"
     assert md["ss_sd_model_name"] == "flux-tiny.gguf" and md["ss_num_train_images"] == "2"
-    assert md["ss_resolution"] == "(64, 64)" and md["fluxq_format"] == "kohya"
+    assert md["ss_resolution"] == "(64, 64)" and md["fluxq_format"] == "kohya" and md["fluxq_run_id"] == "run-a"
+    assert ckpt.run_id_of(path) == "run-a"
     assert not os.path.exists(ckpt.state_path_for(path))
     assert os.listdir(tmp_path) == ["my.safetensors"]
 
@@ -135,7 +136,7 @@ def test_keep_last_prunes_oldest_step_checkpoints_and_their_states(tmp_path):
         ckpt.save_checkpoint(str(tmp_path / ckpt.step_checkpoint_name("run", step)), factors(), 4.0, meta(), state)
     ckpt.save_checkpoint(str(tmp_path / ckpt.step_checkpoint_name("run_v2", 50)), factors(), 4.0, meta(), state)
     ckpt.save_checkpoint(str(tmp_path / "run.safetensors"), factors(), 4.0, meta(), state)
-    deleted = ckpt.prune_step_checkpoints(str(tmp_path), "run", keep_last=2)
+    deleted = ckpt.prune_step_checkpoints(str(tmp_path), "run", keep_last=2, run_id="run-a")
     assert sorted(os.path.basename(p) for p in deleted) == ["run_step000100.safetensors", "run_step000200.safetensors"]
     assert sorted(os.listdir(tmp_path)) == sorted([
         "run_step000300.safetensors", "run_step000300.trainstate",
@@ -143,4 +144,29 @@ def test_keep_last_prunes_oldest_step_checkpoints_and_their_states(tmp_path):
         "run_v2_step000050.safetensors", "run_v2_step000050.trainstate",
         "run.safetensors", "run.trainstate",
     ])
-    assert ckpt.prune_step_checkpoints(str(tmp_path), "run", keep_last=0) == []
+    assert ckpt.prune_step_checkpoints(str(tmp_path), "run", keep_last=0, run_id="run-a") == []
+
+
+def test_pruning_keeps_other_runs_files_and_a_new_run_sees_them_as_another_runs(tmp_path):
+    """Run 1 (steps 2 and 4 kept) then run 2 under the same name saving step 1: keep_last 2 must
+    keep run 2's step 1, not prefer run 1's higher step numbers."""
+    state = TrainState(step=1)
+    for step in (2, 4):
+        ckpt.save_checkpoint(str(tmp_path / ckpt.step_checkpoint_name("run", step)), factors(), 4.0, meta(), state)
+    ckpt.save_checkpoint(str(tmp_path / "run.safetensors"), factors(), 4.0, meta(), state)
+    (tmp_path / "run_step000009.safetensors").write_bytes(b"not a safetensors file")  # another tool's, or broken
+    assert [os.path.basename(p) for p in ckpt.other_runs_files(str(tmp_path), "run", "run-a")] == [
+        "run_step000009.safetensors"]
+    assert [os.path.basename(p) for p in ckpt.other_runs_files(str(tmp_path), "run", "run-b")] == [
+        "run_step000002.safetensors", "run_step000004.safetensors", "run_step000009.safetensors", "run.safetensors"]
+
+    second = str(tmp_path / ckpt.step_checkpoint_name("run", 1))
+    ckpt.save_checkpoint(second, factors(), 4.0, meta(run_id="run-b"), state)
+    assert ckpt.prune_step_checkpoints(str(tmp_path), "run", keep_last=2, run_id="run-b") == []
+    assert os.path.exists(second) and os.path.exists(ckpt.state_path_for(second))
+    assert [os.path.basename(p) for p in ckpt.prune_step_checkpoints(str(tmp_path), "run", 1, "run-a")] == [
+        "run_step000002.safetensors"]
+    assert os.path.exists(second) and os.path.exists(tmp_path / "run_step000009.safetensors")
+
+    ckpt.delete_checkpoint(second)
+    assert not os.path.exists(second) and not os.path.exists(ckpt.state_path_for(second))
