@@ -20,6 +20,14 @@ const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", 
 
 const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
 const modelMap = JSON.parse(readFileSync(modelMapPath, "utf8"));
+// The workflow as it reads with the tiny models' files. Substituted before loading: newer frontends
+// (1.49.6) check model file names on load and mark a node naming a missing file as an error; a value
+// assigned after loading does not clear that (a user's pick in the combo does).
+for (const node of workflow.nodes) {
+  if (Array.isArray(node.widgets_values)) {
+    node.widgets_values = node.widgets_values.map((value) => (Object.hasOwn(modelMap, value) ? modelMap[value] : value));
+  }
+}
 mkdirSync(artifactDir, { recursive: true });
 
 function check(condition, message) {
@@ -54,6 +62,26 @@ async function viewState(page) {
   });
 }
 
+// The error state both renderers draw (red frame, "Error" badge) from node.has_errors: validation
+// and execution errors and, in newer frontends, missing model files.
+async function checkNoNodeInError(page, where) {
+  const inError = await page.evaluate(
+    () => window.comfyAPI.app.app.graph.nodes.filter((n) => n.has_errors).map((n) => `${n.id} ${n.type}`));
+  check(inError.length === 0, `${where}no node is in an error state [${inError.join(", ")}]`);
+}
+
+// The prompt's history entry once the server has finished it. Read from the server rather than
+// awaited as the page's execution_success event: on a loaded machine the page once never saw that
+// event although the run had finished (frontend 1.49.6).
+async function finishedRun(promptId) {
+  for (const deadline = Date.now() + RUN_TIMEOUT_MS; Date.now() < deadline;) {
+    const entry = (await (await fetch(`${serverUrl}/history/${promptId}`)).json())[promptId];
+    if (entry?.status?.completed !== undefined) return entry;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  throw new Error(`the workflow did not finish within ${RUN_TIMEOUT_MS / 1000} s`);
+}
+
 async function waitForLoadedImages(page, count) {
   await page.waitForFunction((n) => {
     const images = [...document.querySelectorAll(".fluxq-compare .fluxq-stage img")];
@@ -81,50 +109,43 @@ page.on("pageerror", (error) => console.log(`[page error] ${error.message}`));
 
 try {
   await quietFirstRun();
-  await page.goto(serverUrl, { waitUntil: "domcontentloaded" });
-  // Node types are registered after the graph exists; a workflow loaded earlier gets placeholder nodes.
-  await page.waitForFunction(() => window.LiteGraph?.registered_node_types?.FluxQCompareGrid, null,
-    { timeout: 120_000 });
+  await page.goto(serverUrl, { waitUntil: "domcontentloaded", timeout: 120_000 });
+  // Node types are registered after the graph exists (a workflow loaded earlier gets placeholder
+  // nodes), and the frontend then loads its own start-up graph, which would replace one loaded before.
+  await page.waitForFunction(() => window.LiteGraph?.registered_node_types?.FluxQCompareGrid
+    && window.comfyAPI?.app?.app?.graph?.nodes?.length > 0, null, { timeout: 120_000 });
   const extensions = await page.evaluate(() => window.comfyAPI.app.app.extensions.map((e) => e.name));
   check(extensions.includes("FluxQLoraLab.CompareView"), "the pack's extension is registered");
 
   // The bundled workflow with the tiny models and a small, quick grid (2 strengths x 1 seed, 64 px).
-  const gridId = await page.evaluate(async ({ workflow, modelMap }) => {
+  const gridId = await page.evaluate(async ({ workflow }) => {
     const { app } = window.comfyAPI.app;
     const { api } = window.comfyAPI.api;
     await app.loadGraphData(workflow);
-    const set = (node, name, value) => { node.widgets.find((w) => w.name === name).value = value; };
-    for (const node of app.graph.nodes) {
-      for (const widget of node.widgets ?? []) {
-        if (typeof widget.value === "string" && widget.value in modelMap) widget.value = modelMap[widget.value];
-      }
-    }
+    // As a user's edit arrives: through the widget, so its callback and the node's change hooks run.
+    const set = (node, name, value) => node.widgets.find((w) => w.name === name).setValue(value, { node, canvas: app.canvas });
     const settings = app.graph.nodes.find((n) => n.type === "FluxQSamplerSettings");
     Object.entries({ preset: "custom", steps: 2, width: 64, height: 64 }).forEach(([k, v]) => set(settings, k, v));
     const grid = app.graph.nodes.find((n) => n.type === "FluxQCompareGrid");
     set(grid, "strengths", "0, 1");
     set(grid, "seeds", "0");
-    window.__fluxqErrors = [];
-    window.__fluxqDone = false;
-    window.__fluxqStarted = false;
-    api.addEventListener("execution_start", () => { window.__fluxqStarted = true; });
-    api.addEventListener("execution_error", ({ detail }) => window.__fluxqErrors.push(detail.exception_message));
-    api.addEventListener("execution_success", () => { window.__fluxqDone = true; });
+    window.__fluxqPromptId = null;
+    api.addEventListener("execution_start", ({ detail }) => { window.__fluxqPromptId = detail.prompt_id; });
     return String(grid.id);
-  }, { workflow, modelMap });
+  }, { workflow });
 
   // app.queuePrompt's return value is unreliable in 1.32.9 (`!{}` for "no node errors"): watch the
   // execution start instead, and show the error dialog's text if validation refused the prompt.
   await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
-  const started = await page.waitForFunction(() => window.__fluxqStarted, null, { timeout: 30_000 }).catch(() => null);
+  const started = await page.waitForFunction(() => window.__fluxqPromptId, null, { timeout: 30_000 }).catch(() => null);
   if (!started) {
     const dialog = await page.evaluate(() => document.querySelector(".p-dialog")?.innerText ?? "(no dialog)");
     check(false, `the workflow was queued: ${dialog}`);
   }
-  await page.waitForFunction(() => window.__fluxqDone || window.__fluxqErrors.length > 0, null,
-    { timeout: RUN_TIMEOUT_MS, polling: 500 });
-  const errors = await page.evaluate(() => window.__fluxqErrors);
-  check(errors.length === 0, `the workflow ran without errors ${JSON.stringify(errors)}`);
+  const run = await finishedRun(await started.jsonValue());
+  const errors = run.status.messages.filter(([type]) => type === "execution_error").map(([, detail]) => detail.exception_message);
+  check(run.status.status_str === "success" && errors.length === 0, `the workflow ran without errors ${JSON.stringify(errors)}`);
+  await checkNoNodeInError(page, "");
 
   // Bring the grid node into view at zoom 1 with room for the view.
   await page.evaluate((id) => {
@@ -178,6 +199,7 @@ try {
   const vueBefore = state.handleLeft;
   state = await dragSlider(page, 0.5, 0.2);
   check(state.handleLeft !== vueBefore && parseFloat(state.handleLeft) < 30, `Vue nodes: the slider moves (${vueBefore} -> ${state.handleLeft})`);
+  await checkNoNodeInError(page, "Vue nodes: ");
   await page.screenshot({ path: join(artifactDir, "compare_view_vue_nodes.png") });
   console.log("PASS");
 } catch (error) {
