@@ -12,6 +12,8 @@ Three pieces, each reusing what ComfyUI already does and adding only what it lac
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -99,9 +101,12 @@ class _QuantizedWeightMixin:
             elif name == "weight" or getattr(self, "bias", None) is not None:
                 missing_keys.append(key)
 
-    def _dequantized_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _dequantized_base(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         raw = self.weight.to(device, non_blocking=comfy.model_management.device_supports_non_blocking(device))
-        weight = dequantize(raw, self.qtype, self.qshape, dtype=self.dequant_dtype or dtype).to(dtype)
+        return dequantize(raw, self.qtype, self.qshape, dtype=self.dequant_dtype or dtype).to(dtype)
+
+    def _dequantized_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        weight = self._dequantized_base(dtype, device)
         patches = self.weight_function
         # A lowvram load brings its own LowVramPatch for the key: apply the patches once, not twice.
         if self.core_patch is not None and not any(getattr(p, "key", None) == self.core_patch.key for p in patches):
@@ -164,14 +169,34 @@ class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
 
     Merging would mean re-quantizing (lossy) or keeping a float copy (the memory GGUF saves).
     This is what ComfyUI does itself for lowvram layers, so we reuse its ``LowVramPatch``.
+    It stays a classic patcher under ComfyUI's dynamic VRAM (docs/ARCHITECTURE.md says why).
     """
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-        if key in self.patches and is_quantized_key(self.model, key):
-            module = comfy.utils.get_attr(self.model, key.rpartition(".")[0])
-            module.core_patch = comfy.model_patcher.LowVramPatch(key, self.patches)
-            return
-        super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
+        # ComfyUI 0.33 added ``return_weight`` (its save path reads the patched weight through it)
+        # and ``force_cast``; 0.3.75 passes neither, so they travel as kwargs.
+        if not is_quantized_key(self.model, key):
+            return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update, **kwargs)
+        module = comfy.utils.get_attr(self.model, key.rpartition(".")[0])
+        patch = comfy.model_patcher.LowVramPatch(key, self.patches) if key in self.patches else None
+        if kwargs.get("return_weight"):
+            weight = module._dequantized_base(self.model.get_dtype(), device_to or self.offload_device)
+            return weight if patch is None else patch(weight)
+        if patch is not None:
+            module.core_patch = patch
+        return None
+
+    def clone(self, *args, **kwargs):
+        clone = super().clone(*args, **kwargs)
+        # ComfyUI 0.33's clone copies it; 0.3.75's does not know the attribute.
+        clone.cached_patcher_init = getattr(self, "cached_patcher_init", None)
+        return clone
+
+    def pin_weight_to_device(self, key):
+        # GGUF bytes are read-only views of a memory-mapped file: pinning them (cudaHostRegister)
+        # fails or pins the page cache, and upstream then reports "unpin tensor not pinned by ComfyUI".
+        if not is_quantized_key(self.model, key):
+            super().pin_weight_to_device(key)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
@@ -181,12 +206,34 @@ class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
                     module.core_patch = None
 
 
+def _saves_float_weights(model) -> None:
+    """Core's ModelSave/CheckpointSave read the diffusion model through ``BaseModel.state_dict_for_saving``
+    (0.3.75 straight from the module state dict, 0.33 from its patcher's lazily cast copy); both would
+    hand over raw GGUF bytes. Here each quantized weight is replaced by its dequantized value with the
+    core patches of the patcher that the save loaded, so the file is a float checkpoint core reads back."""
+    original = model.state_dict_for_saving
+
+    def state_dict_for_saving(*args, **kwargs):
+        state = original(*args, **kwargs)
+        quantized = {name + ".weight": m for name, m in model.diffusion_model.named_modules()
+                     if getattr(m, "qtype", None) is not None}
+        saved_names = model.model_config.process_unet_state_dict_for_saving({k: k for k in quantized})
+        for saved, key in saved_names.items():
+            state[saved] = quantized[key]._dequantized_weight(model.get_dtype(), torch.device("cpu"))
+        return state
+
+    model.state_dict_for_saving = state_dict_for_saving
+
+
 class GGUFModelError(ValueError):
     pass
 
 
-def load_flux_gguf(path: str, dequant_dtype: str = "auto") -> FluxQModelPatcher:
-    """A FLUX transformer from a .gguf file, weights kept quantized, as a ComfyUI MODEL."""
+def load_flux_gguf(path: str, dequant_dtype: str = "auto", disable_dynamic: bool = False) -> FluxQModelPatcher:
+    """A FLUX transformer from a .gguf file, weights kept quantized, as a ComfyUI MODEL.
+
+    ``disable_dynamic`` is what ComfyUI 0.33 passes when it re-creates a model from
+    ``cached_patcher_init``; the pack's patcher is never dynamic, so it changes nothing."""
     gguf_model = read_gguf(path, expected_arch="flux")
     # ComfyUI's detector only reads shapes: give it meta tensors of the logical shapes.
     shapes = {name: torch.empty(t.shape, device="meta") for name, t in gguf_model.tensors.items()}
@@ -206,7 +253,12 @@ def load_flux_gguf(path: str, dequant_dtype: str = "auto") -> FluxQModelPatcher:
 
     model = model_config.get_model(shapes, "")
     model.load_model_weights(_loadable(gguf_model.tensors), "")
-    return FluxQModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    _saves_float_weights(model)
+    patcher = FluxQModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    # ComfyUI 0.33 re-creates a model from this when a node needs a private copy
+    # (``clone(disable_dynamic=True)``, multi-GPU); clones inherit it.
+    patcher.cached_patcher_init = (load_flux_gguf, (path, dequant_dtype))
+    return patcher
 
 
 def _loadable(tensors: dict[str, QTensor]) -> dict:
@@ -214,8 +266,12 @@ def _loadable(tensors: dict[str, QTensor]) -> dict:
     return {name: t if t.is_quantized else t.data for name, t in tensors.items()}
 
 
-def load_text_encoders(clip_path: str, t5_path: str | None):
-    """CLIP-L (+ T5-XXL) for FLUX through ComfyUI's own text-encoder loader, with FluxQ layers."""
+def load_text_encoders(clip_path: str, t5_path: str | None, disable_dynamic: bool = False):
+    """CLIP-L (+ T5-XXL) for FLUX through ComfyUI's own text-encoder loader, with FluxQ layers.
+
+    The CLIP's patcher becomes a ``FluxQModelPatcher`` so core LoRA patches (``lora_te1_``) on its
+    quantized layers run after dequantization, as on the transformer. It opts out of ComfyUI 0.33's
+    dynamic VRAM, whose patcher would move those patches where the quantized forward never reads them."""
     state_dicts = []
     for path in (clip_path, t5_path):
         if path is None:
@@ -225,12 +281,42 @@ def load_text_encoders(clip_path: str, t5_path: str | None):
         else:
             state_dicts.append(comfy.utils.load_torch_file(path, safe_load=True))
     clip_type = comfy.sd.CLIPType.FLUX if t5_path else comfy.sd.CLIPType.STABLE_DIFFUSION
-    return comfy.sd.load_text_encoder_state_dicts(
+    options = {"disable_dynamic": True} if _accepts(comfy.sd.load_text_encoder_state_dicts, "disable_dynamic") else {}
+    clip = comfy.sd.load_text_encoder_state_dicts(
         state_dicts,
         embedding_directory=folder_paths.get_folder_paths("embeddings"),
         clip_type=clip_type,
         model_options={"custom_operations": make_ops(None)},
+        **options,
     )
+    # A plain ModelPatcher here (dynamic VRAM disabled above): same state, the pack's weight handling.
+    clip.patcher.__class__ = FluxQModelPatcher
+    clip.patcher.cached_patcher_init = (_text_encoder_patcher, (clip_path, t5_path))
+    return clip
+
+
+def _text_encoder_patcher(clip_path: str, t5_path: str | None, disable_dynamic: bool = False):
+    return load_text_encoders(clip_path, t5_path).patcher
+
+
+def _accepts(function, parameter: str) -> bool:
+    return parameter in inspect.signature(function).parameters
+
+
+@contextlib.contextmanager
+def training_mode():
+    """What core's training node sets around its loop: ComfyUI 0.33's FLUX attention applies RoPE
+    through a comfy-kitchen op without a backward unless ``model_management.in_training`` is set.
+    Restored on success, error and cancel; 0.3.75 has no such flag and needs none."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
 
 
 # --- runtime LoRA ------------------------------------------------------------------------

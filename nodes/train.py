@@ -26,7 +26,7 @@ from ..lora_ops import dataset as ds
 from ..lora_ops import flow_match as fm
 from ..lora_ops import lora_checkpoint as ckpt
 from ..lora_ops.lora_runtime import LoraEntry, LowRankAdapter, activate, install_hooks
-from .comfy_glue import check_file_choice, get_lora_stack, show_progress_text, with_lora_stack
+from .comfy_glue import check_file_choice, get_lora_stack, show_progress_text, training_mode, with_lora_stack
 
 CATEGORY = "Flux QLoRA Lab/training"
 NONE = "[none]"
@@ -248,7 +248,7 @@ class TrainingRun:
         device = self.model.load_device
         make_autograd_safe(self.diffusion_model)
         self.diffusion_model.requires_grad_(False)
-        with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model):
+        with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model), training_mode():
             examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device)) for e in examples]
             empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
             factors = self._initial_factors(device)

@@ -43,7 +43,8 @@ for version in $versions; do
     COMFYUI_PATH="$comfy" "$python" -m pytest --rootdir tests -c tests/pytest.ini "${@:-tests}" 2>&1 | tee "$result_log"
     code=${PIPESTATUS[0]}
     [ "$code" -eq 0 ] || status=1
-    summary="$summary\nComfyUI $version ($comfy): $(grep -E '(passed|failed|error|no tests ran).* in [0-9.]+s' "$result_log" | tail -1 | tr -d '=' | sed 's/^ *//')"
+    result="$(grep -E '(passed|failed|error|no tests ran).* in [0-9.]+s' "$result_log" | tail -1 | tr -d '=' | sed 's/^ *//')"
+    summary="$summary\nComfyUI $version ($comfy): ${result:-pytest ended with exit code $code and no summary (killed?)}"
     rm -f "$result_log"
 done
 echo "=================== results ==================="

@@ -24,6 +24,19 @@ TINY = {
 
 
 
+def node_class_for_prompt(node_class, unique_id: str):
+    """The class clone ComfyUI's executor makes to run a V3 node, with its hidden inputs set.
+
+    ComfyUI 0.3.75's ``PREPARE_CLASS_CLONE`` takes the hidden inputs; 0.33 takes the executor's
+    ``v3_data``, which holds them under "hidden_inputs"."""
+    import inspect
+
+    hidden = {"unique_id": unique_id}
+    if "v3_data" in inspect.signature(node_class.PREPARE_CLASS_CLONE).parameters:
+        return node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    return node_class.PREPARE_CLASS_CLONE(hidden)
+
+
 def flux_conditioning(seed: int = 0, guidance: float | None = 3.5):
     """A fixed random CLIP-L-shaped conditioning (77x768 tokens + 768 pooled) for the tiny FLUX."""
     g = torch.Generator().manual_seed(seed)

@@ -52,21 +52,40 @@ def xlabs_file(factors):
     return sd
 
 
-def diffusers_file(factors, unet_config):
-    """PEFT/ai-toolkit names; fused BFL layers split into their diffusers parts (row slices of B)."""
-    import comfy.utils
+# Real diffusers FLUX.1 module names (FluxTransformer2DModel), written out rather than taken from
+# comfy.utils.flux_to_diffusers, the map under test (ComfyUI 0.33's also holds LyCORIS and FLUX.2
+# aliases of the same weights): diffusers module -> (BFL module, first row, rows), rows in units of
+# the hidden size for the parts of BFL's fused qkv / linear1.
+DIFFUSERS_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0, 1), "attn.to_k": ("img_attn.qkv", 1, 1), "attn.to_v": ("img_attn.qkv", 2, 1),
+    "attn.add_q_proj": ("txt_attn.qkv", 0, 1), "attn.add_k_proj": ("txt_attn.qkv", 1, 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2, 1),
+    "attn.to_out.0": ("img_attn.proj", None, None), "attn.to_add_out": ("txt_attn.proj", None, None),
+    "ff.net.0.proj": ("img_mlp.0", None, None), "ff.net.2": ("img_mlp.2", None, None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None, None), "ff_context.net.2": ("txt_mlp.2", None, None),
+    "norm1.linear": ("img_mod.lin", None, None), "norm1_context.linear": ("txt_mod.lin", None, None),
+}
+DIFFUSERS_SINGLE = {
+    "attn.to_q": ("linear1", 0, 1), "attn.to_k": ("linear1", 1, 1), "attn.to_v": ("linear1", 2, 1),
+    "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", None, None), "norm.linear": ("modulation.lin", None, None),
+}
 
+
+def diffusers_file(factors, hidden_size):
+    """PEFT/ai-toolkit names; fused BFL layers split into their diffusers parts (row slices of B)."""
     sd = {}
-    for diffusers_key, target in comfy.utils.flux_to_diffusers(unet_config, output_prefix="").items():
-        bfl_key, rows = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
-        path = bfl_key[: -len(".weight")]
-        if path not in factors or not diffusers_key.endswith(".weight"):
-            continue
-        down, up = factors[path]
-        if rows is not None:
-            up = up[rows[1]: rows[1] + rows[2]]
-        name = "transformer." + diffusers_key[: -len(".weight")]
-        sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up.contiguous()}
+    for prefix, bfl_prefix, parts in (("transformer_blocks", "double_blocks", DIFFUSERS_DOUBLE),
+                                      ("single_transformer_blocks", "single_blocks", DIFFUSERS_SINGLE)):
+        for path, (down, up) in factors.items():
+            if not path.startswith(bfl_prefix + "."):
+                continue
+            block, bfl_module = path[len(bfl_prefix) + 1:].split(".", 1)
+            for diffusers_module, (target, first, rows) in parts.items():
+                if target != bfl_module:
+                    continue
+                part = up if first is None else up[first * hidden_size: (first + rows) * hidden_size]
+                name = f"transformer.{prefix}.{block}.{diffusers_module}"
+                sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": part.contiguous()}
     return sd
 
 
@@ -109,7 +128,7 @@ def test_runtime_lora_matches_core_merge(models, scratch_models, fmt):
         lora_sd, reference_sd = kohya_file(factors, alpha=RANK / 2), kohya_file(factors, alpha=RANK / 2)
     else:
         writer = {"bfl": bfl_file, "xlabs": xlabs_file,
-                  "diffusers": lambda f: diffusers_file(f, reference_base.model.model_config.unet_config)}[fmt]
+                  "diffusers": lambda f: diffusers_file(f, diffusion_model.hidden_size)}[fmt]
         lora_sd, reference_sd = writer(factors), kohya_file(factors, alpha=RANK)  # no alpha in file = scale 1
     lora_name = write_lora(scratch_models, f"oracle-{fmt}.safetensors", lora_sd)
 
@@ -145,7 +164,7 @@ def test_two_stacked_loras_match_core_stack(models, scratch_models):
     second = random_factors(ours_base.model.diffusion_model, linears[::2], seed=12)
     name_a = write_lora(scratch_models, "stack-a.safetensors", kohya_file(first, RANK))
     name_b = write_lora(scratch_models, "stack-b.safetensors",
-                        diffusers_file(second, reference_base.model.model_config.unet_config))
+                        diffusers_file(second, ours_base.model.diffusion_model.hidden_size))
 
     ours, _ = apply_ours(ours_base, name_a, 0.8)
     ours, _ = apply_ours(ours, name_b, -0.5)

@@ -15,6 +15,7 @@ import zipfile
 
 import pytest
 import torch
+from fluxq_testing import node_class_for_prompt
 from make_tiny_models import flux_params
 from PIL import Image
 from safetensors import safe_open
@@ -125,7 +126,7 @@ def node_args(model, clip, vae, **overrides):
 
 
 def train(comfy_libs, args, images=None, captions=None):
-    node = comfy_libs.train.FluxQTrainLoRA.PREPARE_CLASS_CLONE({"unique_id": "7"})
+    node = node_class_for_prompt(comfy_libs.train.FluxQTrainLoRA, "7")
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         return node.execute(images=images, captions=captions, **args)
 
@@ -308,14 +309,14 @@ def test_same_seed_same_lora_and_resume_continues_the_run(comfy_libs, clip_vae, 
     b, _ = lora_tensors(loras / "b.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # cancelled after step 4, then resumed from that checkpoint: the LoRA and loss curve of 6 straight steps
+    # cancelled after step 4 (or the next reported one), then resumed from that checkpoint: the LoRA and loss curve of 6 straight steps
     import comfy.model_management
 
-    with cancel_at_step(4), pytest.raises(comfy.model_management.InterruptProcessingException):
+    with cancel_at_step(4) as pressed_at, pytest.raises(comfy.model_management.InterruptProcessingException):
         train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="cut", **settings))
     comfy_libs.folder_paths.filename_list_cache.clear()
-    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="resumed", resume="cut_step000004.safetensors",
-                                **settings))
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="resumed",
+                                resume=f"cut_step{pressed_at[0]:06d}.safetensors", **settings))
     resumed, metadata = lora_tensors(loras / "resumed.safetensors")
     assert metadata["ss_steps"] == "6"
     for k in a:
@@ -342,18 +343,23 @@ def test_images_and_captions_from_core_dataset_nodes(comfy_libs, clip_vae, folde
 
 @contextlib.contextmanager
 def cancel_at_step(step: int):
-    """Presses ComfyUI's cancel while `step` runs (the trainer reports progress after each step)."""
+    """Presses ComfyUI's cancel at the first progress report of step >= `step` (the trainer reports
+    after each step; ComfyUI 0.33's bar throttles reports, so that may be a later step) and yields
+    the list that receives the step it was pressed at."""
     import comfy.model_management
     import comfy.utils
 
+    pressed_at = []
+
     def hook(value, total, preview, node_id=None):
-        if value == step:
+        if value >= step and not pressed_at:
+            pressed_at.append(value)
             comfy.model_management.interrupt_current_processing(True)
 
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        yield
+        yield pressed_at
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
 
@@ -364,10 +370,12 @@ def test_cancel_saves_a_checkpoint_after_the_current_step(comfy_libs, clip_vae, 
     clip, vae = clip_vae
     inputs, loras = folders
     write_dataset(inputs, ["red"])
-    with cancel_at_step(2), pytest.raises(comfy.model_management.InterruptProcessingException):
+    with cancel_at_step(2) as pressed_at, pytest.raises(comfy.model_management.InterruptProcessingException):
         train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=50))
     assert not comfy.model_management.processing_interrupted()
-    assert sorted(os.listdir(loras)) == ["trained_step000002.safetensors", "trained_step000002.trainstate"]
+    # the cancel takes effect within the step it was pressed in
+    step = pressed_at[0]
+    assert sorted(os.listdir(loras)) == [f"trained_step{step:06d}.safetensors", f"trained_step{step:06d}.trainstate"]
 
 
 # --- bad input: clear errors before training, nothing written --------------------------------
