@@ -505,7 +505,7 @@ _SCALE_SOURCES = {
 def layer_base_weight(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A layer's weight in float, without patches: what DoRA's norms are taken of."""
     if getattr(module, "qtype", None) is not None:
-        return dequantize(module.weight.to(device), module.qtype, module.qshape, dtype=dtype)
+        return module._dequantized_base(dtype, device)
     return comfy.model_management.cast_to(module.weight, dtype, device)
 
 

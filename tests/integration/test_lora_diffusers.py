@@ -27,6 +27,7 @@ TOP = ("x_embedder", "context_embedder", "time_text_embed.timestep_embedder.line
        "time_text_embed.timestep_embedder.linear_2", "time_text_embed.guidance_embedder.linear_1",
        "time_text_embed.guidance_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
        "time_text_embed.text_embedder.linear_2", "norm_out.linear", "proj_out")
+# the usual target set (attention, MLP, modulation of every block) and all linear layers
 USUAL = [f"transformer_blocks.0.{m}" for m in DOUBLE] + [f"single_transformer_blocks.0.{m}" for m in SINGLE]
 ALL_LINEAR = USUAL + list(TOP)
 
@@ -81,26 +82,26 @@ def pack_updates_in_diffusers_names(model, lora_name, strength=1.0):
     return convert_flux_transformer_checkpoint_to_diffusers(checkpoint), report
 
 
-@pytest.mark.parametrize("targets", ["usual", "all_linear"])
-def test_peft_lora_with_alpha_in_the_header_matches_diffusers(model, scratch_models, targets):
-    modules = USUAL if targets == "usual" else ALL_LINEAR
-    path = scratch_models / "loras" / f"peft-{targets}.safetensors"
+def test_peft_lora_on_every_linear_with_alpha_in_the_header_matches_diffusers(model, scratch_models):
+    path = scratch_models / "loras" / "peft-all-linear.safetensors"
     # alpha 8 over rank 4 (scale 2), one module family at rank 2 and one at alpha 3: diffusers' own rules
-    expected = write_peft_lora(path, modules, r=4, lora_alpha=8, rank_pattern={"attn.to_k": 2},
+    expected = write_peft_lora(path, ALL_LINEAR, r=4, lora_alpha=8, rank_pattern={"attn.to_k": 2},
                                alpha_pattern={"proj_out": 3})
     with safe_open(str(path), framework="pt") as f:
         assert not any(k.endswith(".alpha") for k in f.keys())
         assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"] == 8
 
-    for strength in (1.0, -0.7):
-        ours, report = pack_updates_in_diffusers_names(model, path.name, strength)
-        assert "0 keys unmatched" in report and "lora_adapter_metadata" in report
-        for name, delta in expected.items():
-            assert delta.abs().max() > 0
-            torch.testing.assert_close(ours[f"{name}.weight"], strength * delta, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{name}: {m}")
-        untouched = [k for k in ours if k.endswith(".weight") and k[: -len(".weight")] not in expected]
-        assert all(not ours[k].any() for k in untouched)
+    strength = -0.7
+    ours, report = pack_updates_in_diffusers_names(model, path.name, strength)
+    assert "0 keys unmatched" in report and "lora_adapter_metadata" in report
+    # the usual target set (q/k/v and proj_mlp as row slices of the fused layers) and every other
+    # linear, norm_out.linear's [scale; shift] rows included
+    for name, delta in expected.items():
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(ours[f"{name}.weight"], strength * delta, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    untouched = [k for k in ours if k.endswith(".weight") and k[: -len(".weight")] not in expected]
+    assert untouched and all(not ours[k].any() for k in untouched)
 
 
 def test_kohya_lora_with_alpha_tensors_matches_diffusers(model, scratch_models):
