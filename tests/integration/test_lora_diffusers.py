@@ -9,6 +9,7 @@ device and left uninitialised: only the LoRA layers are read.
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -71,7 +72,9 @@ def pack_updates_in_diffusers_names(model, lora_name, strength=1.0):
 
     entry, _, report = load_lora_entry(model, lora_name, strength)
     diffusion_model = model.model.diffusion_model
-    checkpoint = {k: torch.zeros(()).expand(v.shape) for k, v in diffusion_model.state_dict().items()}
+    # ComfyUI 0.33 names the q/k norm parameters `.weight`; BFL files (and the converter) say `.scale`
+    checkpoint = {re.sub(r"(query|key)_norm\.weight$", r"\1_norm.scale", k): torch.zeros(()).expand(v.shape)
+                  for k, v in diffusion_model.state_dict().items()}
     for path, adapters in entry.adapters.items():
         weight = diffusion_model.get_submodule(path).weight
         delta = torch.zeros(weight.shape)
@@ -125,7 +128,7 @@ def test_kohya_lora_with_alpha_tensors_matches_diffusers(model, scratch_models):
     transformer = diffusers_transformer()
     transformer.load_lora_adapter(FluxPipeline.lora_state_dict(str(path)), prefix="transformer", adapter_name="k")
     adapted = [n for n, m in transformer.named_modules() if "k" in getattr(m, "lora_A", {})]
-    assert len(adapted) == 10  # qkv and linear1 split into q/k/v (+ proj_mlp)
+    assert len(adapted) == 9  # qkv and linear1 split into q/k/v (+ proj_mlp)
     ours, report = pack_updates_in_diffusers_names(model, path.name)
     assert "scale alpha/rank from the file's .alpha tensors" in report
     for name in adapted:
