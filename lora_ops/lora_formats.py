@@ -9,9 +9,11 @@ and LoKr weights. `normalize_flux_lora` only rewrites what falls outside that ma
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import safetensors
 import safetensors.torch
@@ -38,6 +40,9 @@ _FLUX_FORMATS = (
     ("diffusers", re.compile(r"transformer_blocks[._]\d")),
     ("bfl", re.compile(r"(double|single)_blocks\.\d")),
 )
+# kohya names built from diffusers FLUX module names (diffusers' SD-era convert_state_dict_to_kohya
+# writes them): no FLUX loader reads this layout, kohya FLUX names BFL modules.
+_KOHYA_FROM_DIFFUSERS = re.compile(r"^(lora_unet_)?(transformer_)?(single_transformer_blocks|transformer_blocks)_\d+_")
 # SD families, for a clear refusal. kohya names SDXL modules the SGM way (input_blocks) and
 # SD1.5 ones the diffusers way; only SDXL has two CLIPs and transformer depth above 1.
 _SD_FORMATS = (
@@ -57,11 +62,21 @@ _DESCRIPTIONS = {
     "sdxl": "an SDXL LoRA, not a FLUX.1 one",
     "sd15": "a Stable Diffusion 1.x LoRA, not a FLUX.1 one",
 }
+# Layouts that are recognised but that no loader reads: what the file is, without "looks like".
+_REFUSALS = {
+    "kohya_diffusers_names": "has SD-style kohya names built from diffusers module names "
+                             "(as diffusers' convert_state_dict_to_kohya writes them): not a FLUX "
+                             "layout any loader reads; kohya FLUX LoRAs name BFL modules "
+                             "(lora_unet_double_blocks_0_img_attn_qkv)",
+}
 
 
 def _detect(keys: Iterable[str]) -> tuple[str, list[str]]:
     """(format, the sorted keys that decided it)."""
     keys = sorted(keys)
+    misnamed = [k for k in keys if _KOHYA_FROM_DIFFUSERS.search(k)]
+    if misnamed:
+        return "kohya_diffusers_names", misnamed
     flux_keys = [k for k in keys if _FLUX_KEY.search(k)]
     rules = _FLUX_FORMATS if flux_keys else _SD_FORMATS
     for name, pattern in rules:
@@ -72,7 +87,7 @@ def _detect(keys: Iterable[str]) -> tuple[str, list[str]]:
 
 
 def detect_format(keys: Iterable[str]) -> str:
-    """One of kohya, diffusers, xlabs, bfl, lycoris, sdxl, sd15, unknown."""
+    """One of kohya, diffusers, xlabs, bfl, lycoris, sdxl, sd15, kohya_diffusers_names, unknown."""
     return _detect(keys)[0]
 
 
@@ -84,6 +99,8 @@ def describe_format(keys: Iterable[str]) -> str:
     examples = ", ".join(evidence[:2]) + (", ..." if len(evidence) > 2 else "")
     if name == "unknown":
         return f"is not a LoRA layout this pack recognises (keys such as {examples})"
+    if name in _REFUSALS:
+        return f"{_REFUSALS[name]} (keys such as {examples})"
     return f"looks like {_DESCRIPTIONS[name]} (keys such as {examples})"
 
 
@@ -144,6 +161,77 @@ def normalize_flux_lora(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# --- scale recorded in the header (diffusers / PEFT) ---------------------------------------------
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers writes (lora_base.py)
+
+
+@dataclass(frozen=True)
+class HeaderScale:
+    """PEFT's LoraConfig scale rule, from the JSON diffusers stores in the safetensors header:
+    per module, r and alpha from `rank_pattern` / `alpha_pattern` (PEFT's `get_pattern_key`
+    match on the module name) else `r` / `lora_alpha`; scale alpha/r, or alpha/√r with use_rslora."""
+
+    r: int
+    lora_alpha: float
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def scale(self, module_name: str, rank: int, source: str) -> float:
+        """`module_name` relative to the transformer (e.g. `transformer_blocks.0.attn.to_q`);
+        `rank` the file's tensors' rank, which must be the recorded one."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
+        if r != rank:
+            raise LoraFormatError(
+                f"{source}: the header's {LORA_ADAPTER_METADATA_KEY} gives {module_name} rank {r}, "
+                f"but its tensors have rank {rank}"
+            )
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_key(patterns: dict, module_name: str) -> str:
+    # peft.utils.other.get_pattern_key: the first pattern that matches the end of the name.
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return pattern
+    return module_name
+
+
+def header_scale(metadata: dict[str, str] | None, source: str) -> HeaderScale | None:
+    """The scale rule of a safetensors header, or None when it records none.
+
+    diffusers writes the LoraConfig as JSON under `lora_adapter_metadata`: bare when saved from
+    the model (`save_lora_adapter`), keys prefixed `transformer.` when saved from the pipeline.
+    """
+    raw = (metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraFormatError(f"{source}: the header's {LORA_ADAPTER_METADATA_KEY} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{source}: the header's {LORA_ADAPTER_METADATA_KEY} is not a JSON object")
+    prefixed = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
+    config = prefixed or config
+    if "lora_alpha" not in config or "r" not in config:
+        return None
+    try:
+        rule = HeaderScale(
+            r=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
+            rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+            use_rslora=bool(config.get("use_rslora", False)),
+        )
+    except (TypeError, ValueError, AttributeError) as e:
+        raise LoraFormatError(f"{source}: the header's {LORA_ADAPTER_METADATA_KEY} has a bad r/lora_alpha/pattern: {e}") from None
+    if rule.r <= 0 or not math.isfinite(rule.lora_alpha):
+        raise LoraFormatError(f"{source}: the header's {LORA_ADAPTER_METADATA_KEY} has r={rule.r}, lora_alpha={rule.lora_alpha}")
+    return rule
+
+
 # --- kohya names ------------------------------------------------------------------------------
 
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -196,14 +284,21 @@ def _check_safetensors_header(path: str) -> None:
 
 def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Loads and validates a .safetensors LoRA; never unpickles anything."""
+    return read_lora_file_with_metadata(path)[0]
+
+
+def read_lora_file_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read_lora_file` plus the header's string metadata (empty when it has none)."""
     path = os.fspath(path)
     _check_safetensors_header(path)
     try:
-        sd = safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            sd = {key: f.get_tensor(key) for key in f.keys()}
     except safetensors.SafetensorError as e:
         raise LoraFormatError(f"{path}: damaged safetensors file: {e}") from None
     validate_lora_tensors(sd, path)
-    return sd
+    return sd, metadata
 
 
 def validate_lora_tensors(sd: dict[str, torch.Tensor], source: str) -> None:

@@ -1,7 +1,13 @@
-"""Runtime (unmerged) LoRA: forward hooks add `strength * scale * B(A x)` to a layer's output.
+"""Runtime (unmerged) LoRA: forward hooks add `strength * update(x)` to a layer's output.
 
 No weight is ever touched, so quantized layers stay quantized, and applying, re-weighting or
 removing a LoRA only swaps which `LoraStack` is active: nothing reloads.
+
+Every adapter kind offers the same two views of its update:
+- `output(x, strength, base_rows)`: the separate path, `strength * ΔW x` for the rows it targets
+  (differentiable; `base_rows` only for adapters with `needs_base_rows`, DoRA);
+- `dense_delta(base_rows)`: the full ΔW to ADD to those rows (its own scale and any row transform
+  included, not the strength), in base_rows' dtype and device, for paths that form the weight.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -37,10 +43,17 @@ class LowRankAdapter:
     up: torch.Tensor  # B: (out_part, rank), fp32 master
     scale: float  # alpha / rank
     out_slice: tuple[int, int] | None = None  # (offset, size) into the layer's output features
+    # Row transform of the update (ComfyUI's key maps reorder some rows, e.g. FLUX's final
+    # modulation): update row i is row row_order[i] of up @ down. Folded into `up` at construction.
+    row_order: torch.Tensor | None = None
     # Casts of down/up for one (device, dtype), made on first use.
     _casts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    needs_base_rows = False
 
     def __post_init__(self):
+        if self.row_order is not None:
+            object.__setattr__(self, "up", self.up.index_select(0, self.row_order.to(self.up.device)))
+            object.__setattr__(self, "row_order", None)
         if self.down.dim() != 2 or self.up.dim() != 2 or self.up.shape[1] != self.down.shape[0]:
             raise ValueError(
                 f"LoRA shapes do not chain: down {tuple(self.down.shape)}, up {tuple(self.up.shape)}"
@@ -70,6 +83,94 @@ class LowRankAdapter:
             self._casts[key] = factors
         return factors
 
+    def output(self, x: torch.Tensor, strength: float, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+        down, up = self.factors_for(x)
+        return nn.functional.linear(nn.functional.linear(x, down), up) * (strength * self.scale)
+
+    def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
+        device = base_rows.device
+        return ((self.up.to(device) @ self.down.to(device)) * self.scale).to(base_rows.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class KroneckerAdapter:
+    """LoKr: `scale * kron(w1, w2)`, applied as `w1 · X · w2ᵀ` on the input viewed as a matrix,
+    so no dense (out x in) update is ever formed on the separate path."""
+
+    w1: torch.Tensor  # (out1, in1)
+    w2: torch.Tensor  # (out2, in2); the layer is (out1*out2, in1*in2)
+    scale: float
+    out_slice: tuple[int, int] | None = None
+    row_order: torch.Tensor | None = None  # as LowRankAdapter's, applied to the output here
+    needs_base_rows = False
+
+    def __post_init__(self):
+        if self.w1.dim() != 2 or self.w2.dim() != 2:
+            raise ValueError(f"LoKr factors must be matrices, got {tuple(self.w1.shape)} and {tuple(self.w2.shape)}")
+        object.__setattr__(self, "w1", self.w1.float())
+        object.__setattr__(self, "w2", self.w2.float())
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1]
+
+    def output(self, x: torch.Tensor, strength: float, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+        w1, w2 = self.w1.to(x.device, x.dtype), self.w2.to(x.device, x.dtype)
+        blocks = x.unflatten(-1, (w1.shape[1], w2.shape[1]))  # (..., in1, in2)
+        y = torch.matmul(w1, torch.matmul(blocks, w2.T)).flatten(-2) * (strength * self.scale)
+        return y if self.row_order is None else y.index_select(-1, self.row_order.to(y.device))
+
+    def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
+        device = base_rows.device
+        delta = torch.kron(self.w1.to(device), self.w2.to(device)) * self.scale
+        if self.row_order is not None:
+            delta = delta.index_select(0, self.row_order.to(device))
+        return delta.to(base_rows.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class DoRAAdapter:
+    """Weight-decomposed update around another adapter's ΔW, as ComfyUI core computes it:
+    `W' = W + strength·(m·(W + ΔW)/‖·‖ − W)`. The norm is over each output row of W when the
+    magnitude `m` has one value per row (core takes that norm from W itself), else over each input
+    column of W + ΔW. It depends on W, so both views read the base rows."""
+
+    inner: LowRankAdapter | KroneckerAdapter
+    magnitude: torch.Tensor  # core's dora_scale: (out_part, 1) or (1, in)
+    out_slice: tuple[int, int] | None = None
+    needs_base_rows = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "magnitude", self.magnitude.float())
+
+    def output(self, x: torch.Tensor, strength: float, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+        if base_rows is None:
+            raise ValueError("DoRA needs the layer's base weight rows")
+        return nn.functional.linear(x, self.dense_delta(base_rows).to(x.dtype)) * strength
+
+    def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
+        weight = base_rows.float()
+        merged = weight + self.inner.dense_delta(weight)
+        magnitude = self.magnitude.to(weight.device)
+        if magnitude.shape[0] == weight.shape[0]:  # one magnitude per output row
+            norm = weight.norm(dim=1, keepdim=True)
+        else:
+            norm = merged.norm(dim=0, keepdim=True)
+        merged = merged * (magnitude / (norm + torch.finfo(torch.float32).eps))
+        return (merged - weight).to(base_rows.dtype)
+
+
+Adapter = LowRankAdapter | KroneckerAdapter | DoRAAdapter
+
+
+def hadamard_as_low_rank(w1a, w1b, w2a, w2b) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoHa's `(w1a @ w1b) * (w2a @ w2b)` as one low-rank product `up @ down` of rank r1*r2
+    (the face-splitting identity), so it runs on the LoRA path without a dense update."""
+    up = (w1a.float().unsqueeze(2) * w2a.float().unsqueeze(1)).flatten(1)  # (out, r1*r2)
+    down = (w1b.float().unsqueeze(1) * w2b.float().unsqueeze(0)).flatten(0, 1)  # (r1*r2, in)
+    return down, up
+
 
 def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # ComfyUI loads files under inference_mode; such tensors cannot be saved for backward, which
@@ -86,7 +187,7 @@ class LoraEntry:
 
     name: str
     strength: float
-    adapters: Mapping[str, tuple[LowRankAdapter, ...]]
+    adapters: Mapping[str, tuple[Adapter, ...]]
 
     def __post_init__(self):
         if not math.isfinite(self.strength):
@@ -105,7 +206,7 @@ class LoraStack:
         names = self.names()
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate LoRA names in {names}")
-        by_module: dict[str, list[tuple[float, LowRankAdapter]]] = {}
+        by_module: dict[str, list[tuple[float, Adapter]]] = {}
         for entry in self._entries:
             if entry.strength == 0.0:
                 continue
@@ -129,7 +230,7 @@ class LoraStack:
         """Every module some entry adapts, zero-strength entries included."""
         return self._module_paths
 
-    def adapters_for(self, module_path: str) -> tuple[tuple[float, LowRankAdapter], ...]:
+    def adapters_for(self, module_path: str) -> tuple[tuple[float, Adapter], ...]:
         """(strength, adapter) pairs for one module, zero-strength entries left out."""
         return self._by_module.get(module_path, ())
 
@@ -175,16 +276,27 @@ def activate(stack: LoraStack | None) -> Iterator[None]:
         _active_stack.reset(token)
 
 
-def install_hooks(root: nn.Module, module_paths: Iterable[str]) -> None:
-    """Hooks each `root.get_submodule(path)` once; hooking an already hooked module does nothing."""
+BaseWeight = Callable[[nn.Module, torch.dtype, torch.device], torch.Tensor]
+
+
+def _plain_weight(module: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return module.weight.to(device, dtype)
+
+
+def install_hooks(root: nn.Module, module_paths: Iterable[str], base_weight: BaseWeight = _plain_weight) -> None:
+    """Hooks each `root.get_submodule(path)` once; hooking an already hooked module does nothing.
+
+    `base_weight(module, dtype, device)` gives a layer's float weight (for quantized layers, its
+    dequantization); only adapters that read the base rows (DoRA) call it.
+    """
     for path in module_paths:
         module = root.get_submodule(path)
         if getattr(module, _HOOK_ATTR, None) is None:
-            module.register_forward_hook(_make_hook(path))
+            module.register_forward_hook(_make_hook(path, base_weight))
             setattr(module, _HOOK_ATTR, path)
 
 
-def _make_hook(module_path: str):
+def _make_hook(module_path: str, base_weight: BaseWeight):
     def lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor):
         stack = _active_stack.get()
         if stack is None:
@@ -193,9 +305,14 @@ def _make_hook(module_path: str):
         if not pairs:
             return None
         x = args[0]
+        weight = None
         for strength, adapter in pairs:
-            down, up = adapter.factors_for(x)
-            delta = nn.functional.linear(nn.functional.linear(x, down), up) * (strength * adapter.scale)
+            base_rows = None
+            if adapter.needs_base_rows:
+                if weight is None:
+                    weight = base_weight(module, torch.float32, x.device)  # norms in fp32, as core
+                base_rows = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
+            delta = adapter.output(x, strength, base_rows)
             target = output if adapter.out_slice is None else output.narrow(-1, *adapter.out_slice)
             # In place: a Linear does not save its output for backward, so autograd allows it,
             # and inference needs no second output-sized buffer.

@@ -34,12 +34,24 @@ import folder_paths
 from ..lora_ops.dequant import dequantize
 from ..lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf
 from ..lora_ops.lora_formats import (
+    LoraFormatError,
     describe_format,
     detect_format,
+    header_scale,
     normalize_flux_lora,
-    read_lora_file,
+    read_lora_file_with_metadata,
 )
-from ..lora_ops.lora_runtime import REMOVE_ALL, LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+from ..lora_ops.lora_runtime import (
+    REMOVE_ALL,
+    DoRAAdapter,
+    KroneckerAdapter,
+    LoraEntry,
+    LoraStack,
+    LowRankAdapter,
+    activate,
+    hadamard_as_low_rank,
+    install_hooks,
+)
 
 log = logging.getLogger("fluxq")
 
@@ -334,7 +346,7 @@ class LoraStackWrapper:
         return self  # the stack is immutable; ComfyUI deep-copies model_options per clone
 
     def __call__(self, executor, *args, **kwargs):
-        install_hooks(executor.class_obj.diffusion_model, self.stack.module_paths())
+        install_hooks(executor.class_obj.diffusion_model, self.stack.module_paths(), layer_base_weight)
         with activate(self.stack):
             return executor(*args, **kwargs)
 
@@ -437,30 +449,171 @@ def _matched_keys(patches: dict, lora_sd: dict) -> set[str]:
     return loaded | extras
 
 
-def _runtime_adapter(target, adapter, diffusion_model, lora_name: str) -> tuple[str, LowRankAdapter]:
-    key, out_slice = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
-    kind = "full weight diff" if isinstance(adapter, tuple) else type(adapter).__name__
-    if kind != "LoRAAdapter":
+def _row_order(function, rows: int, lora_name: str, key: str) -> torch.Tensor | None:
+    """The row permutation a key-map transform applies to an update of ``rows`` rows, or None.
+
+    ComfyUI's FLUX map reorders rows (``swap_scale_shift`` on ``final_layer.adaLN_modulation.1``:
+    diffusers orders them [scale; shift], BFL [shift; scale]). The runtime path applies any
+    function that only reorders rows; anything else is refused rather than silently dropped.
+    """
+    if function is None:
+        return None
+    probe = torch.arange(rows, dtype=torch.float64).unsqueeze(1)
+    order = None
+    try:
+        moved = function(probe)
+        if moved.shape == probe.shape and torch.equal(moved.flatten().sort().values, probe.flatten()):
+            order = moved.flatten().long()
+            columns = torch.randn(rows, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            if not torch.equal(function(columns), columns[order]):
+                order = None
+    except Exception:  # noqa: BLE001 - any failure means "not a row reordering"
+        order = None
+    if order is None:
+        name = getattr(function, "__name__", repr(function))
         raise LoraMatchError(
-            f"{lora_name}: {key} is a {kind.replace('Adapter', '')} adapter; the runtime path supports plain "
-            "LoRA only. Use ComfyUI's core 'LoraLoaderModelOnly' for LyCORIS (LoKr/LoHa) files: it works on "
-            "FluxQ GGUF models too."
+            f"{lora_name}: ComfyUI's key map transforms the update of {key} with {name}, which is not a "
+            "reordering of rows; the runtime path cannot apply it exactly, so the LoRA is refused. "
+            "Use core 'LoraLoaderModelOnly' for this file and report it."
         )
-    up, down, alpha, mid, dora_scale, reshape = adapter.weights
-    if mid is not None or dora_scale is not None or reshape is not None:
-        raise LoraMatchError(f"{lora_name}: {key} uses LoCon mid/DoRA/reshape, which the runtime path does not support.")
+    return None if torch.equal(order, torch.arange(rows)) else order
+
+
+def _alpha_scale(alpha, dim: int) -> float | None:
+    return None if alpha is None else float(alpha) / dim
+
+
+def _inner_adapter(x, kind, weights, header, out_slice, row_order, lora_name):
+    """(adapter, scale or None, scale source, dora_scale) from core's parsed weights, scaled as core does."""
+    if kind == "LoRA":
+        up, down, alpha, mid, dora_scale, reshape = weights
+        if mid is not None or reshape is not None:
+            raise LoraMatchError(f"{lora_name}: {x} uses LoCon mid/reshape weights (conv layers), which FLUX's "
+                                 "linear layers do not have.")
+        rank = down.shape[0]
+        scale, source = _alpha_scale(alpha, rank), "alpha"
+        if scale is None and header is not None:
+            scale, source = header.scale(_peft_module_name(x), rank, lora_name), "header"
+    elif kind == "LoHa":
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale = weights
+        if t1 is not None or t2 is not None:
+            raise LoraMatchError(f"{lora_name}: {x} uses LoHa Tucker weights (conv layers), which FLUX's linear "
+                                 "layers do not have.")
+        scale, source = _alpha_scale(alpha, w1b.shape[0]), "alpha"
+        down, up = hadamard_as_low_rank(w1a, w1b, w2a, w2b)
+    else:
+        w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora_scale = weights
+        if t2 is not None:
+            raise LoraMatchError(f"{lora_name}: {x} uses LoKr Tucker weights (conv layers), which FLUX's linear "
+                                 "layers do not have.")
+        dim = None  # as core: alpha counts against the rank of the last factorised side
+        if w1 is None:
+            w1, dim = w1_a.float() @ w1_b.float(), w1_b.shape[0]
+        if w2 is None:
+            w2, dim = w2_a.float() @ w2_b.float(), w2_b.shape[0]
+        scale, source = (_alpha_scale(alpha, dim), "alpha") if dim is not None else (None, "lokr_full")
+        adapter = KroneckerAdapter(w1, w2, scale=1.0 if scale is None else scale, out_slice=out_slice,
+                                   row_order=row_order)
+        return adapter, scale, source, dora_scale
+    adapter = LowRankAdapter(down=down, up=up, scale=1.0 if scale is None else scale, out_slice=out_slice,
+                             row_order=row_order)
+    return adapter, scale, source, dora_scale
+
+
+def _runtime_adapter(x: str, target, adapter, diffusion_model, lora_name: str, header):
+    """(module path, runtime adapter, where its scale came from) for one entry of core's patches.
+
+    ``target`` is core's key-map value: a key, or ``(key, (dim, offset, size)[, function])``.
+    Scales follow core (``alpha / rank``) when the file has ``.alpha``; else the header rule.
+    """
+    key = target[0] if isinstance(target, tuple) else target
+    offset = target[1] if isinstance(target, tuple) else None
+    function = target[2] if isinstance(target, tuple) and len(target) > 2 else None
+    kind = "full weight diff" if isinstance(adapter, tuple) else type(adapter).__name__.replace("Adapter", "")
+    if kind not in ("LoRA", "LoHa", "LoKr"):
+        raise LoraMatchError(
+            f"{lora_name}: {x} is a {kind} adapter; the runtime path applies LoRA, LoHa, LoKr and DoRA. "
+            "Use ComfyUI's core 'LoraLoaderModelOnly' for this file: it works on FluxQ GGUF models too."
+        )
     module_path = key[len("diffusion_model."):-len(".weight")]
-    module = diffusion_model.get_submodule(module_path)
-    rows = out_slice[2] if out_slice is not None else module.out_features
-    if down.shape[-1] != module.in_features or up.shape[0] != rows or up.shape[1] != down.shape[0]:
-        raise LoraMatchError(
-            f"{lora_name}: shapes do not fit {module_path}: lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}, "
-            f"layer expects ({down.shape[0]}, {module.in_features}) and ({rows}, {down.shape[0]})."
-        )
-    rank = down.shape[0]
-    scale = alpha / rank if alpha is not None else 1.0
-    offset = (out_slice[1], out_slice[2]) if out_slice is not None else None
-    return module_path, LowRankAdapter(down=down.float(), up=up.float(), scale=float(scale), out_slice=offset)
+    is_weight = key.startswith("diffusion_model.") and key.endswith(".weight")
+    module = diffusion_model.get_submodule(module_path) if is_weight else None
+    if not hasattr(module, "in_features") or (offset is not None and offset[0] != 0):
+        raise LoraMatchError(f"{lora_name}: {x} targets {key}, which is not the weight (or a row range of it) of a "
+                             "linear layer; the runtime path adapts linear layers only.")
+    rows = offset[2] if offset is not None else module.out_features
+    out_slice = (offset[1], offset[2]) if offset is not None else None
+    row_order = _row_order(function, rows, lora_name, key)
+    shape = (rows, module.in_features)
+
+    try:
+        inner, scale, source, dora_scale = _inner_adapter(x, kind, adapter.weights, header, out_slice, row_order,
+                                                          lora_name)
+    except (ValueError, RuntimeError, IndexError) as e:
+        if isinstance(e, (LoraMatchError, LoraFormatError)):
+            raise
+        raise LoraMatchError(f"{lora_name}: {x} ({kind}) does not fit {module_path} {shape}: {e}") from None
+    got = tuple(inner.up.shape[:1] + inner.down.shape[1:]) if isinstance(inner, LowRankAdapter) else inner.shape
+    if got != shape:
+        raise LoraMatchError(f"{lora_name}: {x} ({kind}) gives an update of shape {got}, but {module_path}"
+                             f"{'' if offset is None else f' rows {offset[1]}..{offset[1] + offset[2]}'} is {shape}.")
+    if scale is None and source != "lokr_full":
+        source = "none"
+    if dora_scale is not None:
+        if dora_scale.shape not in ((rows, 1), (1, module.in_features)):
+            raise LoraMatchError(f"{lora_name}: {x}.dora_scale has shape {tuple(dora_scale.shape)}; {module_path} "
+                                 f"needs ({rows}, 1) or (1, {module.in_features}).")
+        return module_path, DoRAAdapter(inner, dora_scale, out_slice=out_slice), source
+    return module_path, inner, source
+
+
+def _peft_module_name(x: str) -> str:
+    """The module name PEFT matches its patterns against: the key-map name without its prefix."""
+    for prefix in ("transformer.", "diffusion_model."):
+        if x.startswith(prefix):
+            return x[len(prefix):]
+    return x
+
+
+_SCALE_SOURCES = {
+    "alpha": "scale alpha/rank from the file's .alpha tensors",
+    "header": "scale from the header's lora_adapter_metadata (diffusers/PEFT)",
+    "none": "scale 1 (the file records no alpha)",
+    "lokr_full": "scale 1 (LoKr with unfactorised matrices: alpha does not apply)",
+}
+
+
+def layer_base_weight(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A layer's weight in float, without patches: what DoRA's norms are taken of."""
+    if getattr(module, "qtype", None) is not None:
+        return module._dequantized_base(dtype, device)
+    return comfy.model_management.cast_to(module.weight, dtype, device)
+
+
+def runtime_adapters(model, lora_sd: dict, lora_name: str, header=None):
+    """Core's key map and adapter parsing, turned into runtime adapters.
+
+    Returns ``({module_path: [adapter, ...]}, matched file keys, {scale source: count})``.
+    Each key-map entry is parsed on its own so its name is known (PEFT patterns match names);
+    as in core, a later entry for the same target replaces an earlier one.
+    """
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    model_keys = model.model.state_dict().keys()
+    patches = {}
+    for x, target in key_map.items():
+        for parsed_target, adapter in comfy.lora.load_lora(lora_sd, {x: target}, log_missing=False).items():
+            key = parsed_target[0] if isinstance(parsed_target, tuple) else parsed_target
+            if key in model_keys:  # as core's add_patches: targets the model lacks are not applied
+                patches[parsed_target] = (x, adapter)
+    diffusion_model = model.model.diffusion_model
+    adapters: dict[str, list] = {}
+    sources: dict[str, int] = {}
+    for target, (x, adapter) in patches.items():
+        module_path, runtime, source = _runtime_adapter(x, target, adapter, diffusion_model, lora_name, header)
+        adapters.setdefault(module_path, []).append(runtime)
+        sources[source] = sources.get(source, 0) + 1
+    matched = _matched_keys({t: a for t, (_, a) in patches.items()}, lora_sd)
+    return adapters, matched, sources
 
 
 def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_clip: float = 0.0):
@@ -469,18 +622,10 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     Returns ``(entry, clip_or_None, report)``. CLIP (``lora_te1_``) keys go through core patches.
     """
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
-    lora_sd = read_lora_file(path)  # refuses pickles, checks the header, NaN/Inf and dtypes
+    lora_sd, metadata = read_lora_file_with_metadata(path)  # refuses pickles; checks header, NaN/Inf, dtypes
     fmt = detect_format(lora_sd.keys())
     lora_sd = normalize_flux_lora(lora_sd)
-
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
-    diffusion_model = model.model.diffusion_model
-    adapters: dict[str, list[LowRankAdapter]] = {}
-    for target, adapter in patches.items():
-        module_path, runtime = _runtime_adapter(target, adapter, diffusion_model, lora_name)
-        adapters.setdefault(module_path, []).append(runtime)
-    matched = _matched_keys(patches, lora_sd)
+    adapters, matched, sources = runtime_adapters(model, lora_sd, lora_name, header_scale(metadata, lora_name))
 
     clip_out = None
     if clip is not None:
@@ -497,9 +642,13 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     unmatched = sorted(k for k in lora_sd if k not in matched)
     entry = LoraEntry(name=lora_name, strength=float(strength),
                       adapters={path: tuple(a) for path, a in adapters.items()})
+    scale_note = "; ".join(
+        _SCALE_SOURCES[s] + ("" if len(sources) == 1 else f" ({n} modules)") for s, n in sorted(sources.items()))
     report = f"{lora_name} ({fmt}): {len(adapters)} modules matched, {len(unmatched)} keys unmatched"
     if unmatched:
         report += ": " + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
+    report += f"; {scale_note}"
+    if unmatched:
         log.warning("[FluxQ] %s", report)
     else:
         log.info("[FluxQ] %s", report)

@@ -24,7 +24,8 @@ sys.path.insert(0, {repo!r})
 from lora_ops import lora_checkpoint as ckpt
 from lora_ops.flow_match import TrainState
 folder = {folder!r}
-meta = ckpt.lora_metadata(base_model="tiny", rank=8, alpha=8.0, steps=0, trigger_word="TOK", image_count=1, resolution=64)
+meta = ckpt.lora_metadata(base_model="tiny", rank=8, alpha=8.0, steps=0, trigger_word="TOK", image_count=1, resolution=64,
+                          run_id="run1")
 print("ready", flush=True)
 for step in range(1, 10_000):
     factors = {{f"single_blocks.{{i}}.linear2": ckpt.LoraFactors(torch.full((8, 3072), float(step)), torch.full((3072, 8), float(step)))

@@ -7,7 +7,7 @@ import torch
 from lora_ops import lora_checkpoint as ckpt
 from lora_ops.flow_match import TrainState
 
-META = ckpt.lora_metadata(base_model="tiny", rank=2, alpha=2.0, steps=1, trigger_word="TOK", image_count=1,
+META = ckpt.lora_metadata(base_model="tiny", rank=2, alpha=2.0, steps=1, trigger_word="TOK", image_count=1, run_id="run1",
                           resolution=64)
 
 

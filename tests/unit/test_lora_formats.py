@@ -197,3 +197,64 @@ def test_read_lora_file_refuses_garbage_and_empty(tmp_path):
     save_file({}, empty)
     with pytest.raises(LoraFormatError, match="holds no tensors"):
         read_lora_file(empty)
+
+
+# --- scale recorded in the header ---------------------------------------------------------------
+
+
+def _header(**config) -> dict[str, str]:
+    import json
+
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
+
+
+def test_header_scale_follows_peft_rule():
+    from lora_ops.lora_formats import header_scale
+
+    assert header_scale(None, "f") is None and header_scale({"format": "pt"}, "f") is None
+    rule = header_scale(_header(r=4, lora_alpha=8, rank_pattern={"attn.to_k": 2}, alpha_pattern={"proj_out": 3}), "f")
+    assert rule.scale("transformer_blocks.0.attn.to_q", 4, "f") == 2.0
+    assert rule.scale("transformer_blocks.0.attn.to_k", 2, "f") == 4.0  # rank_pattern: 8 / 2
+    assert rule.scale("single_transformer_blocks.0.proj_out", 4, "f") == 0.75  # alpha_pattern: 3 / 4
+    assert rule.scale("proj_out", 4, "f") == 0.75  # the pattern matches the whole name too
+    assert rule.scale("single_transformer_blocks.0.xproj_out", 4, "f") == 2.0  # but only at a name boundary
+    rs = header_scale(_header(r=16, lora_alpha=8, use_rslora=True), "f")
+    assert rs.scale("x_embedder", 16, "f") == 2.0  # alpha / sqrt(r)
+    # a pipeline's save_lora_weights prefixes each component's config keys
+    piped = header_scale(_header(**{"transformer.r": 4, "transformer.lora_alpha": 2}), "f")
+    assert piped.scale("proj_out", 4, "f") == 0.5
+
+
+def test_header_scale_errors_name_file_and_value():
+    from lora_ops.lora_formats import header_scale
+
+    with pytest.raises(LoraFormatError, match=r"my\.safetensors.*to_k rank 4.*rank 8"):
+        header_scale(_header(r=4, lora_alpha=4), "my.safetensors").scale("attn.to_k", 8, "my.safetensors")
+    with pytest.raises(LoraFormatError, match="lora_adapter_metadata is not valid JSON"):
+        header_scale({"lora_adapter_metadata": "{oops"}, "my.safetensors")
+    with pytest.raises(LoraFormatError, match="r=0"):
+        header_scale(_header(r=0, lora_alpha=4), "my.safetensors")
+
+
+def test_read_lora_file_with_metadata(tmp_path):
+    from lora_ops.lora_formats import read_lora_file_with_metadata
+
+    path = tmp_path / "peft.safetensors"
+    save_file(DIFFUSERS, path, metadata=_header(r=2, lora_alpha=4))
+    sd, metadata = read_lora_file_with_metadata(path)
+    assert set(sd) == set(DIFFUSERS) and "lora_adapter_metadata" in metadata
+
+
+def test_kohya_names_made_from_diffusers_modules_are_described_as_such():
+    # what diffusers' SD-era convert_state_dict_to_kohya writes for a FLUX PEFT LoRA
+    keys = ["transformer_single_transformer_blocks_0_attn_to_k.lora_down.weight",
+            "transformer_single_transformer_blocks_0_attn_to_k.alpha",
+            "transformer_transformer_blocks_0_attn_to_q.lora_up.weight"]
+    assert detect_format(keys) == "kohya_diffusers_names"
+    text = describe_format(keys)
+    assert "SD-style kohya names built from diffusers module names" in text
+    assert "not a FLUX layout any loader reads" in text and "diffusers/PEFT" not in text
+    assert "transformer_single_transformer_blocks_0_attn_to_k.alpha" in text  # two example keys
+    # the names core does map are unaffected
+    assert detect_format(["lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight"]) == "diffusers"
+    assert detect_format(["lycoris_transformer_blocks_0_attn_to_q.lokr_w1"]) == "lycoris"

@@ -203,3 +203,46 @@ def test_hooked_layer_compiles_without_graph_breaks(model, x):
         eager = proj(x)  # ComfyUI's first (eager) call fills the cast cache
         compiled = torch.compile(proj, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager)
+
+
+# --- LoKr, LoHa, DoRA and row transforms ------------------------------------------------------
+
+
+def test_every_adapter_kind_gives_the_same_update_both_ways(model, x):
+    from lora_ops.lora_runtime import DoRAAdapter, KroneckerAdapter, hadamard_as_low_rank
+
+    g = torch.Generator().manual_seed(3)
+    proj = model.blocks[0].proj  # (12, 16) = kron((3, 4), (4, 4))
+    w1, w2 = torch.randn(3, 4, generator=g), torch.randn(4, 4, generator=g)
+    order = torch.tensor([6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5])  # halves swapped, as swap_scale_shift
+    lokr = KroneckerAdapter(w1, w2, scale=0.5, row_order=order)
+    assert torch.equal(lokr.dense_delta(proj.weight), (0.5 * torch.kron(w1, w2))[order])
+
+    w1a, w1b, w2a, w2b = (torch.randn(*s, generator=g) for s in ((12, 2), (2, 16), (12, 3), (3, 16)))
+    down, up = hadamard_as_low_rank(w1a, w1b, w2a, w2b)
+    loha = LowRankAdapter(down, up, scale=0.25, row_order=order)
+    assert down.shape == (6, 16)
+    torch.testing.assert_close(loha.dense_delta(proj.weight), 0.25 * ((w1a @ w1b) * (w2a @ w2b))[order])
+
+    magnitude = 1 + 0.1 * torch.randn(1, IN, generator=g)
+    dora = DoRAAdapter(_adapter(5), magnitude)
+    merged = proj.weight + _adapter(5).dense_delta(proj.weight)
+    expected = merged * magnitude / (merged.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps) - proj.weight
+    torch.testing.assert_close(dora.dense_delta(proj.weight), expected)
+
+    for adapter in (lokr, loha, dora):
+        with activate(LoraStack([LoraEntry("k", -0.7, {"blocks.0.proj": (adapter,)})])):
+            got = proj(x)
+        want = x @ (proj.weight + -0.7 * adapter.dense_delta(proj.weight.detach())).T + proj.bias
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_on_output_rows_takes_the_norm_of_the_base_weight_as_core_does():
+    from lora_ops.lora_runtime import DoRAAdapter
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(OUT, IN, generator=g)
+    magnitude = base.norm(dim=1, keepdim=True)  # m = |W|: the update is exactly the low-rank one
+    inner = _adapter(6)
+    torch.testing.assert_close(DoRAAdapter(inner, magnitude).dense_delta(base), inner.dense_delta(base))
+    assert DoRAAdapter(inner, magnitude).dense_delta(base.double()).dtype == torch.float64
