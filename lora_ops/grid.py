@@ -34,7 +34,9 @@ def parse_strengths(text: str) -> list[float]:
 
     A comma between two digits (`0,75`) is refused: in many locales it is a decimal comma, and
     splitting it would silently give two rows (0 and 75)."""
-    decimal_comma = re.search(r"[\d.]+(?:,\d[\d.]*)+", text)
+    # The look-behind starts a match only at the beginning of a number: without it every position
+    # inside a long digit run is tried and backtracked over (quadratic; found by the fuzz test).
+    decimal_comma = re.search(r"(?<![\d.])[\d.]+(?:,\d[\d.]*)+", text)
     if decimal_comma:
         token = decimal_comma.group()
         parts = token.split(",")

@@ -116,6 +116,7 @@ list_text = st.one_of(
 @given(strengths=list_text, seeds=list_text, b=st.sampled_from((None, "a.safetensors", "b.safetensors")),
        baseline=st.booleans())
 @example(strengths="1", seeds="9" * 5000, b=None, baseline=False)  # found: int() refused 4,300+ digits with ValueError
+@example(strengths="9" * 9000, seeds="0", b=None, baseline=False)  # found: the decimal-comma search was quadratic
 def test_grid_lists_parse_or_are_refused(strengths, seeds, b, baseline):
     size = len(strengths) + len(seeds) + 1
     for call, text in ((grid.parse_strengths, strengths), (grid.parse_seeds, seeds)):
