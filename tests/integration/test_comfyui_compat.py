@@ -16,6 +16,19 @@ from fluxq_testing import TINY, dequantized_state_dict, sample, tiny_gguf_model,
 RANK = 4
 
 
+@pytest.fixture(autouse=True)
+def models_released_afterwards():
+    """These tests build several full tiny models (2 GB each in float32); ComfyUI keeps the ones it
+    loaded until memory runs short, so they are let go after each test."""
+    yield
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
 def kohya_lora(modules: dict[str, tuple[int, int]], prefix: str, seed: int) -> dict[str, torch.Tensor]:
     """A kohya LoRA on ``modules`` (dotted path -> (in, out)), alpha 2 at rank 4 (scale 0.5)."""
     g = torch.Generator().manual_seed(seed)

@@ -33,9 +33,9 @@ TINY_RUNS = {
     "flux_dev_gguf_lora_txt2img": (TINY_DEV, {"fluxq_dev_lora_": (64, 64)}),
     "flux_schnell_gguf_4step": (["Sampler settings.width=64", "Sampler settings.height=64"],
                                 {"fluxq_schnell_": (64, 64)}),
-    "flux_lora_compare_grid": ([*TINY_DEV, "LoRA compare grid.strengths=0, 1", 'LoRA compare grid.seeds="0"'],
+    "flux_lora_compare_grid": ([*TINY_DEV, "LoRA compare grid.strengths=0, 1", 'LoRA compare grid.seeds=0'],
                                {"fluxq_lora_grid_": None}),
-    "flux_lora_vs_lora": ([*TINY_DEV, "LoRA compare grid.strengths=1", 'LoRA compare grid.seeds="0"'],
+    "flux_lora_vs_lora": ([*TINY_DEV, "LoRA compare grid.strengths=1", 'LoRA compare grid.seeds=0'],
                           {"fluxq_lora_vs_lora_": None}),
     "flux_stack_then_remove_lora": (TINY_DEV, {"fluxq_stack_a_b_": (64, 64), "fluxq_stack_b_only_": (64, 64)}),
     "flux_train_then_compare": (
