@@ -277,7 +277,7 @@ def _loadable(tensors: dict[str, QTensor]) -> dict:
     return {name: t if t.is_quantized else t.data for name, t in tensors.items()}
 
 
-def load_text_encoders(clip_path: str, t5_path: str | None, disable_dynamic: bool = False):
+def load_text_encoders(clip_path: str, t5_path: str | None):
     """CLIP-L (+ T5-XXL) for FLUX through ComfyUI's own text-encoder loader, with FluxQ layers.
 
     The CLIP's patcher becomes a ``FluxQModelPatcher`` so core LoRA patches (``lora_te1_``) on its
@@ -307,6 +307,7 @@ def load_text_encoders(clip_path: str, t5_path: str | None, disable_dynamic: boo
 
 
 def _text_encoder_patcher(clip_path: str, t5_path: str | None, disable_dynamic: bool = False):
+    """``cached_patcher_init`` factory (0.33 passes ``disable_dynamic``; the text encoders never are)."""
     return load_text_encoders(clip_path, t5_path).patcher
 
 
