@@ -25,7 +25,7 @@ test-unit:
 	bash scripts/run_tests.sh tests/unit
 
 bench: setup
-	$(PY) bench/bench_flux_gguf.py --size tiny --res 256 --warmup 1 --steps 5
+	$(PY) bench/bench_flux_gguf.py --size tiny --res 256 --warmup 1 --steps 2
 
 FUZZ_EXAMPLES ?= 20000
 fuzz: setup

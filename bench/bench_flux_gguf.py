@@ -82,6 +82,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_flux_qlora"
 LORA_NAME = "fluxq-bench-rank32.safetensors"
+MAX_LORAS = 3
+LORA_NAMES = [LORA_NAME] + [f"fluxq-bench-rank32-{i}.safetensors" for i in range(2, MAX_LORAS + 1)]
 LORA_RANK = 32
 GUIDANCE = 3.5
 
@@ -96,7 +98,16 @@ SIZES = {
                  theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
 }
 # tiny: 77 context tokens (CLIP-L-shaped, as the tests use): 512 would make a CPU step ~3x longer.
-DEFAULTS = {"full": dict(res=1024, warmup=3, steps=5, txt_tokens=512), "tiny": dict(res=256, warmup=1, steps=3, txt_tokens=77)}
+DEFAULTS = {"full": dict(res=1024, warmup=3, steps=5, txt_tokens=512, micro_token_divisor=1),
+            "tiny": dict(res=256, warmup=1, steps=3, txt_tokens=77, micro_token_divisor=64)}
+
+# FLUX.1-dev linear shapes at 1024x1024 (tokens M, out N, in K) and how many a step runs
+# (../shared/ANCHORS.md: image stream 4096 tokens, text 512, single blocks 4608, modulations 1).
+FLUX_LINEARS = {
+    "img qkv": (4096, 9216, 3072, 19), "img mlp.0": (4096, 12288, 3072, 19), "img mlp.2": (4096, 3072, 12288, 19),
+    "single linear1": (4608, 21504, 3072, 38), "single linear2": (4608, 3072, 15360, 38),
+    "double mod": (1, 18432, 3072, 38), "single mod": (1, 9216, 3072, 38), "txt mlp.0": (512, 12288, 3072, 19),
+}
 
 
 def parse_args():
@@ -106,7 +117,16 @@ def parse_args():
     p.add_argument("--warmup", type=int, help="callback gaps dropped before the median (full: 3, tiny: 1)")
     p.add_argument("--steps", type=int, help="timed steps after the warm-up (full: 5, tiny: 3)")
     p.add_argument("--txt-tokens", type=int, help="context tokens (full: 512, tiny: 77)")
-    p.add_argument("--quants", default="Q8_0,Q4_0", help="GGUF types to measure, comma-separated")
+    p.add_argument("--quants", default="Q8_0,Q4_K,Q4_0", help="GGUF types to measure, comma-separated")
+    p.add_argument("--resident", default="off,on", help="FluxQLoadGGUF resident modes to measure (off, auto, on)")
+    p.add_argument("--loras", default="0,1,3", help="numbers of stacked rank-32 LoRAs to measure per quant and mode")
+    p.add_argument("--compile", choices=("on", "off"), default="on",
+                   help="also measure native and the first quant (resident off, 0 and 1 LoRA) under core's "
+                        "torch.compile helper (TorchCompileModel's body, inductor)")
+    p.add_argument("--micro", choices=("on", "off"), default="on",
+                   help="per-layer micro-benchmark of each plan on the FLUX.1-dev linear shapes (bench/README.md)")
+    p.add_argument("--micro-token-divisor", type=int,
+                   help="divide the shapes' token counts by this (full: 1; tiny: 64, the CPU cannot do 4096 tokens)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".harness" / "ComfyUI"))
     p.add_argument("--work-dir", type=Path, help="where the GGUF and LoRA files go and stay (default: a temp dir, removed at the end)")
@@ -118,6 +138,10 @@ def parse_args():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    args.resident = [m.strip() for m in args.resident.split(",") if m.strip()]
+    args.loras = sorted({int(n) for n in args.loras.split(",") if n.strip()})
+    if max(args.loras, default=0) > MAX_LORAS:
+        p.error(f"--loras: at most {MAX_LORAS} stacked LoRAs")
     return args
 
 
@@ -268,13 +292,18 @@ def measure(label: str, model, ctx) -> dict:
     fresh_device(ctx.cuda)
     gaps = sample_gaps(model, ctx.warmup + ctx.steps, ctx.latent_shape, ctx.positive, ctx.timer, ctx.seed)
     timed = gaps[ctx.warmup:]
+    resident = [m.resident for m in model.model.diffusion_model.modules() if getattr(m, "resident", None) is not None]
     row = {
         "config": label,
         "s_per_step": statistics.median(timed),
         "gaps_s": gaps,
         "model_size_gb": model.model_size() / 1e9,
+        # dequantized copies kept by resident mode (not in model_size: ComfyUI does not count them)
+        "resident_gb": sum(r.nbytes for r in resident) / 1e9,
+        "resident_layers": len(resident),
     }
-    row["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if ctx.cuda else row["model_size_gb"]
+    row["memory_gb"] = (torch.cuda.max_memory_allocated() / 1e9 if ctx.cuda
+                        else row["model_size_gb"] + row["resident_gb"])
     print(f"[bench] {label}: {row['s_per_step']:.3f} s/step, {row['memory_gb']:.2f} GB "
           f"({'peak' if ctx.cuda else 'model_size'}); gaps {['%.3f' % g for g in gaps]}", flush=True)
     return row
@@ -324,13 +353,106 @@ def ours_switch(glue, lora_model, ctx) -> dict:
     }
 
 
+def compiled(model, cuda):
+    """A clone under core's torch.compile helper (the body of TorchCompileModel), inductor."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    clone = model.clone()
+    set_torch_compile_wrapper(clone, backend="inductor")
+    return clone
+
+
+def measure_compiled(label: str, model, ctx) -> dict:
+    """As ``measure``; the first gap holds the compile: compile_s = first gap - median step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    row = measure(label, model, ctx)
+    row["compile_s"] = row["gaps_s"][0] - row["s_per_step"]
+    return row
+
+
+def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
+    """Per-layer: the native float matmul against each plan of lora_ops.qlinear, FLUX.1-dev shapes.
+
+    Weights random N(0, 0.02) quantized by gguf_write.encode; on CUDA a 256 MB buffer is written
+    between repetitions (L2 flushed) and the compute dtype is bf16, on the CPU fp32. Plans: dequant
+    (dequantize into one compute-dtype weight, then F.linear), dequant+fold (one rank-32 LoRA
+    folded into that weight), gemv (one-token layers only), and the separate rank-32 low-rank path
+    beside the native matmul (what folding replaces). The resident plan is the native row by
+    construction (the same F.linear on a kept weight)."""
+    import numpy as np
+    import torch
+
+    qlinear = importlib.import_module(PACK_NAME + ".lora_ops.qlinear")
+    runtime = importlib.import_module(PACK_NAME + ".lora_ops.lora_runtime")
+    gguf_write = importlib.import_module(PACK_NAME + ".lora_ops.gguf_write")
+    from gguf import GGMLQuantizationType
+
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    reps = 10 if cuda else 2
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if cuda else None
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            if flush is not None:
+                flush.zero_()
+            t0 = timer.now()
+            fn()
+            times.append(timer.now() - t0)
+        return statistics.median(times) * 1e3
+
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    for shape_name, (m, n, k, per_step) in FLUX_LINEARS.items():
+        m = max(1, m // args.micro_token_divisor) if m > 1 else 1
+        weight = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
+        x = torch.randn(1, m, k, device=device, dtype=dtype)
+        native_w = torch.from_numpy(weight).to(device, dtype)
+        native_ms = timed(lambda: torch.nn.functional.linear(x, native_w))
+        adapter = runtime.LowRankAdapter(torch.randn(LORA_RANK, k) / k ** 0.5, torch.randn(n, LORA_RANK) * 0.02, 1.0)
+        pairs = ((torch.tensor(1.0), adapter),)
+        separate_ms = timed(lambda: runtime.add_updates(torch.nn.functional.linear(x, native_w), x, pairs))
+        rows.append({"shape": shape_name, "M": m, "N": n, "K": k, "per_step": per_step, "quant": "-",
+                     "plan": "native", "ms": native_ms})
+        rows.append({"shape": shape_name, "M": m, "N": n, "K": k, "per_step": per_step, "quant": "-",
+                     "plan": "native + separate LoRA", "ms": separate_ms})
+        for q in args.quants:
+            qtype = GGMLQuantizationType[q]
+            raw = torch.from_numpy(gguf_write.encode(weight, qtype, rng).reshape(-1).view(np.uint8).copy())
+            data, layout = qlinear.repack(raw, qtype)
+            data = data.to(device)
+            plans = {
+                "dequant": lambda: torch.nn.functional.linear(
+                    x, qlinear.folded_weight(data, qtype, (n, k), layout, (), dtype)),
+                "dequant + fold 1 LoRA": lambda: torch.nn.functional.linear(
+                    x, qlinear.folded_weight(data, qtype, (n, k), layout, pairs, dtype)),
+            }
+            if m == 1:
+                plans["gemv"] = lambda: qlinear.gemv(x, data, qtype, (n, k), layout)
+            for plan, fn in plans.items():
+                ms = timed(fn)
+                rows.append({"shape": shape_name, "M": m, "N": n, "K": k, "per_step": per_step, "quant": q,
+                             "plan": plan, "ms": ms})
+        for r in rows:
+            if r["shape"] == shape_name:
+                r["x_native"] = r["ms"] / native_ms
+        print(f"[bench] micro {shape_name} (M {m}): " + ", ".join(
+            f"{r['quant']} {r['plan']} {r['ms']:.2f} ms" for r in rows if r["shape"] == shape_name), flush=True)
+        del native_w, data, raw
+    return rows
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
 def markdown_table(result: dict) -> str:
     rows = result["rows"]
     native = rows[0]
-    mem_head = "peak GB" if result["meta"]["memory_metric"] == "cuda_max_memory_allocated" else "resident GB (model_size)"
+    mem_head = "peak GB" if result["meta"]["memory_metric"] == "cuda_max_memory_allocated" else "held GB (model_size + resident copies)"
     lines = [
         f"| config | s/step | x native | LoRA step cost | {mem_head} | x native | LoRA switch |",
         "|---|---|---|---|---|---|---|",
@@ -343,11 +465,18 @@ def markdown_table(result: dict) -> str:
                       f"remove {r['remove_total_s']:.2f} s; control step {r['control_first_step_s']:.2f} s")
         else:
             switch = "-"
+        if "compile_s" in r:
+            switch += f"; compile {r['compile_s']:.1f} s"
         lines.append(
             f"| {r['config']} | {r['s_per_step']:.3f} | {r['s_per_step'] / native['s_per_step']:.2f} | "
             f"{'%+.1f %%' % (100 * r['lora_step_cost']) if 'lora_step_cost' in r else '-'} | "
             f"{r['memory_gb']:.2f} | {r['memory_gb'] / native['memory_gb']:.2f} | {switch} |"
         )
+    if result.get("micro"):
+        lines += ["", "| layer (M, N, K) | quant | plan | ms | x native |", "|---|---|---|---|---|"]
+        for r in result["micro"]:
+            lines.append(f"| {r['shape']} ({r['M']}, {r['N']}, {r['K']}) | {r['quant']} | {r['plan']} | "
+                         f"{r['ms']:.3f} | {r['x_native']:.2f} |")
     return "\n".join(lines)
 
 
@@ -413,7 +542,8 @@ def run(args) -> int:
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, "
                                                              f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(),
-        "memory_metric": "cuda_max_memory_allocated" if cuda else "model_size (CPU: resident model bytes, not a peak)",
+        "memory_metric": "cuda_max_memory_allocated" if cuda else
+                         "model_size + resident copies (CPU: bytes the model holds, not a peak)",
         "lora": f"kohya rank {LORA_RANK} alpha {LORA_RANK}, all block linears",
     }
     try:
@@ -429,10 +559,11 @@ def run(args) -> int:
     meta["lora_layers"] = len(block_linears(sd))
     print(f"[bench] {args.size}: {meta['params'] / 1e9:.2f}B params on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    lora_path = work_dir / "loras" / LORA_NAME
     meta["lora_params"] = sum(LORA_RANK * sum(sd[n].shape) for n in block_linears(sd))
-    if not (args.reuse and lora_path.exists()):
-        write_kohya_lora(lora_path, sd, args.seed)
+    lora_path = work_dir / "loras" / LORA_NAME
+    for i, name in enumerate(LORA_NAMES[:max(1, max(args.loras, default=0))]):
+        if not (args.reuse and (work_dir / "loras" / name).exists()):
+            write_kohya_lora(work_dir / "loras" / name, sd, args.seed + 10 * i)
 
     # GGUFs from the same weights, written in parallel threads (numpy quantization releases the GIL).
     gguf_paths = {q: work_dir / f"fluxq-bench-{args.size}-s{args.seed}-{q}.gguf" for q in args.quants}
@@ -477,25 +608,62 @@ def run(args) -> int:
         fresh_device(cuda)
 
         for q in args.quants:
-            base = glue.load_flux_gguf(str(gguf_paths[q]))
-            rows.append(measure(f"FluxQ {q}", base, ctx))
+            for mode in args.resident:
+                base = glue.load_flux_gguf(str(gguf_paths[q]), resident=mode)
+                entries = []
+                for name in LORA_NAMES[:max(args.loras, default=0)]:
+                    entry, _, report = glue.load_lora_entry(base, name, 1.0)
+                    meta.setdefault("lora_report", report)
+                    entries.append(entry)
+                for n in args.loras:
+                    model = glue.with_lora_stack(base, glue.LoraStack(entries[:n])) if n else base
+                    label = f"FluxQ {q} resident={mode}" + (f" + {n} LoRA" if n else "")
+                    row = measure(label, model, ctx)
+                    row.update(quant=q, resident=mode, loras=n)
+                    if n == 1:
+                        row.update(ours_switch(glue, model, ctx))
+                    rows.append(row)
+                    save_partial()
+                    del model
+                del base, entries
+                fresh_device(cuda)
+
+        if args.compile == "on":
+            rows.append(measure_compiled("ComfyUI native, compiled", compiled(native, cuda), ctx))
             save_partial()
-            entry, _, report = glue.load_lora_entry(base, LORA_NAME, 1.0)
-            meta.setdefault("lora_report", report)
-            lora_model = glue.with_lora_stack(base, glue.get_lora_stack(base).with_lora(entry))
-            row = measure(f"FluxQ {q} + LoRA (runtime)", lora_model, ctx)
-            row.update(ours_switch(glue, lora_model, ctx))
+            q = args.quants[0]
+            base = glue.load_flux_gguf(str(gguf_paths[q]), resident="off")
+            entry, _, _ = glue.load_lora_entry(base, LORA_NAME, 1.0)
+            compiled_base = compiled(base, cuda)
+            rows.append(measure_compiled(f"FluxQ {q} resident=off, compiled", compiled_base, ctx))
+            rows[-1].update(quant=q, resident="off", loras=0)
+            save_partial()
+            lora_model = glue.with_lora_stack(compiled_base, glue.LoraStack([entry]))
+            row = measure_compiled(f"FluxQ {q} resident=off, compiled + 1 LoRA", lora_model, ctx)
+            row.update(quant=q, resident="off", loras=1)
+            row.update(ours_switch(glue, lora_model, ctx))  # a recompile would show in the first steps
             rows.append(row)
             save_partial()
-            del base, lora_model, entry
+            del base, entry, compiled_base, lora_model
             fresh_device(cuda)
 
-    for i, r in enumerate(rows):
+    if args.micro == "on":
+        result_micro = micro_benchmark(args, cuda, ctx.timer)
+    else:
+        result_micro = []
+
+    native_compiled = next((r for r in rows if r["config"] == "ComfyUI native, compiled"), None)
+    for r in rows:
         r["x_native_step"] = r["s_per_step"] / rows[0]["s_per_step"]
         r["x_native_memory"] = r["memory_gb"] / rows[0]["memory_gb"]
-        if "LoRA" in r["config"]:  # each LoRA row follows its base row
-            r["lora_step_cost"] = r["s_per_step"] / rows[i - 1]["s_per_step"] - 1.0
-    result = {"meta": meta, "rows": rows}
+        if "compile_s" in r and native_compiled is not None:
+            r["x_native_compiled_step"] = r["s_per_step"] / native_compiled["s_per_step"]
+        if r.get("loras"):  # against the same quant, mode and compile setting without LoRA
+            base_row = next(b for b in rows if b.get("loras") == 0 and b.get("quant") == r["quant"]
+                            and b.get("resident") == r["resident"] and ("compile_s" in b) == ("compile_s" in r))
+            r["lora_step_cost"] = r["s_per_step"] / base_row["s_per_step"] - 1.0
+    rows[1]["lora_step_cost"] = rows[1]["s_per_step"] / rows[0]["s_per_step"] - 1.0  # native + LoRA (core merge)
+    result = {"meta": meta, "rows": rows, "micro": result_micro}
     table = markdown_table(result)
     result["table_markdown"] = table
     out = REPO_ROOT / "bench" / "results" / f"{args.size}-{device_slug(cuda)}.json"

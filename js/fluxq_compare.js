@@ -235,3 +235,54 @@ app.registerExtension({
     };
   },
 });
+
+// FluxQTrainLoRA: "Export training settings" writes the node's inputs as the JSON file that
+// scripts/fluxq_train.py reads (keys = input names). model/clip/vae become the file names of the
+// loader nodes they come from, as the script loads them.
+const TRAIN_NODE_ID = "FluxQTrainLoRA";
+const LOADER_FILES = {
+  FluxQLoadGGUF: (w) => w.gguf_name,
+  UNETLoader: (w) => w.unet_name,
+  FluxQLoadTextEncodersGGUF: (w) => (w.t5_name && w.t5_name !== "none" ? [w.clip_name, w.t5_name] : w.clip_name),
+  // the script takes [CLIP-L, T5-XXL]: CLIP-L first, whichever slot it is in
+  DualCLIPLoader: (w) => [w.clip_name1, w.clip_name2].sort((a, b) => /clip_l/i.test(b) - /clip_l/i.test(a)),
+  CLIPLoader: (w) => w.clip_name,
+  VAELoader: (w) => w.vae_name,
+};
+
+function widgetValues(node) {
+  return Object.fromEntries((node.widgets ?? []).filter((w) => w.name && w.serialize !== false).map((w) => [w.name, w.value]));
+}
+
+function trainingSettings(node) {
+  const settings = {};
+  for (const input of node.inputs ?? []) {
+    if (!["model", "clip", "vae"].includes(input.name) || input.link == null) continue;
+    const source = node.graph.getNodeById(node.graph.links[input.link].origin_id);
+    const files = LOADER_FILES[source?.type];
+    if (files) settings[input.name] = files(widgetValues(source));
+  }
+  return { ...settings, ...widgetValues(node) };
+}
+
+app.registerExtension({
+  name: "FluxQLoraLab.TrainSettingsExport",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== TRAIN_NODE_ID) return;
+    const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
+    nodeType.prototype.getExtraMenuOptions = function (canvas, options) {
+      const result = getExtraMenuOptions?.apply(this, arguments);
+      options.push({
+        content: "Export training settings (for fluxq_train.py)",
+        callback: () => {
+          const settings = trainingSettings(this);
+          const blob = new Blob([JSON.stringify(settings, null, 2) + "\n"], { type: "application/json" });
+          const link = el("a", { href: URL.createObjectURL(blob), download: `${settings.lora_name || "fluxq_lora"}.train.json` });
+          link.click();
+          URL.revokeObjectURL(link.href);
+        },
+      });
+      return result;
+    };
+  },
+});

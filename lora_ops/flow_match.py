@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import GradientSync, World, rank_slots
+
 TIMESTEP_SCHEMES = ("shift", "uniform")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
@@ -106,6 +108,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
+def slot_generator(seed: int, step: int, micro_batch: int, slot: int) -> torch.Generator:
+    """Randomness of one sample of a global batch (its noise, t and caption dropout) depends only
+    on (seed, step, micro-batch, position): whichever rank computes it draws the same."""
+    return torch.Generator().manual_seed(
+        (((seed * 1_000_003 + step) * 10_007 + micro_batch) * 1_000_033 + slot) % (2**63))
+
+
 @dataclass
 class Conditioning:
     context: torch.Tensor  # (tokens, dim) text embedding
@@ -150,6 +159,10 @@ class FlowMatchTrainer:
 
     `examples` are grouped by latent shape (aspect buckets); a micro-batch comes from one bucket.
     `empty_cond` replaces a caption when caption dropout fires.
+
+    With a `world` of N ranks each rank computes its block of a global micro-batch of
+    N x batch_size samples drawn exactly as one process with batch N x batch_size draws them,
+    and DDP averages the gradients: the same steps within float rounding.
     """
 
     def __init__(
@@ -160,6 +173,7 @@ class FlowMatchTrainer:
         params: Mapping[str, torch.Tensor],
         settings: TrainSettings,
         state: TrainState | None = None,
+        world: World = World(),
     ):
         if not examples:
             raise ValueError("no training examples")
@@ -171,6 +185,7 @@ class FlowMatchTrainer:
         self.params = dict(params)
         self.settings = settings
         self.state = state or TrainState()
+        self.world = world
         buckets: dict[tuple[int, ...], list[int]] = {}
         for index, example in enumerate(self.examples):
             buckets.setdefault(tuple(example.latent.shape), []).append(index)
@@ -179,6 +194,7 @@ class FlowMatchTrainer:
             settings.optimizer, list(self.params.values()), settings.learning_rate
         )
         self._load_optimizer_state(self.state.optimizer_state)
+        self.gradients = GradientSync(list(self.params.values()), world)
 
     def run(self) -> Iterator[tuple[int, float]]:
         """Trains up to `settings.steps`, yielding (completed step count, loss) after each
@@ -190,34 +206,50 @@ class FlowMatchTrainer:
             yield self.state.step, loss
 
     def train_step(self, step: int) -> float:
+        """One optimizer step; returns its loss averaged over the global batch."""
         s = self.settings
         lr = s.learning_rate * lr_multiplier(step, s.steps, s.lr_schedule, s.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         generator = step_generator(s.seed, step)
         total = 0.0
-        for _ in range(s.gradient_accumulation):
-            loss = self._micro_batch_loss(generator) / s.gradient_accumulation
-            loss.backward()
-            total += loss.item()
+        for micro in range(s.gradient_accumulation):
+            chosen = self._global_micro_batch(generator)
+            last = micro == s.gradient_accumulation - 1
+            total += self.gradients.backward(
+                lambda: self._micro_batch_loss(chosen, step, micro) / s.gradient_accumulation, sync=last)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return self.world.mean(total, next(iter(self.params.values())).device)
 
-    def _micro_batch_loss(self, generator: torch.Generator) -> torch.Tensor:
+    def _global_micro_batch(self, generator: torch.Generator) -> list[int]:
+        """Example indices of one global micro-batch (world size x batch_size), from one bucket,
+        without repeats while the bucket has enough examples, cycling through it when not. Every
+        rank draws the same list from the step's generator."""
+        size = self.settings.batch_size * self.world.size
+        weights = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
+        bucket = self.buckets[int(torch.multinomial(weights, 1, generator=generator))]
+        order = torch.randperm(len(bucket), generator=generator)
+        return [bucket[int(order[i % len(bucket)])] for i in range(size)]
+
+    def _micro_batch_loss(self, chosen: list[int], step: int, micro: int) -> torch.Tensor:
+        """Mean velocity loss of this rank's block of the global micro-batch `chosen`."""
         s = self.settings
-        sizes = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
-        bucket = self.buckets[int(torch.multinomial(sizes, 1, generator=generator))]
-        picks = torch.randperm(len(bucket), generator=generator)[: s.batch_size]
-        chosen = [self.examples[bucket[int(i)]] for i in picks]
-        dropped = torch.rand(len(chosen), generator=generator) < s.caption_dropout
-        conds = [self.empty_cond if drop else ex.cond for ex, drop in zip(chosen, dropped)]
+        slots = rank_slots(len(chosen), self.world)
+        latents, noises, times, conds = [], [], [], []
+        for slot in slots:
+            example = self.examples[chosen[slot]]
+            generator = slot_generator(s.seed, step, micro, slot)
+            dropped = bool(torch.rand(1, generator=generator) < s.caption_dropout)
+            times.append(sample_timesteps(1, s.timestep_sampling, image_token_count(*example.latent.shape[-2:]),
+                                          generator))
+            noises.append(torch.randn(example.latent.shape, generator=generator))
+            latents.append(example.latent)
+            conds.append(self.empty_cond if dropped else example.cond)
 
-        x0 = torch.stack([ex.latent for ex in chosen])
-        noise = torch.randn(x0.shape, generator=generator)
-        t = sample_timesteps(len(chosen), s.timestep_sampling, image_token_count(*x0.shape[-2:]), generator)
-        device = chosen[0].latent.device
-        x0, noise, t = x0.float(), noise.to(device), t.to(device)
+        x0 = torch.stack(latents).float()
+        device = x0.device
+        noise, t = torch.stack(noises).to(device), torch.cat(times).to(device)
         x_t = noisy_latents(x0, noise, t)
         target = velocity_target(x0, noise)
 
@@ -230,7 +262,7 @@ class FlowMatchTrainer:
             context = torch.stack([conds[i].context for i in rows])
             pooled = torch.stack([conds[i].pooled for i in rows])
             velocity = self.predict(x_t[rows], t[rows], context, pooled)
-            loss = loss + flow_matching_loss(velocity, target[rows]) * (len(rows) / len(chosen))
+            loss = loss + flow_matching_loss(velocity, target[rows]) * (len(rows) / len(conds))
         return loss
 
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:

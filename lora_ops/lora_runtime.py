@@ -8,6 +8,12 @@ Every adapter kind offers the same two views of its update:
   (differentiable; `base_rows` only for adapters with `needs_base_rows`, DoRA);
 - `dense_delta(base_rows)`: the full ΔW to ADD to those rows (its own scale and any row transform
   included, not the strength), in base_rows' dtype and device, for paths that form the weight.
+A layer that forms its weight on every call anyway (the quantized linears, `lora_ops/qlinear.py`)
+sets `applies_lora_itself` and takes the active adapters from `active_adapters` instead: it folds
+them into that weight (`dense_delta`) or runs the separate path (`add_updates`).
+
+Strengths travel as 0-dim tensors, never as Python floats: under `torch.compile` a float would be
+baked into the graph (a recompile per strength), a tensor is a graph input.
 """
 
 from __future__ import annotations
@@ -69,6 +75,18 @@ class LowRankAdapter:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def trainable(self) -> bool:
+        """Gradients must reach the factors: only the low-rank path gives them (never fold)."""
+        return self.down.requires_grad or self.up.requires_grad
+
+    def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
+        """The full update `scale * up @ down` to ADD to the rows this adapter targets (its
+        `out_slice` of the weight), in base_rows' dtype and device; the strength is not included.
+        Every adapter kind provides this (DoRA needs `base_rows`; a plain LoRA ignores its values)."""
+        down, up = self.factors_for(base_rows)
+        return torch.mm(up, down).mul_(self.scale)
+
     def factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) in x's device and dtype."""
         if self.down.requires_grad or self.up.requires_grad:
@@ -83,13 +101,10 @@ class LowRankAdapter:
             self._casts[key] = factors
         return factors
 
-    def output(self, x: torch.Tensor, strength: float, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, strength: torch.Tensor, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The separate path: `strength * scale * up(down(x))`, the update of the targeted features."""
         down, up = self.factors_for(x)
-        return nn.functional.linear(nn.functional.linear(x, down), up) * (strength * self.scale)
-
-    def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
-        device = base_rows.device
-        return ((self.up.to(device) @ self.down.to(device)) * self.scale).to(base_rows.dtype)
+        return nn.functional.linear(nn.functional.linear(x, down), up) * self.scale * _on(strength, x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +118,7 @@ class KroneckerAdapter:
     out_slice: tuple[int, int] | None = None
     row_order: torch.Tensor | None = None  # as LowRankAdapter's, applied to the output here
     needs_base_rows = False
+    trainable = False  # the trainer makes LowRankAdapters only
 
     def __post_init__(self):
         if self.w1.dim() != 2 or self.w2.dim() != 2:
@@ -115,10 +131,10 @@ class KroneckerAdapter:
     def shape(self) -> tuple[int, int]:
         return self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1]
 
-    def output(self, x: torch.Tensor, strength: float, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, strength: torch.Tensor, base_rows: torch.Tensor | None = None) -> torch.Tensor:
         w1, w2 = self.w1.to(x.device, x.dtype), self.w2.to(x.device, x.dtype)
         blocks = x.unflatten(-1, (w1.shape[1], w2.shape[1]))  # (..., in1, in2)
-        y = torch.matmul(w1, torch.matmul(blocks, w2.T)).flatten(-2) * (strength * self.scale)
+        y = torch.matmul(w1, torch.matmul(blocks, w2.T)).flatten(-2) * self.scale * _on(strength, x)
         return y if self.row_order is None else y.index_select(-1, self.row_order.to(y.device))
 
     def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
@@ -140,14 +156,15 @@ class DoRAAdapter:
     magnitude: torch.Tensor  # core's dora_scale: (out_part, 1) or (1, in)
     out_slice: tuple[int, int] | None = None
     needs_base_rows = True
+    trainable = False
 
     def __post_init__(self):
         object.__setattr__(self, "magnitude", self.magnitude.float())
 
-    def output(self, x: torch.Tensor, strength: float, base_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, strength: torch.Tensor, base_rows: torch.Tensor | None = None) -> torch.Tensor:
         if base_rows is None:
             raise ValueError("DoRA needs the layer's base weight rows")
-        return nn.functional.linear(x, self.dense_delta(base_rows).to(x.dtype)) * strength
+        return nn.functional.linear(x, self.dense_delta(base_rows).to(x.dtype)) * _on(strength, x)
 
     def dense_delta(self, base_rows: torch.Tensor) -> torch.Tensor:
         weight = base_rows.float()
@@ -172,6 +189,11 @@ def hadamard_as_low_rank(w1a, w1b, w2a, w2b) -> tuple[torch.Tensor, torch.Tensor
     return down, up
 
 
+def _on(strength: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The 0-dim strength on x's device (a graph input under torch.compile, never a constant)."""
+    return strength.to(x.device, non_blocking=True)
+
+
 def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # ComfyUI loads files under inference_mode; such tensors cannot be saved for backward, which
     # a frozen LoRA active during training needs. A copy made outside inference mode can, and
@@ -188,11 +210,14 @@ class LoraEntry:
     name: str
     strength: float
     adapters: Mapping[str, tuple[Adapter, ...]]
+    # The strength as the hooks and folds use it: a graph input under torch.compile, not a constant.
+    strength_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not math.isfinite(self.strength):
             raise ValueError(f"LoRA {self.name!r}: strength must be finite, got {self.strength}")
         object.__setattr__(self, "strength", float(self.strength))
+        object.__setattr__(self, "strength_tensor", torch.tensor(self.strength, dtype=torch.float32))
         object.__setattr__(self, "adapters", {path: tuple(a) for path, a in self.adapters.items()})
 
 
@@ -206,12 +231,12 @@ class LoraStack:
         names = self.names()
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate LoRA names in {names}")
-        by_module: dict[str, list[tuple[float, Adapter]]] = {}
+        # Zero-strength entries stay in: which adapters a layer sees must not depend on strength
+        # values (a compiled graph would recompile); the update is selected away instead (`scaled`).
+        by_module: dict[str, list[tuple[torch.Tensor, Adapter]]] = {}
         for entry in self._entries:
-            if entry.strength == 0.0:
-                continue
             for path, adapters in entry.adapters.items():
-                by_module.setdefault(path, []).extend((entry.strength, a) for a in adapters)
+                by_module.setdefault(path, []).extend((entry.strength_tensor, a) for a in adapters)
         self._by_module = {path: tuple(pairs) for path, pairs in by_module.items()}
         self._module_paths = frozenset(path for e in self._entries for path in e.adapters)
 
@@ -230,8 +255,8 @@ class LoraStack:
         """Every module some entry adapts, zero-strength entries included."""
         return self._module_paths
 
-    def adapters_for(self, module_path: str) -> tuple[tuple[float, Adapter], ...]:
-        """(strength, adapter) pairs for one module, zero-strength entries left out."""
+    def adapters_for(self, module_path: str) -> tuple[tuple[torch.Tensor, Adapter], ...]:
+        """(strength as a 0-dim fp32 tensor, adapter) pairs for one module, in stack order."""
         return self._by_module.get(module_path, ())
 
     def with_lora(self, entry: LoraEntry) -> LoraStack:
@@ -292,31 +317,56 @@ def install_hooks(root: nn.Module, module_paths: Iterable[str], base_weight: Bas
     for path in module_paths:
         module = root.get_submodule(path)
         if getattr(module, _HOOK_ATTR, None) is None:
-            module.register_forward_hook(_make_hook(path, base_weight))
+            module.register_forward_hook(_make_hook(base_weight))
             setattr(module, _HOOK_ATTR, path)
 
 
-def _make_hook(module_path: str, base_weight: BaseWeight):
+def active_adapters(module: nn.Module) -> tuple[tuple[torch.Tensor, Adapter], ...]:
+    """(strength, adapter) pairs the active stack holds for a hooked module; () when none."""
+    stack = _active_stack.get()
+    path = getattr(module, _HOOK_ATTR, None)
+    if stack is None or path is None:
+        return ()
+    return stack.adapters_for(path)
+
+
+def _make_hook(base_weight: BaseWeight):
     def lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor):
-        stack = _active_stack.get()
-        if stack is None:
+        if getattr(module, "applies_lora_itself", False):
             return None
-        pairs = stack.adapters_for(module_path)
+        pairs = active_adapters(module)
         if not pairs:
             return None
         x = args[0]
-        weight = None
-        for strength, adapter in pairs:
-            base_rows = None
-            if adapter.needs_base_rows:
-                if weight is None:
-                    weight = base_weight(module, torch.float32, x.device)  # norms in fp32, as core
-                base_rows = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
-            delta = adapter.output(x, strength, base_rows)
-            target = output if adapter.out_slice is None else output.narrow(-1, *adapter.out_slice)
-            # In place: a Linear does not save its output for backward, so autograd allows it,
-            # and inference needs no second output-sized buffer.
-            target.add_(delta)
-        return output
+        # Norms in fp32, as core.
+        return add_updates(output, x, pairs, lambda: base_weight(module, torch.float32, x.device))
 
     return lora_forward_hook
+
+
+def scaled(base: torch.Tensor, update: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """`base + strength * update`, and exactly `base` (bits, signed zeros included) at strength 0."""
+    strength = strength.to(base.device, non_blocking=True)
+    return torch.where(strength != 0, base + update * strength, base)
+
+
+def add_updates(output: torch.Tensor, x: torch.Tensor, pairs,
+                base_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """The separate path: adds each adapter's `output` to its output features, and exactly
+    nothing at strength 0. `base_weight()` gives the layer's float weight, asked for once and only
+    when an adapter reads the base rows (DoRA)."""
+    weight = None
+    for strength, adapter in pairs:
+        base_rows = None
+        if adapter.needs_base_rows:
+            if base_weight is None:
+                raise ValueError(f"{type(adapter).__name__} needs the layer's base weight rows")
+            if weight is None:
+                weight = base_weight()
+            base_rows = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
+        delta = adapter.output(x, strength, base_rows)
+        target = output if adapter.out_slice is None else output.narrow(-1, *adapter.out_slice)
+        # In place: a Linear does not save its output for backward, so autograd allows it,
+        # and inference needs no second output-sized buffer.
+        target.copy_(torch.where(strength.to(target.device, non_blocking=True) != 0, target + delta, target))
+    return output

@@ -2,8 +2,8 @@
 
 Three pieces, each reusing what ComfyUI already does and adding only what it lacks:
 - ``FluxQOps``: ComfyUI "custom operations" whose Linear/Embedding keep GGUF bytes as the
-  parameter (so ``.to()``, offloading and ``module_size`` see the quantized size) and
-  dequantize in ``forward``.
+  parameter (so ``.to()``, offloading and ``module_size`` see the quantized size); the Linear
+  runs ``lora_ops.qlinear``'s planned path (GEMV / dequant + folded LoRAs / resident copy).
 - ``FluxQModelPatcher``: a ``ModelPatcher`` that never merges core patches (``LoraLoader``)
   into quantized bytes; they run after dequantization, as ComfyUI's own lowvram mode does.
 - The runtime LoRA wrapper: an ``APPLY_MODEL`` wrapper holding an immutable ``LoraStack``;
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import sys
 import uuid
@@ -49,13 +50,16 @@ from ..lora_ops.lora_runtime import (
     LoraStack,
     LowRankAdapter,
     activate,
+    active_adapters,
     hadamard_as_low_rank,
     install_hooks,
 )
+from ..lora_ops.qlinear import GGUF_LAYOUT, build_resident, dequantize_weight, quantized_linear, repack
 
 log = logging.getLogger("fluxq")
 
 DEQUANT_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+RESIDENT_MODES = ("off", "auto", "on")
 
 
 def check_file_choice(folder: str, input_name: str, value: str, extra_choices: tuple[str, ...] = ()) -> bool | str:
@@ -91,7 +95,10 @@ class _QuantizedWeightMixin:
 
     qtype = None
     qshape = None
+    qlayout = GGUF_LAYOUT
     dequant_dtype = None
+    # A kept dequantized (+ folded LoRA) copy of the weight, see ``sync_resident_layers``.
+    resident = None
     # Core patches (LoraLoader) of this quantized weight, set by FluxQModelPatcher at a full load.
     # Kept apart from ``weight_function``, which ComfyUI wipes and refills as layers move between
     # full and lowvram loading.
@@ -101,8 +108,19 @@ class _QuantizedWeightMixin:
         if isinstance(value, QTensor):
             if value.is_quantized:
                 self.qtype, self.qshape = value.qtype, tuple(value.shape)
+                setattr(self, name, torch.nn.Parameter(self._repacked(value.data), requires_grad=False))
+                return
             value = value.data
         setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
+
+    def _repacked(self, data: torch.Tensor) -> torch.Tensor:
+        data, self.qlayout = repack(data, self.qtype)
+        return data
+
+    @property
+    def applies_lora_itself(self) -> bool:
+        """Quantized layers fold or add runtime LoRAs in their own pass (the hook stands aside)."""
+        return self.qtype is not None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         for name in ("weight", "bias"):
@@ -112,19 +130,31 @@ class _QuantizedWeightMixin:
             elif name == "weight" or getattr(self, "bias", None) is not None:
                 missing_keys.append(key)
 
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device
+        raw = self.weight.to(device, non_blocking=comfy.model_management.device_supports_non_blocking(device))
+        return quantized_linear(
+            x, raw, self.qtype, self.qshape, self.qlayout, self._cast_bias(x.dtype, device),
+            pairs=active_adapters(self), resident=self.resident, weight_patches=self._weight_patches(),
+            arith_dtype=self.dequant_dtype,
+        )
+
     def _dequantized_base(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         raw = self.weight.to(device, non_blocking=comfy.model_management.device_supports_non_blocking(device))
-        return dequantize(raw, self.qtype, self.qshape, dtype=self.dequant_dtype or dtype).to(dtype)
+        return dequantize_weight(raw, self.qtype, self.qshape, self.qlayout, self.dequant_dtype or dtype).to(dtype)
 
     def _dequantized_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         weight = self._dequantized_base(dtype, device)
+        for patch in self._weight_patches():
+            weight = patch(weight)
+        return weight
+
+    def _weight_patches(self) -> list:
         patches = self.weight_function
         # A lowvram load brings its own LowVramPatch for the key: apply the patches once, not twice.
         if self.core_patch is not None and not any(getattr(p, "key", None) == self.core_patch.key for p in patches):
             patches = [*patches, self.core_patch]
-        for patch in patches:
-            weight = patch(weight)
-        return weight
+        return patches
 
     def _cast_bias(self, dtype: torch.dtype, device: torch.device):
         if self.bias is None:
@@ -153,8 +183,7 @@ def make_ops(dequant_dtype: torch.dtype | None):
                 if self.qtype is None:
                     return super().forward(x)
                 comfy.ops.run_every_op()
-                weight = self._dequantized_weight(x.dtype, x.device)
-                return torch.nn.functional.linear(x, weight, self._cast_bias(x.dtype, x.device))
+                return self._quantized_forward(x)
 
         class Embedding(comfy.ops.manual_cast.Embedding):
             # Text encoders read embedding tables directly (``.weight`` added to activations), so a
@@ -216,6 +245,73 @@ class FluxQModelPatcher(comfy.model_patcher.ModelPatcher):
                 if getattr(module, "qtype", None) is not None:
                     module.core_patch = None
 
+    def partially_unload(self, *args, **kwargs):
+        # ComfyUI frees memory under pressure here; resident copies are the first thing to give up.
+        drop_resident_layers(self)
+        return super().partially_unload(*args, **kwargs)
+
+
+# --- resident copies ---------------------------------------------------------------------
+
+
+def resident_budget(mode: str, base_model, x: torch.Tensor) -> float:
+    """Bytes of dequantized copies one model call may add.
+
+    ``on``: no limit. ``off``, and ``auto`` on the CPU or in ComfyUI's low-VRAM modes: none.
+    ``auto`` on a GPU: what ComfyUI reports free, less what this call's inference needs by
+    ComfyUI's own estimate (``memory_required`` of the input) and its minimum inference reserve;
+    so the copies only take memory that streaming would have left unused.
+    """
+    mm = comfy.model_management
+    if mode == "on":
+        return float("inf")
+    if mode == "off" or x.device.type == "cpu" or mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM):
+        return 0.0
+    reserve = base_model.memory_required(x.shape) + mm.minimum_inference_memory()
+    return mm.get_free_memory(x.device) - reserve
+
+
+def sync_resident_layers(base_model, stack: LoraStack, x: torch.Tensor) -> None:
+    """Before a model call (outside any compiled graph): make quantized layers resident while the
+    budget allows, and rebuild the copies whose folded LoRAs changed, from the quantized bytes."""
+    diffusion_model = base_model.diffusion_model
+    mode = getattr(diffusion_model, "fluxq_resident", "off")
+    if mode == "off":
+        return
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    budget = None  # asked of ComfyUI only when a new copy is considered
+    with torch.inference_mode(False), torch.no_grad():  # usable by the trainer's autograd too
+        for path, module in diffusion_model.named_modules():
+            if getattr(module, "qtype", None) is None:
+                continue
+            if module.weight.device != x.device or module._weight_patches():
+                module.resident = None  # offloaded by ComfyUI (lowvram) or core-patched: streaming
+                continue
+            if module.resident is None:
+                budget = resident_budget(mode, base_model, x) if budget is None else budget
+                need = math.prod(module.qshape) * dtype.itemsize
+                if need > budget:
+                    continue
+                budget -= need
+            frozen = tuple(p for p in stack.adapters_for(path) if not p[1].trainable)
+            module.resident = build_resident(module.resident, module.weight, module.qtype, module.qshape,
+                                             module.qlayout, frozen, dtype, module.dequant_dtype)
+
+
+def drop_resident_layers(patcher) -> None:
+    """Frees every resident copy (ComfyUI unloads or partially unloads the model)."""
+    for module in patcher.model.modules():
+        if getattr(module, "resident", None) is not None:
+            module.resident = None
+
+
+def _drop_resident_on_unload(patcher, unpatch_all: bool) -> None:
+    # ComfyUI's model_unload detaches with unpatch_all=True; a clone being garbage-collected (every
+    # strength change makes one) or another clone of the same model taking over passes False and
+    # must leave the shared layers' copies alone.
+    if unpatch_all:
+        drop_resident_layers(patcher)
+
 
 def _saves_float_weights(model) -> None:
     """Core's ModelSave/CheckpointSave read the diffusion model through ``BaseModel.state_dict_for_saving``
@@ -240,11 +336,15 @@ class GGUFModelError(ValueError):
     pass
 
 
-def load_flux_gguf(path: str, dequant_dtype: str = "auto", disable_dynamic: bool = False) -> FluxQModelPatcher:
+def load_flux_gguf(path: str, dequant_dtype: str = "auto", resident: str = "auto",
+                   disable_dynamic: bool = False) -> FluxQModelPatcher:
     """A FLUX transformer from a .gguf file, weights kept quantized, as a ComfyUI MODEL.
 
-    ``disable_dynamic`` is what ComfyUI 0.33 passes when it re-creates a model from
-    ``cached_patcher_init``; the pack's patcher is never dynamic, so it changes nothing."""
+    ``resident`` (``RESIDENT_MODES``): whether quantized layers may keep dequantized copies
+    (see ``resident_budget``). ``disable_dynamic`` is what ComfyUI 0.33 passes when it re-creates
+    a model from ``cached_patcher_init``; the pack's patcher is never dynamic, so it changes nothing."""
+    if resident not in RESIDENT_MODES:
+        raise GGUFModelError(f"resident: '{resident}' is not one of {', '.join(RESIDENT_MODES)}.")
     gguf_model = read_gguf(path, expected_arch="flux")
     # ComfyUI's detector only reads shapes: give it meta tensors of the logical shapes.
     shapes = {name: torch.empty(t.shape, device="meta") for name, t in gguf_model.tensors.items()}
@@ -265,10 +365,14 @@ def load_flux_gguf(path: str, dequant_dtype: str = "auto", disable_dynamic: bool
     model = model_config.get_model(shapes, "")
     model.load_model_weights(_loadable(gguf_model.tensors), "")
     _saves_float_weights(model)
+    model.diffusion_model.fluxq_resident = resident
     patcher = FluxQModelPatcher(model, load_device=load_device, offload_device=offload_device)
     # ComfyUI 0.33 re-creates a model from this when a node needs a private copy
     # (``clone(disable_dynamic=True)``, multi-GPU); clones inherit it.
-    patcher.cached_patcher_init = (load_flux_gguf, (path, dequant_dtype))
+    patcher.cached_patcher_init = (load_flux_gguf, (path, dequant_dtype, resident))
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, _drop_resident_on_unload)
+    if resident != "off":  # the wrapper keeps resident copies in sync with the (empty) LoRA stack
+        patcher.add_wrapper_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY, LoraStackWrapper(LoraStack()))
     return patcher
 
 
@@ -338,7 +442,8 @@ _APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 
 
 class LoraStackWrapper:
-    """Runs each model call with this patcher's LoRA stack active on the shared modules."""
+    """Runs each model call with this patcher's LoRA stack active on the shared modules (and the
+    resident copies of quantized layers folded for it)."""
 
     def __init__(self, stack: LoraStack):
         self.stack = stack
@@ -347,7 +452,9 @@ class LoraStackWrapper:
         return self  # the stack is immutable; ComfyUI deep-copies model_options per clone
 
     def __call__(self, executor, *args, **kwargs):
-        install_hooks(executor.class_obj.diffusion_model, self.stack.module_paths(), layer_base_weight)
+        base_model = executor.class_obj
+        install_hooks(base_model.diffusion_model, self.stack.module_paths(), layer_base_weight)
+        sync_resident_layers(base_model, self.stack, args[0])
         with activate(self.stack):
             return executor(*args, **kwargs)
 
@@ -377,8 +484,8 @@ def with_lora_stack(model, stack: LoraStack):
     """A clone of ``model`` whose runtime LoRAs are ``stack``; the upstream model is unchanged."""
     clone = model.clone()
     clone.remove_wrappers_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY)
-    if not stack.is_empty:
-        clone.add_wrapper_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY, LoraStackWrapper(stack))
+    # An emptied stack keeps its wrapper: resident copies must be re-synced to no LoRA.
+    clone.add_wrapper_with_key(_APPLY_MODEL, LORA_WRAPPER_KEY, LoraStackWrapper(stack))
     return clone
 
 
@@ -654,3 +761,53 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     else:
         log.info("[FluxQ] %s", report)
     return entry, clip_out, report
+
+
+# --- training --------------------------------------------------------------------------
+
+def load_for_training(model) -> torch.device:
+    """Loads only the transformer, fully (the text encoders and VAE are done, so ComfyUI may
+    evict them); returns the device it runs on."""
+    comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+    return model.load_device
+
+
+def set_module_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor, parameter: bool) -> None:
+    """Replaces a parameter or buffer by dotted name, the way ComfyUI's patcher does."""
+    if parameter:
+        comfy.utils.set_attr_param(module, name, tensor)
+    else:
+        comfy.utils.set_attr(module, name, tensor)
+
+
+def progress_bar(total: int, node_id):
+    """ComfyUI's progress bar (shown on the node in a server; a no-op as a library)."""
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def cancel_requested() -> bool:
+    return comfy.model_management.processing_interrupted()
+
+
+def request_cancel() -> None:
+    """What ComfyUI's cancel button does; the trainer saves after the step and stops."""
+    comfy.model_management.interrupt_current_processing(True)
+
+
+def raise_if_cancelled() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def load_diffusion_model(path: str):
+    """A FLUX transformer as ComfyUI loads it: .gguf through this pack, anything else through core."""
+    if path.endswith(".gguf"):
+        return load_flux_gguf(path)
+    return comfy.sd.load_diffusion_model(path)
+
+
+def load_vae(path: str):
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(path, safe_load=True))
+
+
+def training_device() -> torch.device:
+    return comfy.model_management.get_torch_device()

@@ -3,7 +3,7 @@
 import folder_paths
 from comfy_api.latest import io
 
-from .comfy_glue import DEQUANT_DTYPES, check_file_choice, load_flux_gguf, load_text_encoders
+from .comfy_glue import DEQUANT_DTYPES, RESIDENT_MODES, check_file_choice, load_flux_gguf, load_text_encoders
 
 CATEGORY = "Flux QLoRA Lab/loaders"
 NO_T5 = "none"
@@ -36,18 +36,26 @@ class FluxQLoadGGUF(io.ComfyNode):
                                tooltip="Precision of the dequantization arithmetic. 'auto' dequantizes straight "
                                        "to the model's compute dtype (bf16 on recent GPUs, fp32 on CPU), where the "
                                        "matmul always runs."),
+                io.Combo.Input("resident", options=list(RESIDENT_MODES), default="auto", optional=True,
+                               tooltip="Keep dequantized copies of the quantized layers (with runtime LoRAs folded "
+                                       "in) so they run at native float speed. 'auto': on a GPU, only in memory "
+                                       "ComfyUI reports free beyond what the sampling needs (never on the CPU or in "
+                                       "lowvram mode); dropped when ComfyUI unloads the model. 'on': every layer "
+                                       "(needs the memory of the unquantized model). 'off': always dequantize per "
+                                       "call (the model holds only the GGUF bytes). Optional, so API prompts "
+                                       "written before it existed still run (as 'auto')."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, gguf_name, dequant_dtype):
+    def validate_inputs(cls, gguf_name, dequant_dtype, resident="auto"):
         return check_file_choice(GGUF_UNET_FOLDER, "gguf_name", gguf_name)
 
     @classmethod
-    def execute(cls, gguf_name, dequant_dtype) -> io.NodeOutput:
+    def execute(cls, gguf_name, dequant_dtype, resident="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(GGUF_UNET_FOLDER, gguf_name)
-        return io.NodeOutput(load_flux_gguf(path, dequant_dtype))
+        return io.NodeOutput(load_flux_gguf(path, dequant_dtype, resident))
 
 
 class FluxQLoadTextEncodersGGUF(io.ComfyNode):

@@ -18,7 +18,7 @@ from ..lora_ops import captioning as cap
 from ..lora_ops import dataset as ds
 from ..lora_ops import prepare as prep
 from .comfy_glue import show_progress_text
-from .train import NONE, dataset_options
+from .training import NONE, dataset_options
 
 CATEGORY = "Flux QLoRA Lab/training"
 CAPTIONERS = ("template", "openai-compatible")

@@ -5,6 +5,8 @@ Usage:
     python scripts/fluxq_client.py WORKFLOW.json [--server http://127.0.0.1:8188]
         [--map scripts/tiny_model_map.json] [--set NODE.input=value ...]
         [--out DIR] [--timeout SECONDS] [--print-prompt]
+    python scripts/fluxq_client.py WORKFLOW.json --server URL [--server URL ...]
+        [--sweep NODE.input=[v1,v2,...] ...] [--batch OVERRIDES.jsonl] [--per-server K] ...
 
 WORKFLOW.json is an API-format prompt (the frontend's "Export (API)", or `workflows/api/*.json`)
 or a UI workflow as the frontend saves it; a UI workflow is converted with the server's
@@ -24,6 +26,17 @@ or a UI workflow as the frontend saves it; a UI workflow is converted with the s
 --print-prompt           Print the final API prompt (after conversion, --map and --set) and exit
                          without queueing it.
 
+A batch of prompts (--sweep, --batch, or several --server) runs the workflow once per job over
+all the servers, at most K (--per-server) in flight on each:
+--sweep NODE.input=[...] One job per value of the JSON list; several sweeps multiply.
+--batch FILE.jsonl       One job per line, a JSON object {"NODE.input": value, ...} of overrides
+                         (applied after --set); combined with --sweep, every line x every value.
+--server URL             Repeatable. A server that stops answering, or whose prompt takes longer
+                         than --timeout, is dropped and its prompts are queued on the others.
+Each job's outputs land in DIR/job-NNNN/ (NNNN = the job's number in the batch), written once:
+a job that was re-queued after its server died is downloaded from the server that finished it.
+Exit status 1 if any job failed (its error is printed), 0 when all completed.
+
 Exit status: 0 on success; 1 when the server rejects the prompt (validation errors are printed
 per node) or execution fails or is interrupted; 2 on a bad command line or unreadable file;
 3 on --timeout and 130 on Ctrl-C (the prompt is then removed from the queue or interrupted).
@@ -36,10 +49,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -149,15 +164,27 @@ def apply_value_map(prompt: dict, value_map: dict) -> None:
                 inputs[name] = value_map[value]
 
 
+def overridden_node(prompt: dict, node_ref: str, input_name: str) -> dict:
+    node = prompt[find_node(prompt, node_ref)]
+    if input_name not in node["inputs"]:
+        print(f"note: node {node_ref!r} had no input {input_name!r}; adding it", file=sys.stderr)
+    return node
+
+
 def apply_overrides(prompt: dict, overrides: list[str], object_info: dict) -> None:
     """--set values, typed by the input declarations in the server's `object_info`."""
     for text in overrides:
         node_ref, input_name, raw_value = parse_override(text)
-        node = prompt[find_node(prompt, node_ref)]
-        if input_name not in node["inputs"]:
-            print(f"note: node {node_ref!r} had no input {input_name!r}; adding it", file=sys.stderr)
+        node = overridden_node(prompt, node_ref, input_name)
         spec = input_spec(object_info, node["class_type"], input_name)
         node["inputs"][input_name] = typed_value(raw_value, spec, f"{node_ref}.{input_name}")
+
+
+def apply_json_overrides(prompt: dict, overrides: list[str]) -> None:
+    """A batch job's `NODE.input=JSON` overrides: written as JSON, so already typed."""
+    for text in overrides:
+        node_ref, input_name, raw_value = parse_override(text)
+        overridden_node(prompt, node_ref, input_name)["inputs"][input_name] = json.loads(raw_value)
 
 
 def read_json(path: str, what: str):
@@ -485,6 +512,148 @@ async def run(args) -> int:
     return EXIT_OK
 
 
+# --- a batch over several servers -----------------------------------------------------------------
+
+
+class ServerGone(Exception):
+    """The server stopped answering or took longer than --timeout: its prompts go elsewhere."""
+
+
+def batch_jobs(args) -> list[list[str]]:
+    """Each job's extra `NODE.input=value` overrides: the --batch lines times the --sweep values."""
+    lines: list[list[str]] = [[]]
+    if args.batch:
+        try:
+            text = Path(args.batch).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ClientError(f"cannot read batch file {args.batch}: {error}", EXIT_USAGE) from error
+        lines = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                overrides = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ClientError(f"{args.batch} line {number}: not JSON: {error}", EXIT_USAGE) from error
+            if not isinstance(overrides, dict):
+                raise ClientError(f"{args.batch} line {number}: expected an object of NODE.input: value", EXIT_USAGE)
+            lines.append([f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+        if not lines:
+            raise ClientError(f"batch file {args.batch} holds no jobs", EXIT_USAGE)
+    sweeps = []
+    for text in args.sweep:
+        target, sep, values = text.partition("=")
+        try:
+            values = json.loads(values) if sep else None
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, list) or not values:
+            raise ClientError(f"--sweep {text!r}: expected NODE.input=[value, ...] (a JSON list)", EXIT_USAGE)
+        sweeps.append([f"{target}={json.dumps(value)}" for value in values])
+    return [line + list(combo) for line in lines for combo in itertools.product(*sweeps)]
+
+
+async def run_on_server(session: aiohttp.ClientSession, prompt: dict, timeout: float) -> dict:
+    """Queues `prompt`, waits for its history entry by polling (the state survives a dropped
+    socket); raises ServerGone when the server does not answer or the prompt outlasts `timeout`."""
+    try:
+        prompt_id = await queue_prompt(session, prompt, uuid.uuid4().hex)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        raise ServerGone(f"cannot queue: {error}") from error
+    try:
+        return await asyncio.wait_for(wait_for_history(session, prompt_id), timeout)
+    except (aiohttp.ClientError, ClientError) as error:  # before TimeoutError: aiohttp's timeouts are both
+        raise ServerGone(f"stopped answering: {error}") from error
+    except asyncio.TimeoutError:
+        try:  # a slow server: do not leave it rendering what another server will render
+            await asyncio.wait_for(cancel_prompt(session, prompt_id), 10)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        raise ServerGone(f"prompt {prompt_id} took longer than {timeout:g} s") from None
+
+
+async def run_batch(args, servers: list[str]) -> int:
+    # A dead server refuses the connection at once; a busy one may answer slowly (its executor
+    # holds the GIL): only --timeout per prompt decides that a live server is too slow.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    sessions = {url: aiohttp.ClientSession(base_url=url.rstrip("/") + "/", timeout=timeout) for url in servers}
+    try:
+        args.server = servers[0]  # a UI workflow is converted with the first server's /object_info
+        base = await build_prompt(sessions[servers[0]], args)
+        jobs = batch_jobs(args)
+        prompts = []
+        for overrides in jobs:
+            prompt = json.loads(json.dumps(base))
+            apply_json_overrides(prompt, overrides)
+            prompts.append(prompt)
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pending: asyncio.Queue[int] = asyncio.Queue()
+        for index in range(len(prompts)):
+            pending.put_nowait(index)
+        finished: dict[int, str] = {}  # job -> the server that completed it
+        failed: dict[int, str] = {}  # job -> its error
+        alive = set(servers)
+        print(f"{len(prompts)} job(s) over {len(servers)} server(s), at most {args.per_server} in flight each",
+              file=sys.stderr)
+
+        def all_done() -> bool:
+            return len(finished) + len(failed) == len(prompts)
+
+        async def worker(url: str) -> None:
+            session = sessions[url]
+            while url in alive and not all_done():
+                try:
+                    index = pending.get_nowait()
+                except asyncio.QueueEmpty:
+                    await asyncio.sleep(0.2)  # jobs may come back from a server that died
+                    continue
+                staging = out_dir / f".job-{index:04d}.{uuid.uuid4().hex[:8]}.part"
+                try:
+                    entry = await run_on_server(session, prompts[index], args.timeout)
+                    failure = execution_failure(entry, prompts[index])
+                    if failure:
+                        failed[index] = failure
+                        print(f"job {index} failed on {url}: {failure}", file=sys.stderr)
+                        continue
+                    try:
+                        await download_outputs(session, entry, staging)
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        raise ServerGone(f"download failed: {error}") from error
+                except ServerGone as error:
+                    alive.discard(url)
+                    pending.put_nowait(index)
+                    print(f"server {url} dropped ({error}); job {index} re-queued", file=sys.stderr)
+                    return
+                except ClientError as error:  # the server refused this prompt: it would refuse it anywhere
+                    shutil.rmtree(staging, ignore_errors=True)
+                    failed[index] = str(error)
+                    print(f"job {index} failed on {url}: {error}", file=sys.stderr)
+                    continue
+                final = out_dir / f"job-{index:04d}"
+                if final.exists():
+                    shutil.rmtree(final)  # a previous invocation's result for the same job number
+                os.replace(staging, final)
+                finished[index] = url
+                print(f"job {index} done on {url}", file=sys.stderr)
+                for path in sorted(final.iterdir()):
+                    print(path)
+
+        workers = [worker(url) for url in servers for _ in range(args.per_server)]
+        await asyncio.gather(*workers)
+        while not pending.empty():
+            index = pending.get_nowait()
+            failed[index] = "every server dropped out before it ran"
+    finally:
+        for session in sessions.values():
+            await session.close()
+    for index in sorted(failed):
+        print(f"error: job {index}: {failed[index]}", file=sys.stderr)
+    print(f"{len(finished)} of {len(prompts)} job(s) completed", file=sys.stderr)
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run a ComfyUI workflow (API or UI format) headless and download its outputs.",
@@ -492,7 +661,13 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("workflow", help="workflow JSON file (API or UI format)")
-    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI base URL (default: %(default)s)")
+    parser.add_argument("--server", action="append", metavar="URL",
+                        help="ComfyUI base URL (default: http://127.0.0.1:8188); repeat to spread a batch over several")
+    parser.add_argument("--sweep", action="append", default=[], metavar="NODE.input=[...]",
+                        help="run one job per value of the JSON list (repeatable: every combination)")
+    parser.add_argument("--batch", metavar="FILE.jsonl", help="run one job per line of overrides {\"NODE.input\": value}")
+    parser.add_argument("--per-server", type=int, default=1, metavar="K",
+                        help="prompts in flight on each server in a batch (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.input=value",
                         help="override an input (repeatable)")
     parser.add_argument("--map", metavar="FILE", help="JSON {old value: new value} applied to every input value")
@@ -505,7 +680,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    servers = args.server or ["http://127.0.0.1:8188"]
+    args.server = servers[0]
+    if args.per_server < 1:
+        print("error: --per-server must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    batch = len(servers) > 1 or args.sweep or args.batch
     try:
+        if batch and not args.print_prompt:
+            return asyncio.run(run_batch(args, servers))
         return asyncio.run(run(args))
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)

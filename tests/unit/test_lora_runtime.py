@@ -178,8 +178,10 @@ def test_with_lora_replaces_same_name_in_place():
 def test_stack_bookkeeping():
     stack = LoraStack([_entry("a", 0.0), _entry("b", 1.0, path="blocks.0.qkv")])
     assert stack.module_paths() == {"blocks.0.proj", "blocks.0.qkv"}
-    assert stack.adapters_for("blocks.0.proj") == ()  # zero strength is skipped by the hook
-    assert stack.with_strength("a", 2.0).adapters_for("blocks.0.proj")[0][0] == 2.0
+    # Zero strength stays in (a compiled graph must not change shape with a strength), as a tensor.
+    (strength, adapter), = stack.adapters_for("blocks.0.proj")
+    assert strength.dim() == 0 and strength.item() == 0.0 and adapter is stack.entries[0].adapters["blocks.0.proj"][0]
+    assert stack.with_strength("a", 2.0).adapters_for("blocks.0.proj")[0][0].item() == 2.0
     assert LoraStack().is_empty and stack.without("all").is_empty and not stack.is_empty
     with pytest.raises(KeyError, match="'a', 'b'"):
         stack.without("missing")

@@ -327,5 +327,5 @@ def test_repeats_weight_how_often_the_trainer_draws_an_image():
     trainer = fm.FlowMatchTrainer(predict, examples, None, {"w": weight},
                                   fm.TrainSettings(steps=200, learning_rate=0.0, optimizer="sgd"))
     for step in range(200):
-        trainer._micro_batch_loss(fm.step_generator(0, step))
+        trainer._micro_batch_loss(trainer._global_micro_batch(fm.step_generator(0, step)), step, 0)
     assert len(drawn) == 200 and 0.62 < drawn.count(0.0) / 200 < 0.88

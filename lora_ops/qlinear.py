@@ -1,0 +1,231 @@
+"""How a quantized linear computes `y = x·W_effᵀ + b`, with `W_eff = dequant(q) + Σ sᵢ·Δᵢ`.
+
+One plan per layer and call (`select_plan`), chosen from the number of tokens and what the layer
+holds:
+- ``GEMV`` (one token: FLUX's modulation linears, ~3.2B of 11.9B parameters): a dequantizing
+  matrix-vector product over column chunks of the quantized codes; at most ``GEMV_COLUMNS``
+  columns of float weight exist at a time, never the whole weight. LoRAs stay a separate
+  path there (at one token a low-rank one costs ~rank/out of the layer); adapters that read the
+  base weight (DoRA) need it whole, so a layer with one takes DEQUANT instead.
+- ``DEQUANT`` (many tokens): dequantize once into a weight in the compute dtype, fold the LoRAs
+  into it (Δᵢ = the adapter's ``dense_delta``, every adapter kind; DoRA's from the dequantized
+  base rows), then the same ``F.linear`` native runs. Plain
+  tensor ops with no host sync, so under ``torch.compile`` inductor fuses dequantize + fold into
+  one pointwise kernel that writes the buffer the matmul reads.
+- ``RESIDENT``: a kept dequantized copy with the frozen LoRAs folded in (``Resident``): the layer
+  runs exactly like a native float layer.
+Adapters that train (gradients must reach A and B) always take the separate path.
+
+Repacking at load (``repack``) is lossless and keeps the byte count: Q8_0 becomes all int8 codes
+then all fp16 scales, so the codes are one plain int8 matrix (no per-block byte offsets in the
+hot loop); the other types keep GGUF's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import gguf
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from .dequant import as_qtype, dequantize
+from .lora_runtime import Adapter, add_updates, scaled
+
+GEMV, DEQUANT, RESIDENT = "gemv", "dequant", "resident"
+PLANS = (GEMV, DEQUANT, RESIDENT)
+
+GGUF_LAYOUT = "gguf"  # the file's block layout, as dequant.dequantize reads it
+Q8_0_SPLIT = "q8_0_split"  # n int8 codes, then n/32 fp16 scales (same bytes as the file)
+_Q8_0_GROUP = 32
+
+# Columns of float weight the GEMV plan forms at a time: a multiple of every block size (32, 256);
+# 512 columns of FLUX's widest modulation (18432 rows) are 38 MB in fp32.
+GEMV_COLUMNS = 512
+
+Pairs = Sequence[tuple[torch.Tensor, Adapter]]
+
+
+def repack(raw: torch.Tensor, qtype: int | QType) -> tuple[torch.Tensor, str]:
+    """(bytes, layout) to keep for a GGUF tensor: lossless, same byte count as the file."""
+    if as_qtype(qtype) != QType.Q8_0:
+        return raw, GGUF_LAYOUT
+    _, type_size = gguf.GGML_QUANT_SIZES[QType.Q8_0]
+    blocks = raw.reshape(-1, type_size)
+    n_codes = blocks.shape[0] * _Q8_0_GROUP
+    out = torch.empty(raw.numel(), dtype=torch.uint8, device=raw.device)
+    out[:n_codes].view(-1, _Q8_0_GROUP).copy_(blocks[:, 2:])
+    out[n_codes:].view(-1, 2).copy_(blocks[:, :2])
+    return out, Q8_0_SPLIT
+
+
+def _q8_0_split_views(data: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (rows, cols) and fp16 scales (rows, cols/32) viewing repacked Q8_0 bytes."""
+    n_codes = rows * cols
+    codes = data[:n_codes].view(torch.int8).reshape(rows, cols)
+    scales = data[n_codes:].view(torch.float16).reshape(rows, cols // _Q8_0_GROUP)
+    return codes, scales
+
+
+def _q8_0_columns(codes: torch.Tensor, scales: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """float32 columns start:stop of a split Q8_0 matrix: code times scale, as gguf computes it."""
+    rows = codes.shape[0]
+    q = codes[:, start:stop].reshape(rows, -1, _Q8_0_GROUP).to(torch.float32)
+    d = scales[:, start // _Q8_0_GROUP:stop // _Q8_0_GROUP].to(torch.float32).unsqueeze(-1)
+    return (q * d).reshape(rows, stop - start)
+
+
+def dequantize_weight(data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...], layout: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The whole float weight, equal to ``gguf.quants.dequantize`` (float32 arithmetic, then dtype)."""
+    if layout == Q8_0_SPLIT:
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        codes, scales = _q8_0_split_views(data, rows, cols)
+        return _q8_0_columns(codes, scales, 0, cols).reshape(shape).to(dtype)
+    return dequantize(data, qtype, shape, dtype)
+
+
+def _weight_columns(data: torch.Tensor, qtype: QType, shape: tuple[int, int], layout: str):
+    """A function (start, stop) -> float32 columns start:stop of the weight, read from the codes."""
+    rows, cols = shape
+    if layout == Q8_0_SPLIT:
+        codes, scales = _q8_0_split_views(data, rows, cols)
+        return lambda start, stop: _q8_0_columns(codes, scales, start, stop)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    row_bytes = data.reshape(rows, cols // block_size * type_size)
+
+    def columns(start: int, stop: int) -> torch.Tensor:
+        chunk = row_bytes[:, start // block_size * type_size:stop // block_size * type_size].contiguous()
+        return dequantize(chunk, qtype, (rows, stop - start), torch.float32)
+
+    return columns
+
+
+def gemv(x: torch.Tensor, data: torch.Tensor, qtype: int | QType, shape: tuple[int, int], layout: str) -> torch.Tensor:
+    """``x @ dequant(q)ᵀ`` for one token, chunk by chunk over the columns, accumulated in float32.
+
+    The sum runs in a different order than one ``F.linear`` over the whole row (chunk partial
+    sums, then their sum): equal to the reference within float32 summation error.
+    """
+    rows, cols = shape
+    columns = _weight_columns(data, as_qtype(qtype), shape, layout)
+    x32 = x.reshape(-1, cols).to(torch.float32)
+    y = None
+    for start in range(0, cols, GEMV_COLUMNS):
+        stop = min(start + GEMV_COLUMNS, cols)
+        part = torch.nn.functional.linear(x32[:, start:stop], columns(start, stop))
+        y = part if y is None else y + part
+    return y.reshape(*x.shape[:-1], rows).to(x.dtype)
+
+
+def fold_(weight: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    """Adds ``s·Δ`` of each (frozen) adapter to its rows of ``weight``, in place and in weight's
+    dtype (callers pass a weight they own); rows stay exactly as they were at strength 0.
+    Adapters that read the base rows (DoRA) get the weight as it came in, in float32 (core takes
+    its norms in float32), not with the earlier adapters folded."""
+    base = weight.to(torch.float32, copy=True) if any(a.needs_base_rows for _, a in pairs) else None
+    for strength, adapter in pairs:
+        rows = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
+        if adapter.needs_base_rows:
+            base_rows = base if adapter.out_slice is None else base.narrow(0, *adapter.out_slice)
+            delta = adapter.dense_delta(base_rows).to(rows.dtype)
+        else:
+            delta = adapter.dense_delta(rows)
+        rows.copy_(scaled(rows, delta, strength))
+    return weight
+
+
+def folded_weight(data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...], layout: str, pairs: Pairs,
+                  dtype: torch.dtype, arith_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequant(q) + Σ s·Δ`` in dtype; dequantization and fold computed in ``arith_dtype`` (default dtype)."""
+    weight = dequantize_weight(data, qtype, shape, layout, arith_dtype or dtype)
+    return fold_(weight, pairs).to(dtype) if pairs else weight.to(dtype)
+
+
+def fold_key(pairs: Pairs) -> tuple:
+    """What a resident copy holds: which adapters (compared by identity; held, so an id is never
+    reused while a copy names it) at which strengths (host values; eager only)."""
+    return tuple((adapter, float(strength)) for strength, adapter in pairs)
+
+
+@dataclass(eq=False)
+class Resident:
+    """A kept dequantized weight with the frozen adapters of ``key`` folded in."""
+
+    weight: torch.Tensor
+    key: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def build_resident(previous: Resident | None, data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...],
+                   layout: str, pairs: Pairs, dtype: torch.dtype, arith_dtype: torch.dtype | None = None) -> Resident:
+    """The resident copy for ``pairs`` (frozen adapters), rebuilt from the quantized bytes, so an
+    emptied stack gives back exactly the base. Reuses ``previous``'s storage when it fits: a
+    compiled graph reading it sees the same tensor, only new values."""
+    key = fold_key(pairs)
+    if previous is not None and previous.key == key and previous.weight.dtype == dtype:
+        return previous
+    weight = folded_weight(data, qtype, shape, layout, pairs, dtype, arith_dtype)
+    if previous is not None and previous.weight.shape == weight.shape and previous.weight.dtype == dtype \
+            and previous.weight.device == weight.device:
+        previous.weight.copy_(weight)
+        previous.key = key
+        return previous
+    return Resident(weight, key)
+
+
+def select_plan(tokens: int, resident_usable: bool, has_weight_patches: bool, needs_grad: bool = False,
+                reads_base: bool = False) -> str:
+    """The plan for one call. Weight patches (core LoRAs) need the whole float weight: DEQUANT.
+    With gradients GEMV is not used: its float32 column chunks would all be kept for backward;
+    nor with an adapter that reads the base rows (DoRA): GEMV never forms them."""
+    if has_weight_patches:
+        return DEQUANT
+    if resident_usable:
+        return RESIDENT
+    return GEMV if tokens == 1 and not needs_grad and not reads_base else DEQUANT
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    qtype: int | QType,
+    shape: tuple[int, ...],
+    layout: str,
+    bias: torch.Tensor | None,
+    pairs: Pairs = (),
+    resident: Resident | None = None,
+    weight_patches: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
+    arith_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x·W_effᵀ + b`` by the selected plan; ``data`` on x's device; ``pairs`` the active
+    (strength, adapter) pairs; ``weight_patches`` functions applied to the dequantized weight."""
+    frozen = tuple(p for p in pairs if not p[1].trainable)
+    trainable = tuple(p for p in pairs if p[1].trainable)
+    resident_usable = (
+        resident is not None and resident.weight.dtype == x.dtype and resident.weight.device == x.device
+        # Under torch.compile the caller keeps the copy in sync before the call (reading host
+        # strength values here would bake them into the graph).
+        and (torch.compiler.is_compiling() or resident.key == fold_key(frozen))
+    )
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
+    reads_base = any(adapter.needs_base_rows for _, adapter in pairs)
+    plan = select_plan(x.numel() // x.shape[-1], resident_usable, bool(weight_patches), needs_grad, reads_base)
+    if plan == GEMV:
+        y = gemv(x, data, qtype, shape, layout)
+        if bias is not None:
+            y = y + bias
+        return add_updates(y, x, pairs)
+    if plan == RESIDENT:
+        weight = resident.weight
+    else:
+        weight = folded_weight(data, qtype, shape, layout, frozen, x.dtype, arith_dtype)
+        for patch in weight_patches:
+            weight = patch(weight)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return add_updates(y, x, trainable)

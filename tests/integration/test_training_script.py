@@ -1,0 +1,198 @@
+"""scripts/fluxq_train.py: the node's training outside the graph, alone and data-parallel under
+torchrun (gloo on the CPU), checked against the node run in-process on the same models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import (  # noqa: F401  (clip_vae, comfy_libs, folders are fixtures)
+    TINY_DEV_Q8,
+    clip_vae,
+    comfy_libs,
+    folders,
+    lora_tensors,
+    narrow_flux,
+    node_args,
+    train,
+    write_dataset,
+)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO / ".harness" / "ComfyUI")
+NARROW_SCRIPT = HERE / "narrow_train_script.py"
+SCRIPT = REPO / "scripts" / "fluxq_train.py"
+SETTINGS = dict(dataset="set", trigger_word="TOK", rank=4, alpha=4.0, learning_rate=1e-3, resolution=64, seed=3,
+                optimizer="adamw", lr_schedule="cosine", warmup_steps=1, caption_dropout=0.3,
+                timestep_sampling="shift", gradient_checkpointing=True, layer_regex="", keep_last=0)
+
+
+def script_command(script: Path, settings: dict, tmp_path: Path, inputs: Path, loras: Path, ranks: int = 1) -> list[str]:
+    """The script's command line; its LoRAs go to the test's `loras` folder (made ComfyUI's default)."""
+    settings_file = tmp_path / "train.json"
+    settings_file.write_text(json.dumps(settings))
+    extra = tmp_path / "extra_model_paths.yaml"
+    extra.write_text(f"fluxq_test:\n    base_path: {loras.parent}\n    is_default: true\n    loras: {loras.name}\n")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+    return [*launcher, str(script), str(settings_file), "--cpu", "--comfyui", str(COMFY_DIR),
+            "--input-directory", str(inputs), "--extra-model-paths-config", str(extra), "--timeout", "60"]
+
+
+def script_env() -> dict:
+    # two ranks on a small machine: one thread each, or they fight over the cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def assert_same_lora(a: Path, b: Path, rtol=1e-4, atol=1e-6):
+    ta, _ = lora_tensors(a)
+    tb, _ = lora_tensors(b)
+    assert ta.keys() == tb.keys()
+    moved = [k for k in ta if k.endswith("lora_up.weight") and ta[k].abs().max() > 0]
+    assert moved, "the up matrices start at zero and must have moved"
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_two_ranks_train_like_one_process_with_the_global_batch_and_one_process_resumes(comfy_libs, clip_vae, folders, tmp_path):
+    """2 ranks x batch 1 x accumulation 2 == 1 process x batch 2 x accumulation 2; the 2-rank step
+    checkpoint resumed by the node in one process ends where the 2-rank run ended."""
+    from lora_ops.lora_checkpoint import load_train_state
+
+    clip, vae = clip_vae
+    inputs, loras = folders
+    write_dataset(inputs, ["red", "green", "blue", "stripes"])
+    # SGD: its update is proportional to the gradient, so a rank's gradient counted twice or
+    # not averaged shows (Adam's first steps are about +-lr whatever the gradient's scale)
+    settings = dict(SETTINGS, steps=4, batch_size=1, gradient_accumulation=2, save_every=2, lora_name="ddp",
+                    optimizer="sgd", learning_rate=0.05)
+    done = subprocess.run(script_command(NARROW_SCRIPT, settings, tmp_path, inputs, loras, ranks=2),
+                          env=script_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(os.listdir(loras)) == ["ddp.safetensors", "ddp.trainstate",
+                                         "ddp_step000002.safetensors", "ddp_step000002.trainstate"]
+
+    one = dict(settings, batch_size=2, save_every=0)
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, **dict(one, lora_name="single")))
+    assert_same_lora(loras / "ddp.safetensors", loras / "single.safetensors")
+    ddp_losses = load_train_state(str(loras / "ddp.safetensors"))[0].loss_history
+    single_losses = load_train_state(str(loras / "single.safetensors"))[0].loss_history
+    assert len(ddp_losses) == 4 and ddp_losses == pytest.approx(single_losses, rel=1e-4)
+
+    comfy_libs.folder_paths.filename_list_cache.clear()
+    train(comfy_libs, node_args(narrow_flux(), clip, vae,
+                                **dict(one, lora_name="resumed", resume="ddp_step000002.safetensors")))
+    assert_same_lora(loras / "ddp.safetensors", loras / "resumed.safetensors")
+    resumed_losses = load_train_state(str(loras / "resumed.safetensors"))[0].loss_history
+    assert resumed_losses == pytest.approx(ddp_losses, rel=1e-4)
+
+
+def test_a_killed_rank_fails_the_run_without_a_partial_checkpoint(folders, tmp_path):
+    from lora_ops.lora_checkpoint import load_checkpoint, load_train_state
+
+    inputs, loras = folders
+    write_dataset(inputs, ["red", "blue"])
+    settings = dict(SETTINGS, steps=500, batch_size=1, save_every=1, keep_last=0, lora_name="killed",
+                    gradient_checkpointing=False)
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(script_command(NARROW_SCRIPT, settings, tmp_path, inputs, loras, ranks=2),
+                               env=script_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while "step 2/500" not in log_path.read_text(errors="replace"):
+            assert run.poll() is None, log_path.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "training did not reach step 2"
+            time.sleep(0.5)
+        pid = int(re.search(r"\[rank 1\] fluxq_train: rank 1 of 2, pid (\d+)", log_path.read_text()).group(1))
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        code = run.wait(timeout=120)
+        failed_after = time.monotonic() - killed
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert code != 0
+    assert failed_after < 90, f"the run took {failed_after:.0f} s to fail after a rank died"
+    files = sorted(os.listdir(loras))
+    assert "killed.safetensors" not in files
+    assert not [f for f in files if f.startswith(".")], f"temporary files left behind: {files}"
+    checkpoints = [f for f in files if f.endswith(".safetensors")]
+    assert checkpoints, "rank 0 saved step checkpoints before the kill"
+    for name in checkpoints:  # each checkpoint that exists is whole and matches its state
+        step = int(re.search(r"_step(\d+)", name).group(1))
+        factors, _, metadata = load_checkpoint(str(loras / name), narrow_module_paths())
+        state, _ = load_train_state(str(loras / name))
+        assert metadata["ss_steps"] == str(step) and state.step == step and len(state.loss_history) == step
+        assert len(factors) == 13
+
+
+def narrow_module_paths() -> list[str]:
+    return [path for path, _ in narrow_flux().model.diffusion_model.named_modules()]
+
+
+def test_script_and_node_resume_each_other_on_the_gguf_model(comfy_libs, clip_vae, folders, models_dir, tmp_path):
+    """The script on the harness's files (its own loaders: GGUF transformer, CLIP-L, VAE) picks up
+    the node's checkpoint, and the node picks up the script's: one run in three pieces."""
+    from lora_ops.lora_checkpoint import load_train_state
+
+    clip, vae = clip_vae
+    inputs, loras = folders
+    write_dataset(inputs, ["red", "stripes"])
+    settings = dict(SETTINGS, batch_size=1, gradient_accumulation=1, save_every=0, gradient_checkpointing=False,
+                    caption_dropout=0.0)
+    with torch.inference_mode():
+        model = comfy_libs.glue.load_flux_gguf(str(models_dir / "diffusion_models" / TINY_DEV_Q8))
+    train(comfy_libs, node_args(model, clip, vae, **dict(settings, steps=1, lora_name="node1")))
+
+    files = dict(model=TINY_DEV_Q8, clip="fluxq-tiny-clip_l.safetensors", vae="fluxq-tiny-ae.safetensors")
+    done = subprocess.run(
+        script_command(SCRIPT, dict(settings, **files, steps=2, lora_name="script2", resume="node1.safetensors"),
+                       tmp_path, inputs, loras),
+        env=script_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    comfy_libs.folder_paths.filename_list_cache.clear()
+    train(comfy_libs, node_args(model, clip, vae, **dict(settings, steps=3, lora_name="node3",
+                                                         resume="script2.safetensors")))
+    histories = [load_train_state(str(loras / f"{name}.safetensors"))[0].loss_history
+                 for name in ("node1", "script2", "node3")]
+    assert [len(h) for h in histories] == [1, 2, 3]
+    assert histories[2][:2] == histories[1] and histories[1][:1] == histories[0]
+    _, metadata = lora_tensors(loras / "node3.safetensors")
+    assert metadata["ss_steps"] == "3"
+
+
+def test_settings_errors_name_the_setting(tmp_path):
+    """Bad settings files fail before ComfyUI is even loaded, naming the input."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [unclosed\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), str(bad), "--cpu", "--comfyui", str(COMFY_DIR)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "not valid YAML" in done.stderr
+
+
+@pytest.mark.parametrize("given,message", [
+    (dict(stepz=3), "unknown setting(s) stepz"),
+    (dict(steps="3"), "'steps' must be an integer"),
+    (dict(steps=0), "'steps': 0 is outside 1..100000"),
+    (dict(optimizer="lion"), "'optimizer': 'lion' is not one of"),
+    (dict(gradient_checkpointing="yes"), "'gradient_checkpointing' must be true or false"),
+    (dict(images=[1]), "images come from other nodes"),
+])
+def test_settings_are_checked_against_the_node_schema(comfy_libs, given, message):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import fluxq_train
+
+    with pytest.raises(fluxq_train.SettingsError, match=re.escape(message)):
+        fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, given)
+    defaults = fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, {"steps": 7})
+    assert defaults["steps"] == 7 and defaults["rank"] == 16 and defaults["resume"] == "[none]"
