@@ -6,6 +6,7 @@ Used by the demo (scripts/demo.py) and the tests; standard library only.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ class ComfyServer:
     """A real ComfyUI server process with the pack, driven over HTTP."""
 
     def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True,
-                 extra_models_first: bool = False, port: int | None = None):
+                 extra_models_first: bool = False, port: int | None = None, env: dict[str, str] | None = None):
         self.comfy_dir = comfy_dir
         self.port = port or free_port()  # a given port: a server restarted where a client expects it
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,7 +57,8 @@ class ComfyServer:
             command += ["--extra-model-paths-config", str(extra)]
         self.log_path = workdir / "comfyui.log"
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
         try:
             self._wait_ready()
         except BaseException:

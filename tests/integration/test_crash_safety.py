@@ -1,7 +1,14 @@
 """Crash safety of training files: a real ComfyUI server training on the tiny GGUF is killed with
-SIGKILL during a step, during a checkpoint write and during the final save. After each kill every
-LoRA / train-state under models/loras is complete and consistent, and resuming from the last
-complete checkpoint reproduces the loss curve of an uninterrupted run."""
+SIGKILL during a step, during a step checkpoint's write and during the final save. After each kill
+every LoRA / train state under models/loras reads in full, a LoRA beside a newer state is refused
+for resuming, and resuming from the last complete checkpoint reproduces the loss curve (and the
+LoRA) of an uninterrupted run.
+
+Three server starts for three kills: the step kill comes from outside at a moment seen in the
+folder (a step takes seconds); the two write kills are armed at an exact point, because a
+checkpoint write lasts a millisecond: a hook in the server process (`KILL_HOOK`) sends SIGKILL to
+the server itself when it is about to rename a fully written temporary file onto the armed name.
+Kills at random moments inside the writes themselves are tests/unit/test_checkpoint_kill.py."""
 
 from __future__ import annotations
 
@@ -12,19 +19,39 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from comfy_server import ComfyServer
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from lora_ops.lora_checkpoint import load_train_state
+from lora_ops.lora_checkpoint import CheckpointError, load_train_state
 
 TINY_CLIP_L, TINY_VAE, TINY_DEV_Q8 = "fluxq-tiny-clip_l.safetensors", "fluxq-tiny-ae.safetensors", "fluxq-tiny-dev-Q8_0.gguf"
-STEPS = 4
+STEPS = 3
 
-# Three server restarts and five short training runs: minutes on an idle 2-core machine, but the
-# restarts did not finish within ComfyServer's 180 s under heavy load, so it runs on request.
-pytestmark = [pytest.mark.server, pytest.mark.skipif(not os.environ.get("FLUXQ_CRASH_SERVER"),
-                                                     reason="set FLUXQ_CRASH_SERVER=1 (slow: real server kills)")]
+pytestmark = pytest.mark.server
+
+# A sitecustomize for the server process: os.replace onto the name in $FLUXQ_KILL_AT_FILE kills it.
+KILL_HOOK = '''
+import os, signal
+
+_replace = os.replace
+
+
+def _replace_unless_armed(src, dst, *args, **kwargs):
+    try:
+        with open(os.environ["FLUXQ_KILL_AT_FILE"]) as f:
+            armed = f.read().strip()
+    except OSError:
+        armed = ""
+    if armed and os.path.basename(os.fspath(dst)) == armed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = _replace_unless_armed
+'''
 
 
 def training_prompt(name: str, resume: str = "[none]") -> dict:
@@ -43,7 +70,8 @@ def training_prompt(name: str, resume: str = "[none]") -> dict:
 
 
 class Lab:
-    """A private models/loras (the server's default, where the trainer saves) and an input dataset."""
+    """A private models/loras (the server's default, where the trainer saves), an input dataset and
+    the kill hook."""
 
     def __init__(self, comfy_dir: Path, root: Path):
         self.comfy_dir, self.root = comfy_dir, root
@@ -51,12 +79,20 @@ class Lab:
         for folder in ("loras", "diffusion_models", "text_encoders"):
             (self.models / folder).mkdir(parents=True, exist_ok=True)
         self.loras = self.models / "loras"
+        hook = root / "kill_hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(KILL_HOOK)
+        self.armed = root / "kill_at"
+        self.env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+                    "FLUXQ_KILL_AT_FILE": str(self.armed)}
         self.server: ComfyServer | None = None
 
     def start(self) -> ComfyServer:
+        self.arm("")
         workdir = self.root / f"server-{uuid.uuid4().hex[:6]}"
         workdir.mkdir()
-        self.server = ComfyServer(self.comfy_dir, workdir, extra_model_root=self.models, extra_models_first=True)
+        self.server = ComfyServer(self.comfy_dir, workdir, extra_model_root=self.models, extra_models_first=True,
+                                  env=self.env)
         dataset = self.server.input_dir / "set"
         dataset.mkdir()
         for name, colour in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
@@ -64,88 +100,123 @@ class Lab:
             (dataset / f"{name}.txt").write_text(f"a {name} square")
         return self.server
 
-    def kill(self) -> None:
-        os.kill(self.server.process.pid, signal.SIGKILL)
-        self.server.process.wait(timeout=60)
-        self.server._log.close()
-        self.server = None
+    def arm(self, file_name: str) -> None:
+        """The server kills itself when it is about to make `file_name` visible ("" disarms)."""
+        self.armed.write_text(file_name)
 
     def queue(self, prompt: dict) -> str:
         status, body = self.server.post_prompt(prompt)
         assert status == 200, body
         return body["prompt_id"]
 
-    def kill_when(self, seen, too_late: str, timeout: float = 600) -> set[str]:
-        """Polls the loras folder as fast as it can; SIGKILL the moment `seen(files)` holds.
-        Returns the files present just before the kill; fails once `too_late` exists."""
+    def _gone(self) -> None:
+        self.server._log.close()
+        self.server = None
+
+    def kill_when(self, seen, too_late: str, timeout: float = 300) -> None:
+        """SIGKILL from outside the moment `seen(files in loras)` holds; fails once `too_late` exists."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             files = set(os.listdir(self.loras))
             if seen(files):
-                self.kill()
-                return files
+                os.kill(self.server.process.pid, signal.SIGKILL)
+                self.server.process.wait(timeout=60)
+                return self._gone()
             if too_late in files or self.server.process.poll() is not None:
                 raise AssertionError(f"the kill point passed unseen ({sorted(files)})\n{self.server.log_tail()}")
+            time.sleep(0.01)
         raise TimeoutError(f"kill point not reached in {timeout}s\n{self.server.log_tail()}")
 
+    def wait_for_armed_kill(self, timeout: float = 300) -> None:
+        try:
+            code = self.server.process.wait(timeout=timeout)
+        except Exception:
+            raise TimeoutError(f"the armed kill did not happen in {timeout}s\n{self.server.log_tail()}") from None
+        assert code == -signal.SIGKILL, f"exit code {code}\n{self.server.log_tail()}"
+        self._gone()
 
-def visible_files_are_complete(loras: Path) -> dict[str, int]:
-    """Every .safetensors / .trainstate ComfyUI or the trainer would pick up reads in full, and each
-    LoRA's train state is from the same step. Returns the step of each complete step checkpoint."""
-    steps = {}
+
+def visible_checkpoints(loras: Path, prefix: str) -> tuple[dict[str, int], set[str]]:
+    """Every .safetensors / .trainstate ComfyUI or the trainer would pick up reads in full (a
+    truncated or corrupt file raises here); leftovers of interrupted writes are hidden .tmp files.
+    Returns the step of each `prefix` LoRA whose train state belongs to it, and the `prefix` LoRAs
+    whose state is from another save (resuming refuses them)."""
+    steps, refused = {}, set()
     for path in sorted(loras.iterdir()):
         if path.name.startswith("."):
-            assert ".tmp" in path.name, path.name  # an interrupted write (ours or safetensors' own): hidden, not a model
+            assert path.name.endswith(".tmp"), path.name
             continue
-        with safe_open(str(path), framework="pt") as f:  # raises on a truncated or corrupt file
+        with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata() or {}
         assert tensors or path.suffix == ".trainstate", path.name
-        if path.suffix == ".safetensors" and (path.with_suffix(".trainstate")).exists():
-            state, _ = load_train_state(str(path))  # checks the pair belongs together
-            assert metadata["ss_steps"] == str(state.step) and len(state.loss_history) == state.step
-            steps[path.name] = state.step
-    return steps
+        if path.suffix != ".safetensors" or not path.name.startswith(prefix):
+            continue
+        assert path.with_suffix(".trainstate").exists(), f"{path.name} without its train state"
+        try:
+            state, _ = load_train_state(str(path))
+        except CheckpointError as error:
+            assert "from another save" in str(error), error
+            refused.add(path.name)
+            continue
+        assert metadata["ss_steps"] == str(state.step) and len(state.loss_history) == state.step
+        steps[path.name] = state.step
+    return steps, refused
+
+
+def hidden_leftovers(loras: Path) -> set[str]:
+    """The final names of the interrupted writes (`.NAME.PID.tmp` -> NAME)."""
+    return {name[1:].rsplit(".", 2)[0] for name in os.listdir(loras) if name.startswith(".")}
 
 
 def test_sigkill_never_leaves_a_partial_lora_and_resume_reproduces_the_run(tmp_path, models_dir):
     lab = Lab(models_dir.parent, tmp_path)
-    lab.start()
     try:
-        reference = lab.server.run(training_prompt("ref"))
-        assert reference["status"]["status_str"] == "success"
-        ref_losses = load_train_state(str(lab.loras / "ref.safetensors"))[0].loss_history
-        assert len(ref_losses) == STEPS
-
-        # 1. during a step: the step-1 checkpoint is complete, step 2 is being computed
+        # server 1: the uninterrupted reference run, then a run killed from outside during step 2
+        lab.start()
+        lab.server.run(training_prompt("ref"))
+        reference = load_train_state(str(lab.loras / "ref.safetensors"))[0].loss_history
+        assert len(reference) == STEPS
         lab.queue(training_prompt("cut"))
-        lab.kill_when(lambda files: "cut_step000001.safetensors" in files, too_late="cut_step000002.safetensors")
-        assert visible_files_are_complete(lab.loras).get("cut_step000001.safetensors") == 1
+        lab.kill_when(lambda files: "cut_step000001.safetensors" in files, too_late="cut_step000002.trainstate")
+        assert visible_checkpoints(lab.loras, "cut") == ({"cut_step000001.safetensors": 1}, set())
 
-        # 2. during a checkpoint write: killed the moment a temporary file shows up
+        # server 2: resumed, killed during the step-2 checkpoint: its state is renamed, its LoRA is
+        # fully written but still under the temporary name
         lab.start()
+        lab.arm("cut_step000002.safetensors")
         lab.queue(training_prompt("cut", resume="cut_step000001.safetensors"))
-        before = lab.kill_when(lambda files: any(f.startswith(".cut_step") and f.endswith(".tmp") for f in files),
-                               too_late="cut.safetensors")
-        assert any(f.endswith(".tmp") for f in before)
-        complete = visible_files_are_complete(lab.loras)
+        lab.wait_for_armed_kill()
+        assert visible_checkpoints(lab.loras, "cut") == ({"cut_step000001.safetensors": 1}, set())
+        assert (lab.loras / "cut_step000002.trainstate").exists()
+        assert hidden_leftovers(lab.loras) == {"cut_step000002.safetensors"}
 
-        # 3. during the final save: the final train state is (being) written, the LoRA not yet
-        last = max(complete, key=complete.get)
+        # server 3: resumed from the last complete checkpoint, uninterrupted: the reference's curve
+        # and LoRA from that step on
         lab.start()
-        lab.queue(training_prompt("cut", resume=last))
-        lab.kill_when(lambda files: any(f.startswith((".cut.trainstate", "cut.trainstate")) for f in files),
-                      too_late="cut.safetensors")
-        complete = visible_files_are_complete(lab.loras)
-        assert "cut.safetensors" not in complete or complete["cut.safetensors"] == STEPS
+        lab.server.run(training_prompt("cut", resume="cut_step000001.safetensors"))
+        resumed = load_train_state(str(lab.loras / "cut.safetensors"))[0].loss_history
+        assert resumed[:1] == reference[:1]  # carried over from the checkpoint
+        assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-7)
+        ref_lora, cut_lora = load_file(str(lab.loras / "ref.safetensors")), load_file(str(lab.loras / "cut.safetensors"))
+        assert ref_lora.keys() == cut_lora.keys()
+        for key in ref_lora:
+            torch.testing.assert_close(cut_lora[key], ref_lora[key], rtol=1e-5, atol=1e-7)
+        steps, refused = visible_checkpoints(lab.loras, "cut")
+        assert (steps, refused) == ({"cut_step000001.safetensors": 1, "cut_step000002.safetensors": 2,
+                                     "cut.safetensors": STEPS}, set())
 
-        # resume from the last complete step checkpoint: the same curve as the uninterrupted run
-        last = max((name for name in complete if "_step" in name), key=complete.get)
-        lab.start()
-        lab.server.run(training_prompt("resumed", resume=last))
-        resumed = load_train_state(str(lab.loras / "resumed.safetensors"))[0].loss_history
-        assert resumed == pytest.approx(ref_losses, rel=1e-5, abs=1e-7)
-        visible_files_are_complete(lab.loras)
+        # ... then the final save of a second resume is killed between its state and its LoRA:
+        # the earlier cut.safetensors stays whole, and beside the newer state it is refused
+        final_bytes = (lab.loras / "cut.safetensors").read_bytes()
+        lab.arm("cut.safetensors")
+        lab.queue(training_prompt("cut", resume="cut_step000002.safetensors"))
+        lab.wait_for_armed_kill()
+        assert (lab.loras / "cut.safetensors").read_bytes() == final_bytes
+        steps, refused = visible_checkpoints(lab.loras, "cut")
+        assert (steps, refused) == ({"cut_step000001.safetensors": 1, "cut_step000002.safetensors": 2},
+                                    {"cut.safetensors"})
+        assert hidden_leftovers(lab.loras) == {"cut_step000002.safetensors", "cut.safetensors"}
     finally:
         if lab.server is not None:
             lab.server.stop()
