@@ -95,23 +95,32 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
+    def post(self, path: str, payload: dict) -> None:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            r.read()
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """The /history entry of a queued prompt once it has finished (succeeded, failed or interrupted)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s\n{self.log_tail()}")
+
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         """Queue ``prompt``, wait for it, return its /history entry; raise ExecutionFailed on error."""
         status, body = self.post_prompt(prompt)
         if status != 200:
             raise ExecutionFailed(f"validation failed: {json.dumps(body)[:2000]}")
-        prompt_id = body["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") == "error":
-                    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-                    raise ExecutionFailed(errors[0]["exception_message"] if errors else "execution failed")
-                return entry
-            time.sleep(0.3)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s\n{self.log_tail()}")
+        entry = self.wait(body["prompt_id"], timeout)
+        if entry["status"].get("status_str") == "error":
+            errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+            raise ExecutionFailed(errors[0]["exception_message"] if errors else "execution failed")
+        return entry
 
     def output_file(self, file_info: dict) -> Path:
         return self.output_dir / file_info.get("subfolder", "") / file_info["filename"]
