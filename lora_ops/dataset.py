@@ -145,9 +145,9 @@ def _archive_files(path: str, max_bytes: int, wanted, skipped) -> Iterator[tuple
         else:
             yield from _tar_files(path, label, max_bytes, wanted, skipped)
     # zlib/lzma: corrupt compressed data; NotImplementedError: an unknown compression method;
-    # RuntimeError: an encrypted zip member
+    # RuntimeError: an encrypted zip member; UnicodeDecodeError: a zip member name flagged UTF-8 that is not
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError,
-            NotImplementedError, RuntimeError) as e:
+            NotImplementedError, RuntimeError, UnicodeDecodeError) as e:
         raise DatasetError(f"dataset archive {label!r} is unreadable: {e}") from e
 
 

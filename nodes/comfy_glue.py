@@ -67,7 +67,9 @@ def check_file_choice(folder: str, input_name: str, value: str, extra_choices: t
     an API prompt could name any file. Returns True or the message ComfyUI shows (HTTP 400)."""
     if value in extra_choices or value in folder_paths.get_filename_list(folder):
         return True
-    return f"{input_name}: '{value}' is not a file in ComfyUI's '{folder}' model folders."
+    # the folders as the user knows them (diffusion_models, unet), not the pack's registry key
+    names = dict.fromkeys(os.path.basename(os.path.normpath(p)) for p in folder_paths.get_folder_paths(folder))
+    return f"{input_name}: '{value}' is not a file in ComfyUI's model folders ({', '.join(names)})."
 
 
 def show_progress_text(text: str, node_id) -> None:

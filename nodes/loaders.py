@@ -49,7 +49,8 @@ class FluxQLoadGGUF(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, gguf_name, dequant_dtype, resident="auto"):
+    def validate_inputs(cls, gguf_name):
+        # only the input it checks: ComfyUI reports a failure once per argument taken here
         return check_file_choice(GGUF_UNET_FOLDER, "gguf_name", gguf_name)
 
     @classmethod

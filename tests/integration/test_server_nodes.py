@@ -108,6 +108,11 @@ def test_bad_gguf_files_fail_clearly_and_the_server_keeps_serving(comfy_server, 
     # a missing model is ComfyUI's normal validation error (HTTP 400), not a crash
     status, body = comfy_server.post_prompt({**gguf_loader("no-such-model.gguf"), **text_encoder(), **txt2img(["gguf", 0], "m")})
     assert status == 400 and "no-such-model.gguf" in str(body)
+    # reported once, against gguf_name (not also against dequant_dtype, as before)
+    errors = body["node_errors"]["gguf"]["errors"]
+    assert [e["details"].split(" - ")[0] for e in errors] == ["gguf_name"], body
+    # the folders by the names the user knows, not the pack's registry key
+    assert "diffusion_models" in errors[0]["details"] and "fluxq_" not in errors[0]["details"], body
 
     assert comfy_server.get("/system_stats")["system"]["comfyui_version"]
 

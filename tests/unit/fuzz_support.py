@@ -56,8 +56,8 @@ class Outcome:
     peak_bytes: int = 0
 
 
-def bounded(call, input_size: int, *args, **kwargs) -> Outcome:
-    """Run `call(*args, **kwargs)` and check time and traced memory; any exception is returned."""
+def measured(call, *args, **kwargs) -> Outcome:
+    """`call(*args, **kwargs)` with its CPU time and traced memory peak; any exception is returned."""
     outcome = Outcome()
     tracemalloc.start()
     started = time.process_time()
@@ -69,6 +69,18 @@ def bounded(call, input_size: int, *args, **kwargs) -> Outcome:
         outcome.cpu_seconds = time.process_time() - started
         outcome.peak_bytes = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+    return outcome
+
+
+def bounded(call, input_size: int, *args, **kwargs) -> Outcome:
+    """Run `call(*args, **kwargs)` and check time and traced memory; any exception is returned.
+    Over the time limit, the call is timed once more and the faster run counts: a collection of
+    the whole heap by Python's garbage collector can land inside any call (`make fuzz` saw 1-1.8 s
+    calls that took milliseconds when Hypothesis replayed them); a slow input is slow twice."""
+    outcome = measured(call, *args, **kwargs)
+    if outcome.cpu_seconds > MAX_SECONDS:
+        again = measured(call, *args, **kwargs)
+        outcome = again if again.cpu_seconds < outcome.cpu_seconds else outcome
     assert outcome.cpu_seconds <= MAX_SECONDS, f"{call.__name__} took {outcome.cpu_seconds:.2f} s of CPU on one input"
     limit = MAX_ALLOCATION_FACTOR * input_size + ALLOCATION_SLACK
     assert outcome.peak_bytes <= limit, (

@@ -196,3 +196,15 @@ def test_zip_member_with_an_empty_name_is_refused(seeds):
     path.write_bytes(bytes(local + central))
     with pytest.raises(ds.DatasetError, match="empty name"):
         ds.read_dataset(str(path))
+
+
+def test_zip_member_name_flagged_utf8_that_is_not_is_refused(seeds):
+    """Found by `make fuzz` (20,000 examples): a local header with the UTF-8 name flag and a name
+    that is not UTF-8 made zipfile raise UnicodeDecodeError when the member was opened."""
+    zipped = bytearray(zip_bytes({"x.png": png_bytes()}))
+    zipped[6:8] = struct.pack("<H", struct.unpack("<H", zipped[6:8])[0] | 0x800)  # local header: UTF-8 name
+    zipped[30] = 0xFF  # first byte of the local header's name: never valid UTF-8
+    path = seeds["folder"] / "bad-utf8-name.zip"
+    path.write_bytes(bytes(zipped))
+    with pytest.raises(ds.DatasetError, match="bad-utf8-name.zip"):
+        ds.read_dataset(str(path))
