@@ -269,23 +269,23 @@ class Soak:
             return body["prompt_id"], None
         return None, format_validation_error(body, prompt)
 
-    def wait_running(self, prompt_id: str) -> bool:
+    def wait_running(self, prompt_id: str, timeout: float = 600) -> bool:
         """Until the prompt runs (True) or has finished without being seen running (False)."""
-        while True:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
             queue = self.server.get("/queue")
             if any(item[1] == prompt_id for item in queue.get("queue_running", [])):
                 return True
             if not any(item[1] == prompt_id for item in queue.get("queue_pending", [])):
                 return False
             time.sleep(0.05)
+        raise TimeoutError(f"prompt {prompt_id} did not start in {timeout}s")
 
-    def output(self, kind: Kind, entry: dict, prompt: dict):
+    def output(self, entry: dict, prompt: dict):
+        """The trained LoRA's tensors, or the saved image's pixels."""
         if "train" in prompt:
-            return lora_tensors(self.lora_folder() / f"{prompt['train']['inputs']['lora_name']}.safetensors")
+            return lora_tensors(self.models / "loras" / f"{prompt['train']['inputs']['lora_name']}.safetensors")
         return view_pixels(self.server, entry, "save")
-
-    def lora_folder(self) -> Path:
-        return self.models / "loras"
 
     @staticmethod
     def same(a, b) -> bool:
@@ -320,7 +320,7 @@ class Soak:
         if kind.expect == "ok":
             if outcome != "succeeded":
                 return self.problem(f"{where}: valid prompt {outcome}: {message}")
-            output = self.output(kind, entry, prompt)
+            output = self.output(entry, prompt)
             if not self.same(output, self.references[kind.reference]):
                 return self.problem(f"{where}: output differs from the same prompt run alone")
             cached = set(dict(entry["status"].get("messages", [])).get("execution_cached", {}).get("nodes", []))
@@ -355,17 +355,14 @@ class Soak:
         """Every valid prompt alone on the quiet server: the outputs the soak must reproduce."""
         for kind in self.kinds:
             if kind.expect == "ok" and kind.reference == kind.name:
-                prompt = kind.make(0)
-                if "train" in prompt:
-                    prompt = training_prompt("soak-train-reference")
-                entry = self.server.wait(self.submit(prompt)[0] or self.fail(f"{kind.name}: refused at warm-up"))
+                prompt = kind.make(0)  # the soak's serial numbers start at 1: a training name of its own
+                prompt_id, rejected = self.submit(prompt)
+                if prompt_id is None:
+                    raise RuntimeError(f"{kind.name} refused at warm-up: {rejected}")
+                entry = self.server.wait(prompt_id)
                 if (message := execution_failure(entry, prompt)) is not None:
-                    self.fail(f"{kind.name} failed at warm-up: {message}")
-                self.references[kind.name] = self.output(kind, entry, prompt)
-
-    @staticmethod
-    def fail(text: str):
-        raise RuntimeError(text)
+                    raise RuntimeError(f"{kind.name} failed at warm-up: {message}")
+                self.references[kind.name] = self.output(entry, prompt)
 
     def client(self, deadline: float) -> None:
         while time.time() < deadline or self.order:  # a short run still tries every kind once
