@@ -69,9 +69,10 @@ class CacheCounts:
 
 
 class LatentCache:
-    """Latents under `<folder>/latents`, embeddings under `<folder>/embeddings`, one file each."""
+    """Latents under `<folder>/latents`, embeddings under `<folder>/embeddings`, one file each.
+    A `text_encoder_identity` of None (encoders without a stable identity) caches no embedding."""
 
-    def __init__(self, folder: str, vae_identity: str, text_encoder_identity: str):
+    def __init__(self, folder: str, vae_identity: str, text_encoder_identity: str | None):
         self.folder = folder
         self.vae_identity, self.text_encoder_identity = vae_identity, text_encoder_identity
         self.counts = CacheCounts()
@@ -91,6 +92,9 @@ class LatentCache:
     def embedding(self, text: str, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, pooled) of a caption, from the cache or `encode()`."""
+        if self.text_encoder_identity is None:
+            self.counts.embeddings_encoded += 1
+            return tuple(t.float().cpu() for t in encode())
         path = os.path.join(self.folder, "embeddings", _key(self.text_encoder_identity, text) + ".safetensors")
         cached = self._read(path, ("context", "pooled"))
         if cached is not None:
