@@ -91,8 +91,8 @@ class FluxQTrainLoRA(io.ComfyNode):
                              optional=True, tooltip="Seed of every sample (the same noise at every step)."),
                 SETTINGS.Input("sample_settings", optional=True,
                                tooltip="Steps, guidance, sampler and shift for the samples and generated class "
-                                       "images (their size is `resolution`). Without it: 20 steps, euler / simple, "
-                                       "guidance 3.5 on dev."),
+                                       "images (their size is `resolution`). Without it: the flux-dev preset (28 "
+                                       "steps, guidance 3.5) on dev, flux-schnell (4 steps) on schnell."),
                 io.String.Input("class_prompt", default="", optional=True,
                                 tooltip="Prior preservation (DreamBooth): the class of the subject, e.g. 'a photo of "
                                         "a dog'. Empty: off."),

@@ -237,14 +237,13 @@ class TrainingRun:
 
     def _render_settings(self, given) -> sampling.FluxSamplerSettings:
         """The connected settings' steps, guidance, sampler and shift at the training resolution
-        (samples and class images are made square at `resolution`); without settings, ComfyUI's
-        FLUX template (20 steps, euler / simple, guidance 3.5 on dev)."""
+        (samples and class images are made square at `resolution`); without settings, the
+        FluxQSamplerSettings preset for the model (flux-dev or flux-schnell)."""
         size = max(16, self.resolution - self.resolution % 16)
         if given is None:
-            guidance = 3.5 if glue.has_guidance_input(self.model) else None
-            return sampling.FluxSamplerSettings(preset="custom", steps=20, guidance=guidance, sampler_name="euler",
-                                                scheduler="simple", shift_mode="auto", shift=1.0, width=size,
-                                                height=size, denoise=1.0)
+            preset = "flux-dev" if glue.has_guidance_input(self.model) else "flux-schnell"
+            given = sampling.FluxSamplerSettings(**{"shift": 1.0, **sampling.PRESETS[preset]}, preset=preset,
+                                                 width=size, height=size, denoise=1.0)
         return dataclasses.replace(given, width=size, height=size, denoise=1.0)
 
     def _class_samples(self, class_images: str, class_image_count: int) -> list[ds.Sample]:
@@ -303,10 +302,9 @@ class TrainingRun:
         embed = self._embedder(clip, cache)
         examples, empty_cond = self._encode(vae, embed, cache)
         class_examples = self._encode_class_images(vae, embed, cache)
-        self.sample_conds = [embed(prompt) for prompt in self.sample_prompts]
+        self.sample_conds = [embed(prompt) for prompt in self.sample_prompts] if self.sample_every else []
         if cache is not None:
             log.info("FluxQTrainLoRA: latent cache in %s: %s", cache.folder, cache.counts)
-            self.cache_counts = cache.counts
         device = glue.load_for_training(self.model)
         make_autograd_safe(self.diffusion_model)
         self.diffusion_model.requires_grad_(False)
