@@ -215,7 +215,7 @@ class TrainingRun:
         if sample_every and not self.sample_prompts:
             raise ValueError(f"sample_every is {sample_every} but sample_prompts is empty: give one prompt per line")
         self.render_settings = self._render_settings(sample_settings)
-        self.class_prompt = class_prompt.strip()
+        self.class_prompt, self.class_image_count = class_prompt.strip(), class_image_count
         self.class_samples = self._class_samples(class_images, class_image_count)
         self.diffusion_model = model.model.diffusion_model
         self.layers = trainable_layers(self.diffusion_model, layer_regex, rank)
@@ -259,7 +259,6 @@ class TrainingRun:
         if class_image_count < 1:
             raise ValueError(f"class_prompt {self.class_prompt!r} needs class images: choose a class_images folder "
                              "or set class_image_count to generate them")
-        self.class_image_count = class_image_count
         return []
 
     def _load_resume(self, resume: str):
