@@ -240,8 +240,8 @@ class FlowMatchTrainer:
         class_generator = step_generator(class_stream_seed(s.seed), step)
         total = 0.0
         for micro in range(s.gradient_accumulation):
-            chosen = self._global_micro_batch(self.buckets, generator)
-            chosen_class = self._global_micro_batch(self.class_buckets, class_generator) if self.class_examples else None
+            chosen = self._global_micro_batch(generator)
+            chosen_class = self._global_micro_batch(class_generator, self.class_buckets) if self.class_examples else None
             last = micro == s.gradient_accumulation - 1
             total += self.gradients.backward(
                 lambda: self._step_loss(chosen, chosen_class, step, micro) / s.gradient_accumulation, sync=last)
@@ -251,26 +251,30 @@ class FlowMatchTrainer:
 
     def _step_loss(self, chosen: list[int], chosen_class: list[int] | None, step: int, micro: int) -> torch.Tensor:
         seed = self.settings.seed
-        loss = self._micro_batch_loss(self.examples, chosen, seed, step, micro)
+        loss = self._micro_batch_loss(chosen, step, micro)
         if chosen_class is None:
             return loss
-        class_loss = self._micro_batch_loss(self.class_examples, chosen_class, class_stream_seed(seed), step, micro)
+        class_loss = self._micro_batch_loss(chosen_class, step, micro, self.class_examples, class_stream_seed(seed))
         return prior_preservation_loss(loss, class_loss, self.settings.prior_loss_weight)
 
-    def _global_micro_batch(self, buckets: list[list[int]], generator: torch.Generator) -> list[int]:
+    def _global_micro_batch(self, generator: torch.Generator, buckets: list[list[int]] | None = None) -> list[int]:
         """Example indices of one global micro-batch (world size x batch_size), from one bucket,
         without repeats while the bucket has enough examples, cycling through it when not. Every
         rank draws the same list from the step's generator."""
         size = self.settings.batch_size * self.world.size
+        buckets = buckets or self.buckets
         weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
         bucket = buckets[int(torch.multinomial(weights, 1, generator=generator))]
         order = torch.randperm(len(bucket), generator=generator)
         return [bucket[int(order[i % len(bucket)])] for i in range(size)]
 
-    def _micro_batch_loss(self, examples: Sequence[TrainingExample], chosen: list[int], seed: int, step: int,
-                          micro: int) -> torch.Tensor:
-        """Mean velocity loss of this rank's block of the global micro-batch `chosen` of `examples`."""
+    def _micro_batch_loss(self, chosen: list[int], step: int, micro: int,
+                          examples: Sequence[TrainingExample] | None = None, seed: int | None = None) -> torch.Tensor:
+        """Mean velocity loss of this rank's block of the global micro-batch `chosen` of `examples`
+        (the instance examples and the run's seed unless given)."""
         s = self.settings
+        examples = self.examples if examples is None else examples
+        seed = s.seed if seed is None else seed
         slots = rank_slots(len(chosen), self.world)
         latents, noises, times, conds = [], [], [], []
         for slot in slots:
