@@ -65,6 +65,18 @@ def flow_matching_loss(predicted_velocity: torch.Tensor, target: torch.Tensor) -
     return torch.nn.functional.mse_loss(predicted_velocity.float(), target.float())
 
 
+def prior_preservation_loss(instance_loss: torch.Tensor, class_loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """DreamBooth's objective: the instance loss plus the weighted loss on class images, on the
+    same step, so the LoRA learns the subject without forgetting the class."""
+    return instance_loss + weight * class_loss
+
+
+def class_stream_seed(seed: int) -> int:
+    """The seed the class images' draws (which image, noise, t) use: their own stream, so adding
+    prior preservation leaves the instance draws of a seed unchanged."""
+    return (seed * 7_919 + 104_729) % (2**63)
+
+
 def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
     """Factor on the base learning rate for optimizer step `step` (0-based)."""
     if step < warmup_steps:
@@ -139,6 +151,7 @@ class TrainSettings:
     timestep_sampling: str = "shift"
     caption_dropout: float = 0.0
     seed: int = 0
+    prior_loss_weight: float = 1.0  # used when the trainer has class examples
 
 
 @dataclass
@@ -148,17 +161,29 @@ class TrainState:
     step: int = 0
     loss_history: list[float] = field(default_factory=list)
     optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Other tensors the run needs back by name (the raw factors when the LoRA file holds an EMA).
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # predict(x_t, t, context, pooled) -> velocity, all batched.
 VelocityPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def bucket_indices(examples: Sequence[TrainingExample]) -> list[list[int]]:
+    """Indices of `examples` grouped by latent shape (aspect bucket), in first-seen order."""
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for index, example in enumerate(examples):
+        buckets.setdefault(tuple(example.latent.shape), []).append(index)
+    return list(buckets.values())
+
+
 class FlowMatchTrainer:
     """Trains named fp32 parameters (the LoRA factors) by flow matching on fixed examples.
 
     `examples` are grouped by latent shape (aspect buckets); a micro-batch comes from one bucket.
-    `empty_cond` replaces a caption when caption dropout fires.
+    `empty_cond` replaces a caption when caption dropout fires. With `class_examples` (prior
+    preservation) every micro-batch also draws as many class examples, from their own random
+    stream (`class_stream_seed`), and the loss is `prior_preservation_loss` of the two.
 
     With a `world` of N ranks each rank computes its block of a global micro-batch of
     N x batch_size samples drawn exactly as one process with batch N x batch_size draws them,
@@ -174,6 +199,7 @@ class FlowMatchTrainer:
         settings: TrainSettings,
         state: TrainState | None = None,
         world: World = World(),
+        class_examples: Sequence[TrainingExample] = (),
     ):
         if not examples:
             raise ValueError("no training examples")
@@ -186,10 +212,9 @@ class FlowMatchTrainer:
         self.settings = settings
         self.state = state or TrainState()
         self.world = world
-        buckets: dict[tuple[int, ...], list[int]] = {}
-        for index, example in enumerate(self.examples):
-            buckets.setdefault(tuple(example.latent.shape), []).append(index)
-        self.buckets = list(buckets.values())
+        self.buckets = bucket_indices(self.examples)
+        self.class_examples = list(class_examples)
+        self.class_buckets = bucket_indices(self.class_examples)
         self.optimizer = make_optimizer(
             settings.optimizer, list(self.params.values()), settings.learning_rate
         )
@@ -212,34 +237,49 @@ class FlowMatchTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         generator = step_generator(s.seed, step)
+        class_generator = step_generator(class_stream_seed(s.seed), step)
         total = 0.0
         for micro in range(s.gradient_accumulation):
             chosen = self._global_micro_batch(generator)
+            chosen_class = self._global_micro_batch(class_generator, self.class_buckets) if self.class_examples else None
             last = micro == s.gradient_accumulation - 1
             total += self.gradients.backward(
-                lambda: self._micro_batch_loss(chosen, step, micro) / s.gradient_accumulation, sync=last)
+                lambda: self._step_loss(chosen, chosen_class, step, micro) / s.gradient_accumulation, sync=last)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.world.mean(total, next(iter(self.params.values())).device)
 
-    def _global_micro_batch(self, generator: torch.Generator) -> list[int]:
+    def _step_loss(self, chosen: list[int], chosen_class: list[int] | None, step: int, micro: int) -> torch.Tensor:
+        seed = self.settings.seed
+        loss = self._micro_batch_loss(chosen, step, micro)
+        if chosen_class is None:
+            return loss
+        class_loss = self._micro_batch_loss(chosen_class, step, micro, self.class_examples, class_stream_seed(seed))
+        return prior_preservation_loss(loss, class_loss, self.settings.prior_loss_weight)
+
+    def _global_micro_batch(self, generator: torch.Generator, buckets: list[list[int]] | None = None) -> list[int]:
         """Example indices of one global micro-batch (world size x batch_size), from one bucket,
         without repeats while the bucket has enough examples, cycling through it when not. Every
         rank draws the same list from the step's generator."""
         size = self.settings.batch_size * self.world.size
-        weights = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
-        bucket = self.buckets[int(torch.multinomial(weights, 1, generator=generator))]
+        buckets = buckets or self.buckets
+        weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+        bucket = buckets[int(torch.multinomial(weights, 1, generator=generator))]
         order = torch.randperm(len(bucket), generator=generator)
         return [bucket[int(order[i % len(bucket)])] for i in range(size)]
 
-    def _micro_batch_loss(self, chosen: list[int], step: int, micro: int) -> torch.Tensor:
-        """Mean velocity loss of this rank's block of the global micro-batch `chosen`."""
+    def _micro_batch_loss(self, chosen: list[int], step: int, micro: int,
+                          examples: Sequence[TrainingExample] | None = None, seed: int | None = None) -> torch.Tensor:
+        """Mean velocity loss of this rank's block of the global micro-batch `chosen` of `examples`
+        (the instance examples and the run's seed unless given)."""
         s = self.settings
+        examples = self.examples if examples is None else examples
+        seed = s.seed if seed is None else seed
         slots = rank_slots(len(chosen), self.world)
         latents, noises, times, conds = [], [], [], []
         for slot in slots:
-            example = self.examples[chosen[slot]]
-            generator = slot_generator(s.seed, step, micro, slot)
+            example = examples[chosen[slot]]
+            generator = slot_generator(seed, step, micro, slot)
             dropped = bool(torch.rand(1, generator=generator) < s.caption_dropout)
             times.append(sample_timesteps(1, s.timestep_sampling, image_token_count(*example.latent.shape[-2:]),
                                           generator))

@@ -28,6 +28,7 @@ STATE_EXTENSION = ".trainstate"
 _STATE_KEY = "fluxq_train_state"
 _PAIR_KEY = "fluxq_checkpoint_id"  # in the LoRA's metadata and its train state: written together
 _OPTIMIZER_PREFIX = "optimizer/"
+_TENSORS_PREFIX = "tensors/"  # TrainState.tensors
 _STEP_SUFFIX = re.compile(r"_step(\d{6,})$")
 RUN_ID_KEY = "fluxq_run_id"
 
@@ -93,6 +94,8 @@ def save_checkpoint(
             for param, values in state.optimizer_state.items()
             for key, value in values.items()
         }
+        state_tensors.update({f"{_TENSORS_PREFIX}{name}": value.detach().float().cpu().contiguous()
+                              for name, value in state.tensors.items()})
         metadata[_PAIR_KEY] = uuid.uuid4().hex
         info = {**(state_info or {}), "step": state.step, "loss_history": state.loss_history,
                 _PAIR_KEY: metadata[_PAIR_KEY]}
@@ -155,10 +158,15 @@ def load_train_state(lora_path: str) -> tuple[TrainState, dict]:
         if not isinstance(info, dict) or "step" not in info:
             raise CheckpointError(f"{os.path.basename(path)} is not a training state")
         optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for key in f.keys():
+            if key.startswith(_TENSORS_PREFIX):
+                tensors[key[len(_TENSORS_PREFIX):]] = f.get_tensor(key)
+                continue
             param, _, name = key[len(_OPTIMIZER_PREFIX):].rpartition("/")
             optimizer_state.setdefault(param, {})[name] = f.get_tensor(key)
-    state = TrainState(int(info.pop("step")), [float(x) for x in info.pop("loss_history", [])], optimizer_state)
+    state = TrainState(int(info.pop("step")), [float(x) for x in info.pop("loss_history", [])], optimizer_state,
+                       tensors)
     # The state is written before its LoRA: a save killed between the two leaves a newer state
     # beside an older LoRA of the same name. The pair shares an id written with both.
     with safe_open(lora_path, framework="pt") as f:

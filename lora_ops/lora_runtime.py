@@ -52,11 +52,16 @@ class LowRankAdapter:
     # Row transform of the update (ComfyUI's key maps reorder some rows, e.g. FLUX's final
     # modulation): update row i is row row_order[i] of up @ down. Folded into `up` at construction.
     row_order: torch.Tensor | None = None
+    # LoRA dropout while training (as PEFT: on the low-rank path's input), only where gradients
+    # are being recorded for trainable factors; sampling and inference never drop.
+    dropout: float = 0.0
     # Casts of down/up for one (device, dtype), made on first use.
     _casts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     needs_base_rows = False
 
     def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout {self.dropout} must be in [0, 1)")
         if self.row_order is not None:
             object.__setattr__(self, "up", self.up.index_select(0, self.row_order.to(self.up.device)))
             object.__setattr__(self, "row_order", None)
@@ -104,6 +109,8 @@ class LowRankAdapter:
     def output(self, x: torch.Tensor, strength: torch.Tensor, base_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The separate path: `strength * scale * up(down(x))`, the update of the targeted features."""
         down, up = self.factors_for(x)
+        if self.dropout and torch.is_grad_enabled() and self.trainable:
+            x = nn.functional.dropout(x, self.dropout, training=True)
         return nn.functional.linear(nn.functional.linear(x, down), up) * self.scale * _on(strength, x)
 
 

@@ -811,5 +811,33 @@ def load_vae(path: str):
     return comfy.sd.VAE(sd=comfy.utils.load_torch_file(path, safe_load=True))
 
 
+def vae_tensors(vae):
+    """The VAE's named weights (its identity for the latent cache)."""
+    return vae.first_stage_model.state_dict().items()
+
+
+def text_encoder_tensors(clip):
+    """The text encoders' named weights, or None when LoRA patches change them at run time (their
+    embeddings are then not cached: a patch set has no stable identity)."""
+    if clip.patcher.patches:
+        return None
+    return clip.cond_stage_model.state_dict().items()
+
+
+def conditioning(context: torch.Tensor, pooled: torch.Tensor) -> list:
+    """A CONDITIONING (what CLIPTextEncode outputs) from one caption's embeddings."""
+    return [[context[None], {"pooled_output": pooled[None]}]]
+
+
+def decode_images(vae, latent: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) of a latent batch, as VAEDecode."""
+    return vae.decode(latent)
+
+
+def show_preview(progress, value: int, image) -> None:
+    """A PIL image on the node as a progress preview (as samplers show their steps)."""
+    progress.update_absolute(value, preview=("JPEG", image, 512))
+
+
 def training_device() -> torch.device:
     return comfy.model_management.get_torch_device()

@@ -14,6 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..lora_ops import flow_match as fm
 from .comfy_glue import check_file_choice
+from .sampling import SETTINGS
 from .training import NONE, dataset_options, train_lora
 
 CATEGORY = "Flux QLoRA Lab/training"
@@ -68,6 +69,42 @@ class FluxQTrainLoRA(io.ComfyNode):
                                  tooltip="When files of an earlier training run already use lora_name (the final "
                                          "LoRA or its _stepNNNNNN checkpoints): off refuses to start; on deletes "
                                          "them and starts over. A resumed run keeps its own files either way."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, optional=True,
+                               tooltip="Exponential moving average of the LoRA weights, updated every step "
+                                       "(0: off; ai-toolkit's FLUX recipes use 0.99-0.999). When on, the saved "
+                                       "LoRA and the samples use the average; the raw weights stay in the "
+                                       ".trainstate so a resume continues both."),
+                io.Float.Input("lora_dropout", default=0.0, min=0.0, max=0.9, step=0.01, optional=True,
+                               tooltip="Dropout on the LoRA path's input while training (as PEFT's lora_dropout; "
+                                       "common FLUX recipes use 0.1). Never applied when sampling."),
+                io.Boolean.Input("cache_latents_to_disk", default=False, optional=True,
+                                 tooltip="Keep the encoded latents and caption embeddings in ComfyUI's user folder "
+                                         "(user/fluxq_cache), keyed by image content, bucket and the VAE's and text "
+                                         "encoders' identity: a later run with the same data skips encoding; a "
+                                         "changed image or model is encoded again."),
+                io.Int.Input("sample_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Render the sample prompts every N steps (0: off); shown on the node and "
+                                     "saved as output/<lora_name>_samples/<lora_name>_step<N>_<prompt>.png."),
+                io.String.Input("sample_prompts", default="", multiline=True, optional=True,
+                                tooltip="Sample prompts, one per line; write the trigger word where you want it."),
+                io.Int.Input("sample_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             optional=True, tooltip="Seed of every sample (the same noise at every step)."),
+                SETTINGS.Input("sample_settings", optional=True,
+                               tooltip="Steps, guidance, sampler and shift for the samples and generated class "
+                                       "images (their size is `resolution`). Without it: the flux-dev preset (28 "
+                                       "steps, guidance 3.5) on dev, flux-schnell (4 steps) on schnell."),
+                io.String.Input("class_prompt", default="", optional=True,
+                                tooltip="Prior preservation (DreamBooth): the class of the subject, e.g. 'a photo of "
+                                        "a dog'. Empty: off."),
+                io.Combo.Input("class_images", options=dataset_options(), default=NONE, optional=True,
+                               tooltip="A folder under input/ (or a .zip/.tar there) of class images, all captioned "
+                                       "class_prompt. [none]: generate class_image_count of them at the start."),
+                io.Int.Input("class_image_count", default=0, min=0, max=10000, optional=True,
+                             tooltip="Class images to generate with the frozen model (seeds seed, seed+1, ...) when "
+                                     "class_images is [none]; kept in user/fluxq_cache and reused by a later run "
+                                     "with the same model, prompt, sampler settings, resolution and seed."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=100.0, step=0.01, optional=True,
+                               tooltip="Loss = instance loss + this x class loss, on the same step."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -84,14 +121,19 @@ class FluxQTrainLoRA(io.ComfyNode):
         return True if name is None else check_file_choice("loras", "resume", name, (NONE,))
 
     @classmethod
-    def execute(cls, images=None, captions=None, dataset_name=None, **lists) -> io.NodeOutput:
+    def execute(cls, images=None, captions=None, dataset_name=None, sample_settings=None, **lists) -> io.NodeOutput:
         settings = {name: values[0] for name, values in lists.items()}  # scalars arrive as 1-lists
         model, vae, clip = settings.pop("model"), settings.pop("vae"), settings.pop("clip")
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        trained_model, lora_file, losses = train_lora(model, vae, clip, settings, images, captions, node_id,
-                                                      dataset_name=dataset_name[0] if dataset_name else None)
+        trained_model, lora_file, losses, sample_files = train_lora(
+            model, vae, clip, settings, images, captions, node_id,
+            dataset_name=dataset_name[0] if dataset_name else None,
+            sample_settings=sample_settings[0] if sample_settings else None)
         curve = draw_loss_curve(losses)
-        return io.NodeOutput(trained_model, lora_file, curve, ui=ui.PreviewImage(curve, cls=cls))
+        # the loss curve, then every sample saved during the run
+        shown = ui.PreviewImage(curve, cls=cls).as_dict()
+        shown["images"] = [*shown["images"], *sample_files]
+        return io.NodeOutput(trained_model, lora_file, curve, ui=shown)
 
 
 def draw_loss_curve(losses: list[float], size: tuple[int, int] = (512, 256)) -> torch.Tensor:

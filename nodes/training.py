@@ -8,6 +8,9 @@ folders), reaching ComfyUI's internals only through comfy_glue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
@@ -25,10 +28,14 @@ from ..lora_ops import dataset as ds
 from ..lora_ops import flow_match as fm
 from ..lora_ops import lora_checkpoint as ckpt
 from ..lora_ops.distributed import World
+from ..lora_ops.ema import WeightEMA
+from ..lora_ops.latent_cache import LatentCache, model_fingerprint
 from ..lora_ops.lora_runtime import LoraEntry, LowRankAdapter, activate, install_hooks
 from . import comfy_glue as glue
+from . import sampling
 
 NONE = "[none]"
+RAW = "raw/"  # train-state tensor names of the raw factors, kept when the LoRA file holds their EMA
 # kohya's FLUX targets: every linear layer inside the transformer blocks.
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 
@@ -42,15 +49,23 @@ def dataset_options() -> list[str]:
 
 
 def train_lora(model, vae, clip, settings: dict, images=None, captions=None, node_id=None, world: World = World(),
-               dataset_name=None):
+               dataset_name=None, sample_settings=None):
     """Trains with the node's settings (its widget inputs by name); returns the model with the
-    LoRA applied, the saved file name and the loss per step. `dataset_name` (a dataset name from
-    another node) overrides settings["dataset"]."""
+    LoRA applied, the saved file name, the loss per step and the sample images saved (ComfyUI UI
+    image entries). `dataset_name` (a dataset name from another node) overrides
+    settings["dataset"]; `sample_settings` (FLUX_SAMPLER_SETTINGS) sets the samples' and
+    generated class images' steps and guidance."""
     settings = dict(settings)
     dataset = settings.pop("dataset")
     samples = collect_samples(dataset_name or dataset, images, captions)
-    run = TrainingRun(model, samples, node_id=node_id, world=world, **settings)
+    run = TrainingRun(model, samples, node_id=node_id, world=world, sample_settings=sample_settings, **settings)
     return run.train(vae, clip)
+
+
+def cache_directory() -> str:
+    """Where latents, embeddings and generated class images are kept between runs: a folder in
+    ComfyUI's user directory (temp/ is emptied when ComfyUI starts)."""
+    return os.path.join(folder_paths.get_user_directory(), "fluxq_cache")
 
 
 def checked_lora_name(name: str) -> str:
@@ -67,11 +82,7 @@ def collect_samples(dataset: str, images, captions) -> list[ds.Sample]:
     if dataset != NONE and images:
         raise ValueError("give either `dataset` or `images`, not both")
     if dataset != NONE:
-        path = os.path.join(folder_paths.get_input_directory(), dataset)
-        input_dir = os.path.abspath(folder_paths.get_input_directory())
-        if os.path.commonpath([input_dir, os.path.abspath(path)]) != input_dir:
-            raise ValueError(f"dataset {dataset!r} is outside the input folder")
-        return ds.read_dataset(path)
+        return read_input_dataset(dataset, "dataset")
     if not images:
         raise ValueError("no training images: choose a `dataset` or connect `images`")
     frames = [frame for batch in images for frame in batch]
@@ -79,10 +90,39 @@ def collect_samples(dataset: str, images, captions) -> list[ds.Sample]:
     if texts and len(texts) != len(frames):
         raise ValueError(f"{len(texts)} captions for {len(frames)} images")
     return [
-        ds.Sample(f"images[{i}]", Image.fromarray((frame.cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)),
-                  texts[i] if texts else None)
+        ds.Sample(f"images[{i}]", image_from_batch(frame[None]), texts[i] if texts else None)
         for i, frame in enumerate(frames)
     ]
+
+
+def read_input_dataset(name: str, input_name: str) -> list[ds.Sample]:
+    """A dataset folder or archive under input/, read with the dataset rules (no escapes, budgets)."""
+    path = os.path.join(folder_paths.get_input_directory(), name)
+    input_dir = os.path.abspath(folder_paths.get_input_directory())
+    if os.path.commonpath([input_dir, os.path.abspath(path)]) != input_dir:
+        raise ValueError(f"{input_name} {name!r} is outside the input folder")
+    return ds.read_dataset(path)
+
+
+def parse_sample_prompts(text: str) -> list[str]:
+    """One prompt per non-empty line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def image_from_batch(images: torch.Tensor, index: int = 0) -> Image.Image:
+    """One image of a ComfyUI IMAGE batch (B, H, W, 3 in 0..1) as 8-bit RGB."""
+    return Image.fromarray((images[index].float().cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    """Written to a temporary file, then renamed: no half-written image is ever read back."""
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def trainable_layers(diffusion_model: torch.nn.Module, layer_regex: str, rank: int) -> dict[str, tuple[int, int]]:
@@ -144,7 +184,10 @@ class TrainingRun:
     def __init__(self, model, samples: list[ds.Sample], *, node_id, world: World = World(), trigger_word, rank, alpha,
                  learning_rate, steps, batch_size, gradient_accumulation, resolution, seed, optimizer,
                  lr_schedule, warmup_steps, caption_dropout, timestep_sampling, gradient_checkpointing,
-                 layer_regex, save_every, keep_last, lora_name, resume, replace_existing=False):
+                 layer_regex, save_every, keep_last, lora_name, resume, replace_existing=False, ema_decay=0.0,
+                 lora_dropout=0.0, cache_latents_to_disk=False, sample_every=0, sample_prompts="", sample_seed=0,
+                 sample_settings=None, class_prompt="", class_images=NONE, class_image_count=0,
+                 prior_loss_weight=1.0):
         self.model, self.samples, self.node_id, self.world = model, samples, node_id, world
         self.name = checked_lora_name(lora_name)
         # The final file's name is also the LoRA's name on the returned model, as FluxQApplyLoRA
@@ -160,13 +203,25 @@ class TrainingRun:
             steps=steps, learning_rate=learning_rate, batch_size=batch_size,
             gradient_accumulation=gradient_accumulation, optimizer=optimizer, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, timestep_sampling=timestep_sampling, caption_dropout=caption_dropout,
-            seed=seed,
+            seed=seed, prior_loss_weight=prior_loss_weight,
         )
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay {ema_decay} must be 0 (off) or below 1 (0.99-0.999 is usual)")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout {lora_dropout} must be in [0, 1)")
+        self.ema_decay, self.lora_dropout, self.cache_latents_to_disk = ema_decay, lora_dropout, cache_latents_to_disk
+        self.sample_every, self.sample_seed = sample_every, sample_seed
+        self.sample_prompts = parse_sample_prompts(sample_prompts)
+        if sample_every and not self.sample_prompts:
+            raise ValueError(f"sample_every is {sample_every} but sample_prompts is empty: give one prompt per line")
+        self.render_settings = self._render_settings(sample_settings)
+        self.class_prompt, self.class_image_count = class_prompt.strip(), class_image_count
+        self.class_samples = self._class_samples(class_images, class_image_count)
         self.diffusion_model = model.model.diffusion_model
         self.layers = trainable_layers(self.diffusion_model, layer_regex, rank)
         self.state_info = {"optimizer": optimizer, "rank": rank, "alpha": alpha, "seed": seed,
                            "layer_regex": layer_regex, "resolution": resolution}
-        self.resumed_factors, self.state, resumed_run, resume_path = self._load_resume(resume)
+        self.resumed_factors, self.resumed_ema, self.state, resumed_run, resume_path = self._load_resume(resume)
         # Checkpoints are pruned by run, not by name; a resumed run goes on under its own id.
         # (Only rank 0 writes, so the other ranks' ids never reach a file.)
         self.run_id = resumed_run or uuid.uuid4().hex
@@ -180,10 +235,38 @@ class TrainingRun:
                 "on `replace_existing` to delete them and start over."
             )
 
+    def _render_settings(self, given) -> sampling.FluxSamplerSettings:
+        """The connected settings' steps, guidance, sampler and shift at the training resolution
+        (samples and class images are made square at `resolution`); without settings, the
+        FluxQSamplerSettings preset for the model (flux-dev or flux-schnell)."""
+        size = max(16, self.resolution - self.resolution % 16)
+        if given is None:
+            preset = "flux-dev" if glue.has_guidance_input(self.model) else "flux-schnell"
+            given = sampling.FluxSamplerSettings(**{"shift": 1.0, **sampling.PRESETS[preset]}, preset=preset,
+                                                 width=size, height=size, denoise=1.0)
+        return dataclasses.replace(given, width=size, height=size, denoise=1.0)
+
+    def _class_samples(self, class_images: str, class_image_count: int) -> list[ds.Sample]:
+        """Prior preservation's class images from input/ (captioned with class_prompt); an empty
+        list when they are to be generated at the start, or when prior preservation is off."""
+        if not self.class_prompt:
+            if class_images != NONE:
+                raise ValueError(f"class_images {class_images!r} needs a class_prompt (e.g. 'a photo of a dog')")
+            return []
+        if class_images != NONE:
+            return [ds.Sample(s.name, s.image, self.class_prompt, s.repeats)
+                    for s in read_input_dataset(class_images, "class_images")]
+        if class_image_count < 1:
+            raise ValueError(f"class_prompt {self.class_prompt!r} needs class images: choose a class_images folder "
+                             "or set class_image_count to generate them")
+        return []
+
     def _load_resume(self, resume: str):
-        """(factors, state, run id, path) of the checkpoint to continue; Nones for a new run."""
+        """(factors, EMA factors, state, run id, path) of the checkpoint to continue; Nones for a
+        new run. A run saved with EMA has the average in its LoRA file and the raw factors in its
+        train-state."""
         if resume == NONE:
-            return None, None, None, None
+            return None, None, None, None, None
         path = os.path.abspath(folder_paths.get_full_path_or_raise("loras", resume))
         state, info = ckpt.load_train_state(path)
         factors, alpha, _ = ckpt.load_checkpoint(path, self.diffusion_model_paths())
@@ -195,7 +278,15 @@ class TrainingRun:
             raise ValueError(f"cannot resume {resume}: its layers differ from this model's selection")
         if state.step >= self.settings.steps:
             raise ValueError(f"{resume} has already trained {state.step} steps; raise `steps` to continue")
-        return factors, state, info.get("run_id"), path
+        ema = None
+        if state.tensors:
+            ema = factors
+            try:
+                factors = {p: ckpt.LoraFactors(state.tensors[f"{RAW}{p}.down"], state.tensors[f"{RAW}{p}.up"])
+                           for p in ema}
+            except KeyError as e:
+                raise ValueError(f"cannot resume {resume}: its train-state lacks the raw weights {e.args[0]}") from None
+        return factors, ema, state, info.get("run_id"), path
 
     def diffusion_model_paths(self) -> list[str]:
         return [path for path, _ in self.diffusion_model.named_modules()]
@@ -205,7 +296,14 @@ class TrainingRun:
             for path in self.replaced:  # the user chose replace_existing
                 ckpt.delete_checkpoint(path)
                 log.info("FluxQTrainLoRA: deleted %s of an earlier run (replace_existing)", path)
-        examples, empty_cond = self._encode(vae, clip)
+        self.vae = vae
+        cache = self._latent_cache(vae, clip) if self.cache_latents_to_disk else None
+        embed = self._embedder(clip, cache)
+        examples, empty_cond = self._encode(vae, embed, cache)
+        class_examples = self._encode_class_images(vae, embed, cache)
+        self.sample_conds = [embed(prompt) for prompt in self.sample_prompts] if self.sample_every else []
+        if cache is not None:
+            log.info("FluxQTrainLoRA: latent cache in %s: %s", cache.folder, cache.counts)
         device = glue.load_for_training(self.model)
         make_autograd_safe(self.diffusion_model)
         self.diffusion_model.requires_grad_(False)
@@ -214,46 +312,140 @@ class TrainingRun:
             # kohya repeats: an image of a `10_name/` folder is listed ten times (the same tensors),
             # so the trainer draws it ten times as often.
             examples = [e for e, sample in zip(examples, self.samples) for _ in range(sample.repeats)]
+            class_examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device))
+                              for e in class_examples]
             empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
             factors = self._initial_factors(device)
-            stack = glue.get_lora_stack(self.model).with_lora(LoraEntry(self.file_name, 1.0, {
-                path: (LowRankAdapter(f.down, f.up, self.alpha / self.rank),) for path, f in factors.items()
+            self.base_stack = glue.get_lora_stack(self.model)
+            stack = self.base_stack.with_lora(LoraEntry(self.file_name, 1.0, {
+                path: (LowRankAdapter(f.down, f.up, self.alpha / self.rank, dropout=self.lora_dropout),)
+                for path, f in factors.items()
             }))
             install_hooks(self.diffusion_model, stack.module_paths())
             params = {f"{path}.{part}": getattr(f, part) for path, f in factors.items() for part in ("down", "up")}
+            self.ema = self._ema(params) if self.ema_decay else None
             trainer = fm.FlowMatchTrainer(self._predictor(stack, device), examples, empty_cond, params,
-                                          self.settings, self.state, self.world)
+                                          self.settings, self.state, self.world, class_examples)
             lora_file = self._loop(trainer, factors, image_count=len(examples))
         trained = {path: (LowRankAdapter(f.down.detach().cpu(), f.up.detach().cpu(), self.alpha / self.rank),)
-                   for path, f in factors.items()}
-        model = glue.with_lora_stack(self.model, glue.get_lora_stack(self.model).with_lora(LoraEntry(self.file_name, 1.0, trained)))
-        return model, lora_file, trainer.state.loss_history
+                   for path, f in self._saved_factors(factors).items()}
+        model = glue.with_lora_stack(self.model, self.base_stack.with_lora(LoraEntry(self.file_name, 1.0, trained)))
+        return model, lora_file, trainer.state.loss_history, self.sample_files
 
+    def _ema(self, params: dict[str, torch.Tensor]) -> WeightEMA:
+        """The EMA, continued from a resumed run's: its LoRA file holds the average, its
+        train-state the raw weights (a run saved without EMA starts the average at its weights)."""
+        shadow = None
+        if self.resumed_ema is not None:
+            shadow = {f"{path}.{part}": getattr(f, part) for path, f in self.resumed_ema.items() for part in ("down", "up")}
+        return WeightEMA(params, self.ema_decay, shadow)
+
+    def _saved_factors(self, factors: dict[str, ckpt.LoraFactors]) -> dict[str, ckpt.LoraFactors]:
+        """What goes into the LoRA file: the EMA of the weights when on, else the weights."""
+        if self.ema is None:
+            return factors
+        return {path: ckpt.LoraFactors(self.ema.shadow[f"{path}.down"], self.ema.shadow[f"{path}.up"])
+                for path in factors}
+
+    def _latent_cache(self, vae, clip) -> LatentCache:
+        text_tensors = glue.text_encoder_tensors(clip)
+        if text_tensors is None:
+            log.info("FluxQTrainLoRA: the text encoders carry LoRA patches; caption embeddings are not cached")
+        text_identity = model_fingerprint(text_tensors) if text_tensors is not None else None
+        return LatentCache(cache_directory(), model_fingerprint(glue.vae_tensors(vae)), text_identity)
     @staticmethod
     def _cond_to(cond: fm.Conditioning, device) -> fm.Conditioning:
         return fm.Conditioning(cond.context.to(device).clone(), cond.pooled.to(device).clone())
 
-    def _encode(self, vae, clip) -> tuple[list[fm.TrainingExample], fm.Conditioning | None]:
-        latent_format = self.model.model.process_latent_in  # FLUX: (z - 0.1159) * 0.3611
+    @staticmethod
+    def _embedder(clip, cache: LatentCache | None):
+        """caption -> Conditioning, each text encoded once (and kept on disk with a cache)."""
         embeddings: dict[str, fm.Conditioning] = {}
+
+        def encode(text: str):
+            context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            return context[0].float().cpu(), pooled[0].float().cpu()
 
         def embed(text: str) -> fm.Conditioning:
             if text not in embeddings:
-                context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-                embeddings[text] = fm.Conditioning(context[0].float().cpu(), pooled[0].float().cpu())
+                pair = cache.embedding(text, lambda: encode(text)) if cache is not None else encode(text)
+                embeddings[text] = fm.Conditioning(*pair)
             return embeddings[text]
 
-        examples = []
-        for sample in self.samples:
-            size = ds.nearest_bucket(sample.image.width, sample.image.height, self.buckets)
-            pixels = ds.image_to_tensor(ds.fit_to_bucket(sample.image, size))[None]
-            latent = latent_format(vae.encode(pixels)).float().cpu()[0]
-            examples.append(fm.TrainingExample(latent, embed(ds.compose_caption(self.trigger_word, sample.caption))))
+        return embed
+
+    def _latents(self, vae, images: list[Image.Image], cache: LatentCache | None) -> list[torch.Tensor]:
+        """Each image fitted to its bucket and VAE-encoded (or read from the cache), in the
+        model's latent space."""
+        latent_format = self.model.model.process_latent_in  # FLUX: (z - 0.1159) * 0.3611
+        latents = []
+        for image in images:
+            size = ds.nearest_bucket(image.width, image.height, self.buckets)
+
+            def encode(image=image, size=size):
+                return vae.encode(ds.image_to_tensor(ds.fit_to_bucket(image, size))[None])[0].float().cpu()
+
+            raw = cache.latent(image, size, encode) if cache is not None else encode()
+            latents.append(latent_format(raw[None]).float().cpu()[0])
+        return latents
+
+    def _encode(self, vae, embed, cache) -> tuple[list[fm.TrainingExample], fm.Conditioning | None]:
+        latents = self._latents(vae, [sample.image for sample in self.samples], cache)
+        examples = [fm.TrainingExample(latent, embed(ds.compose_caption(self.trigger_word, sample.caption)))
+                    for latent, sample in zip(latents, self.samples)]
         empty = embed("") if self.settings.caption_dropout > 0 else None
-        log.info("FluxQTrainLoRA: %d images in %d bucket(s), %d captions encoded, %d draws per pass with kohya "
-                 "repeats", len(examples), len({tuple(e.latent.shape) for e in examples}), len(embeddings),
-                 sum(s.repeats for s in self.samples))
+        log.info("FluxQTrainLoRA: %d images in %d bucket(s), %d draws per pass with kohya repeats",
+                 len(examples), len({tuple(e.latent.shape) for e in examples}), sum(s.repeats for s in self.samples))
         return examples, empty
+
+    def _encode_class_images(self, vae, embed, cache) -> list[fm.TrainingExample]:
+        """Prior preservation's examples (none when it is off); generated ones are made first."""
+        if not self.class_prompt:
+            return []
+        cond = embed(self.class_prompt)
+        samples = self.class_samples or self._generated_class_samples(vae, cond)
+        latents = self._latents(vae, [s.image for s in samples], cache)
+        examples = [fm.TrainingExample(latent, cond) for latent, sample in zip(latents, samples)
+                    for _ in range(sample.repeats)]
+        log.info("FluxQTrainLoRA: prior preservation with %d class image(s) of %r, weight %g",
+                 len(samples), self.class_prompt, self.settings.prior_loss_weight)
+        return examples
+
+    def _generated_class_samples(self, vae, cond: fm.Conditioning) -> list[ds.Sample]:
+        """class_image_count images of class_prompt by the frozen model (seeds seed, seed+1, ...),
+        kept in the cache folder under a key of everything they depend on: a later run with the
+        same model, prompt, sampler settings, size and seed reads them instead of sampling again,
+        and an interrupted generation resumes at the first missing image."""
+        settings = self.render_settings
+        key = hashlib.sha256(json.dumps({
+            "model": model_fingerprint(self.diffusion_model.state_dict().items()),
+            "loras": [(e.name, e.strength) for e in glue.get_lora_stack(self.model).entries], "prompt": self.class_prompt, "seed": self.settings.seed,
+            "context": hashlib.sha256(cond.context.numpy().tobytes()).hexdigest(),
+            "settings": dataclasses.asdict(settings),
+        }, sort_keys=True).encode()).hexdigest()
+        folder = os.path.join(cache_directory(), "class_images", key)
+        os.makedirs(folder, exist_ok=True)
+        samples, made = [], 0
+        for i in range(self.class_image_count):
+            path = os.path.join(folder, f"{i:05d}.png")
+            if not os.path.isfile(path):
+                glue.raise_if_cancelled()
+                latent = self._render(self.model, cond, self.settings.seed + i)
+                save_png(image_from_batch(glue.decode_images(vae, latent)), path)
+                made += 1
+            with Image.open(path) as image:
+                samples.append(ds.Sample(path, image.convert("RGB"), self.class_prompt))
+        log.info("FluxQTrainLoRA: %d class image(s) generated, %d reused from %s", made,
+                 self.class_image_count - made, folder)
+        return samples
+
+    def _render(self, model, cond: fm.Conditioning, seed: int) -> torch.Tensor:
+        """A latent of `cond` by `model` with the render settings, as FluxQSampler makes it."""
+        settings = self.render_settings
+        latent = sampling.empty_latent(settings)
+        positive = glue.conditioning(cond.context, cond.pooled)
+        model, positive = sampling.prepare(model, positive, settings, latent)
+        return sampling.sample_latent(model, positive, settings, seed, latent, None)["samples"]
 
     def _initial_factors(self, device) -> dict[str, ckpt.LoraFactors]:
         if self.resumed_factors is not None:
@@ -333,7 +525,10 @@ class TrainingRun:
         progress.update_absolute(trainer.state.step)
         started, first_step = time.perf_counter(), trainer.state.step
         device = next(iter(factors.values())).down.device
+        self.progress, self.sample_files = progress, []
         for step, loss in trainer.run():
+            if self.ema is not None:
+                self.ema.update(trainer.params)
             rate = (step - first_step) / (time.perf_counter() - started)
             progress.update_absolute(step)
             glue.show_progress_text(f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} it/s", self.node_id)
@@ -347,7 +542,32 @@ class TrainingRun:
                 glue.raise_if_cancelled()
             if self.save_every and step % self.save_every == 0 and step < total:
                 self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
+            if self.sample_every and step % self.sample_every == 0 and self.world.is_main:
+                self._samples(factors, step)
         return self._save(trainer, factors, image_count, self.file_name)
+
+    def _samples(self, factors, step: int) -> None:
+        """Renders every sample prompt with the LoRA as it is now (the average with EMA: what the
+        file would hold) through the runtime path, shows each on the node and saves it to
+        output/<lora_name>_samples/<lora_name>_step<step>_<prompt index>.png."""
+        adapters = {path: (LowRankAdapter(f.down.detach().clone(), f.up.detach().clone(), self.alpha / self.rank),)
+                    for path, f in self._saved_factors(factors).items()}
+        model = glue.with_lora_stack(self.model, self.base_stack.with_lora(LoraEntry(self.file_name, 1.0, adapters)))
+        subfolder = f"{self.name}_samples"
+        folder = os.path.join(folder_paths.get_output_directory(), subfolder)
+        os.makedirs(folder, exist_ok=True)
+        for index, cond in enumerate(self.sample_conds):
+            with torch.no_grad():  # inside the training region: nothing here is for backward
+                image = image_from_batch(glue.decode_images(self.vae, self._render(model, cond, self.sample_seed)))
+            file_name = f"{self.name}_step{step:06d}_{index}.png"
+            save_png(image, os.path.join(folder, file_name))
+            self.sample_files.append({"filename": file_name, "subfolder": subfolder, "type": "output"})
+            glue.show_preview(self.progress, step, image)
+        glue.show_progress_text(f"step {step}: {len(self.sample_conds)} sample(s) saved to output/{subfolder}",
+                                self.node_id)
+        log.info("FluxQTrainLoRA: step %d: %d sample(s) saved to %s", step, len(self.sample_conds), folder)
+        # Sampling may have had ComfyUI load the VAE beside the model: the model stays fully loaded.
+        glue.load_for_training(self.model)
 
     def _save(self, trainer, factors, image_count: int, file_name: str) -> str:
         metadata = ckpt.lora_metadata(
@@ -357,10 +577,14 @@ class TrainingRun:
         )
         if not self.world.is_main:
             return file_name
-        state = fm.TrainState(trainer.state.step, list(trainer.state.loss_history), trainer.optimizer_state())
-        ckpt.save_checkpoint(os.path.join(self.folder, file_name), factors, self.alpha, metadata, state, self.state_info)
+        raw = {} if self.ema is None else {f"{RAW}{path}.{part}": getattr(f, part)
+                                           for path, f in factors.items() for part in ("down", "up")}
+        state = fm.TrainState(trainer.state.step, list(trainer.state.loss_history), trainer.optimizer_state(), raw)
+        ckpt.save_checkpoint(os.path.join(self.folder, file_name), self._saved_factors(factors), self.alpha, metadata,
+                             state, self.state_info)
         ckpt.prune_step_checkpoints(self.folder, self.name, self.keep_last, self.run_id)
         log.info("FluxQTrainLoRA: saved %s at step %d", file_name, trainer.state.step)
+        glue.show_progress_text(f"saved {file_name} in {self.folder} at step {trainer.state.step}", self.node_id)
         return file_name
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_flux_qlora"
 MODEL_INPUTS = ("model", "vae", "clip")
-LIST_INPUTS = ("images", "captions", "dataset_name")  # come from other nodes' outputs; the file uses `dataset`
+# come from other nodes' outputs: the file uses `dataset`, and the samples take the node's default sampler settings
+LIST_INPUTS = ("images", "captions", "dataset_name", "sample_settings")
 
 
 class SettingsError(ValueError):
@@ -125,7 +126,8 @@ def node_settings(node_class, given: dict) -> dict:
                             f"{', '.join(k for k in inputs if k not in LIST_INPUTS)}")
     given_lists = sorted(set(given) & set(LIST_INPUTS))
     if given_lists:
-        raise SettingsError(f"{', '.join(given_lists)} come from other nodes; give a `dataset` folder instead")
+        raise SettingsError(f"{', '.join(given_lists)} come from other nodes; give a `dataset` folder instead "
+                            "(samples use the node's default sampler settings)")
     settings = {}
     for name, spec in inputs.items():
         if name in LIST_INPUTS or name in MODEL_INPUTS:
@@ -219,7 +221,7 @@ def run(args, models=None) -> str:
         import torch
 
         with torch.inference_mode():  # as ComfyUI's executor runs the node
-            _, lora_file, losses = training.train_lora(model, vae, clip, settings, world=world)
+            _, lora_file, losses, _ = training.train_lora(model, vae, clip, settings, world=world)
         world.barrier()
     finally:
         if dist.is_initialized():

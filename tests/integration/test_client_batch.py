@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -10,31 +11,17 @@ import threading
 import time
 from pathlib import Path
 
-import argparse
-import importlib.util
-
 import pytest
 from comfy_server import ComfyServer
+from test_client import CLIENT, REPO_ROOT, client
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".harness" / "ComfyUI")
-CLIENT = REPO_ROOT / "scripts" / "fluxq_client.py"
 SCHNELL = REPO_ROOT / "workflows" / "api" / "flux_schnell_gguf_4step.json"
 # the tiny schnell GGUF at 64x64, one step: the cheapest real render
 TINY = ["--map", str(REPO_ROOT / "scripts" / "tiny_model_map.json"),
         "--set", "Sampler settings.preset=custom", "--set", "Sampler settings.steps=1",
         "--set", "Sampler settings.width=64", "--set", "Sampler settings.height=64"]
 SEEDS = "--sweep", "Sampler.seed=[0, 1, 2, 3, 4, 5]"
-
-
-def load_client():
-    spec = importlib.util.spec_from_file_location("fluxq_client_batch", CLIENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-client = load_client()
 
 
 def test_jobs_are_batch_lines_times_sweep_values(tmp_path):

@@ -3,7 +3,7 @@ torch.compile helper (what TorchCompileModel runs) on FluxQ blocks with runtime 
 
 import torch
 
-from fluxq_testing import tiny_gguf_model, tiny_gguf_path
+from fluxq_testing import tiny_gguf_path
 
 LORA_PATHS = ("double_blocks.0.img_mod.lin", "double_blocks.0.img_attn.qkv", "double_blocks.0.txt_mlp.0",
               "single_blocks.0.linear1", "single_blocks.0.modulation.lin")
@@ -32,16 +32,24 @@ def _denoise(model, seed=3):
                                        transformer_options=options)
 
 
+def _fresh_model(models_dir, **options):
+    """A model of its own: ``_denoise`` calls the model directly, so a shared (cached) one would
+    run with whatever core patches another test's loaded clone left on its layers."""
+    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
+
+    return load_flux_gguf(str(tiny_gguf_path(models_dir, "Q8_0")), **options)
+
+
 def _quantized_layers(model):
     return {n: m for n, m in model.model.diffusion_model.named_modules() if getattr(m, "qtype", None) is not None}
 
 
 def test_resident_mode_equals_streaming_and_rebuilds_on_stack_changes(pack, models_dir):
-    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf, with_lora_stack
+    from comfyui_flux_qlora.nodes.comfy_glue import with_lora_stack
     from comfyui_flux_qlora.lora_ops.lora_runtime import LoraStack
 
-    streaming = tiny_gguf_model(models_dir, "Q8_0")  # resident 'auto': off on the CPU
-    resident = load_flux_gguf(str(tiny_gguf_path(models_dir, "Q8_0")), resident="on")
+    streaming = _fresh_model(models_dir)  # resident 'auto': off on the CPU
+    resident = _fresh_model(models_dir, resident="on")
     entry = _entry(resident.model.diffusion_model)
     outputs = {}
     for label, model in (("streaming", streaming), ("resident", resident)):
@@ -80,7 +88,7 @@ def test_core_torch_compile_on_fluxq_blocks_with_lora_no_recompile_on_strength_c
     from comfyui_flux_qlora.lora_ops.lora_runtime import LoraStack
     from comfyui_flux_qlora.nodes.comfy_glue import with_lora_stack
 
-    base = tiny_gguf_model(models_dir, "Q8_0")
+    base = _fresh_model(models_dir)
     entry = _entry(base.model.diffusion_model, strength=0.8)
     eager = {s: _denoise(with_lora_stack(base, LoraStack([entry]).with_strength(entry.name, s))) for s in (0.8, -0.3)}
     eager_base = _denoise(base)

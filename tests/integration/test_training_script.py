@@ -187,6 +187,9 @@ def test_settings_errors_name_the_setting(tmp_path):
     (dict(optimizer="lion"), "'optimizer': 'lion' is not one of"),
     (dict(gradient_checkpointing="yes"), "'gradient_checkpointing' must be true or false"),
     (dict(images=[1]), "images come from other nodes"),
+    (dict(sample_settings={"steps": 2}), "sample_settings come from other nodes"),
+    (dict(ema_decay=1.5), "'ema_decay': 1.5 is outside 0.0..0.9999"),
+    (dict(class_images="nowhere"), "'class_images': 'nowhere' is not one of"),
 ])
 def test_settings_are_checked_against_the_node_schema(comfy_libs, given, message):
     sys.path.insert(0, str(REPO / "scripts"))
@@ -196,3 +199,9 @@ def test_settings_are_checked_against_the_node_schema(comfy_libs, given, message
         fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, given)
     defaults = fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, {"steps": 7})
     assert defaults["steps"] == 7 and defaults["rank"] == 16 and defaults["resume"] == "[none]"
+    # the trainer's optional additions take their off defaults; sample_settings is not a setting
+    assert {k: defaults[k] for k in ("ema_decay", "lora_dropout", "cache_latents_to_disk", "sample_every",
+                                     "class_prompt", "class_images", "prior_loss_weight")} == {
+        "ema_decay": 0.0, "lora_dropout": 0.0, "cache_latents_to_disk": False, "sample_every": 0,
+        "class_prompt": "", "class_images": "[none]", "prior_loss_weight": 1.0}
+    assert "sample_settings" not in defaults

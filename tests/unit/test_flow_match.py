@@ -157,3 +157,38 @@ def test_resume_from_saved_state_continues_exactly(optimizer):
     assert steps == [4, 5, 6]
     assert resumed.state.loss_history == pytest.approx(straight_losses, rel=1e-6)
     torch.testing.assert_close(fresh["w"], straight.params["w"])
+
+
+def _class_examples():
+    """Class images of the toy problem: another mean, the same two latent shapes."""
+    gen = torch.Generator().manual_seed(77)
+    return [fm.TrainingExample(-2 + 0.1 * torch.randn(4, 4, w, generator=gen),
+                               fm.Conditioning(torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)))
+            for w in (4, 4, 6)]
+
+
+def test_prior_preservation_loss_and_step_are_the_instance_and_weighted_class_terms_computed_separately():
+    def one_sgd_step(seed, weight=None, class_only=False):
+        predict, examples, empty, params = _toy_problem()
+        settings = fm.TrainSettings(steps=1, learning_rate=0.1, batch_size=2, optimizer="sgd", seed=seed,
+                                    prior_loss_weight=weight or 0.0)
+        if class_only:
+            trainer = fm.FlowMatchTrainer(predict, _class_examples(), empty, params, settings)
+        else:
+            trainer = fm.FlowMatchTrainer(predict, examples, empty, params, settings,
+                                          class_examples=_class_examples() if weight else ())
+        start = {k: v.detach().clone() for k, v in params.items()}
+        loss = trainer.train_step(0)
+        return loss, {k: params[k].detach() - start[k] for k in params}
+
+    combined, combined_update = one_sgd_step(5, weight=0.7)
+    instance, instance_update = one_sgd_step(5)
+    # the class term alone: the class images as a run's only examples, drawn from the class stream
+    class_term, class_update = one_sgd_step(fm.class_stream_seed(5), class_only=True)
+    assert class_term > 0 and instance > 0
+    assert combined == pytest.approx(instance + 0.7 * class_term, rel=1e-6)
+    assert combined != pytest.approx(instance, rel=1e-3), "the class term must count"
+    # SGD's step is -lr * gradient, and gradients add as the losses do
+    for k in combined_update:
+        torch.testing.assert_close(combined_update[k], instance_update[k] + 0.7 * class_update[k])
+    assert fm.prior_preservation_loss(torch.tensor(2.0), torch.tensor(3.0), 0.5) == 3.5

@@ -248,3 +248,27 @@ def test_dora_on_output_rows_takes_the_norm_of_the_base_weight_as_core_does():
     inner = _adapter(6)
     torch.testing.assert_close(DoRAAdapter(inner, magnitude).dense_delta(base), inner.dense_delta(base))
     assert DoRAAdapter(inner, magnitude).dense_delta(base.double()).dtype == torch.float64
+
+
+def test_lora_dropout_drops_the_low_rank_input_only_while_training():
+    gen = torch.Generator().manual_seed(0)
+    down = torch.nn.Parameter(torch.randn(4, 16, generator=gen))
+    up = torch.nn.Parameter(torch.randn(8, 4, generator=gen))
+    x = torch.randn(3, 16, generator=gen)
+    strength = torch.tensor(1.0)
+    adapter = LowRankAdapter(down, up, 0.5, dropout=0.25)
+    plain = LowRankAdapter(down, up, 0.5)
+
+    torch.manual_seed(11)
+    dropped = adapter.output(x, strength)
+    torch.manual_seed(11)  # PEFT's order: dropout on the input, then down, then up
+    expected = torch.nn.functional.linear(torch.nn.functional.linear(
+        torch.nn.functional.dropout(x, 0.25, training=True), down), up) * 0.5
+    torch.testing.assert_close(dropped, expected)
+    assert not torch.allclose(dropped, plain.output(x, strength))
+    with torch.no_grad():  # sampling: never dropped
+        torch.testing.assert_close(adapter.output(x, strength), plain.output(x, strength))
+    frozen = LowRankAdapter(down.detach(), up.detach(), 0.5, dropout=0.25)  # a loaded LoRA: never dropped
+    torch.testing.assert_close(frozen.output(x, strength), plain.output(x, strength).detach())
+    with pytest.raises(ValueError, match="dropout"):
+        LowRankAdapter(down, up, 0.5, dropout=1.0)
