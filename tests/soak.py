@@ -196,10 +196,17 @@ def temp_leftovers(*folders: Path) -> list[str]:
 def unreported_tracebacks(log: str) -> list[str]:
     """Tracebacks not under ComfyUI's "!!! Exception during processing !!!" (its normal report of a
     node's error), and asyncio / aiohttp / thread errors that mean a failure nobody reported."""
-    lines, found = log.splitlines(), []
+    lines, found, reports = log.splitlines(), [], []  # line numbers of reports not yet matched
     for i, line in enumerate(lines):
-        if "Traceback (most recent call last)" in line:
-            if not any("!!! Exception during processing !!!" in earlier for earlier in lines[max(0, i - 2):i]):
+        if "!!! Exception during processing !!!" in line:
+            reports.append(i)
+        elif "Traceback (most recent call last)" in line:
+            # the server's threads log concurrently: a report's traceback may follow a few lines later
+            while reports and i - reports[0] > 20:
+                reports.pop(0)  # a report without a traceback
+            if reports:
+                reports.pop(0)
+            else:
                 found.append("\n".join(lines[max(0, i - 3):i + 25]))
         elif re.search(r"Exception in thread|Task exception was never retrieved|Error handling request|"
                        r"exception was never retrieved|Unclosed client session", line):
