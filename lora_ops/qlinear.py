@@ -11,7 +11,9 @@ holds:
   into it (Δᵢ = the adapter's ``dense_delta``, every adapter kind; DoRA's from the dequantized
   base rows), then the same ``F.linear`` native runs. Plain
   tensor ops with no host sync, so under ``torch.compile`` inductor fuses dequantize + fold into
-  one pointwise kernel that writes the buffer the matmul reads.
+  one pointwise kernel that writes the buffer the matmul reads. Plain low-rank adapters are
+  folded only where that is the cheaper work (``folds_low_rank``: enough tokens); with fewer
+  tokens (small images, the text stream) they stay the separate path.
 - ``RESIDENT``: a kept dequantized copy with the frozen LoRAs folded in (``Resident``): the layer
   runs exactly like a native float layer.
 Adapters that train (gradients must reach A and B) always take the separate path.
@@ -32,7 +34,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from .dequant import as_qtype, dequantize
-from .lora_runtime import Adapter, add_updates, scaled
+from .lora_runtime import Adapter, LowRankAdapter, add_updates, scaled
 
 GEMV, DEQUANT, RESIDENT = "gemv", "dequant", "resident"
 PLANS = (GEMV, DEQUANT, RESIDENT)
@@ -179,6 +181,15 @@ def build_resident(previous: Resident | None, data: torch.Tensor, qtype: int | Q
     return Resident(weight, key)
 
 
+def folds_low_rank(tokens: int, shape: tuple[int, ...]) -> bool:
+    """Whether folding a low-rank adapter costs less than its separate path. Per unit of rank,
+    folding does out·in multiply-adds (B·A) plus an add per weight element; the separate path
+    tokens·(in + out) (A·x, then B·(Ax)). FLUX.1-dev at 1024² (4096 image tokens) folds every
+    linear; at 256² (256) none does (3072×3072 folds from 1536 tokens)."""
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    return tokens * (rows + cols) >= rows * cols
+
+
 def select_plan(tokens: int, resident_usable: bool, has_weight_patches: bool, needs_grad: bool = False,
                 reads_base: bool = False) -> str:
     """The plan for one call. Weight patches (core LoRAs) need the whole float weight: DEQUANT.
@@ -215,17 +226,22 @@ def quantized_linear(
     )
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
     reads_base = any(adapter.needs_base_rows for _, adapter in pairs)
-    plan = select_plan(x.numel() // x.shape[-1], resident_usable, bool(weight_patches), needs_grad, reads_base)
+    tokens = x.numel() // x.shape[-1]
+    plan = select_plan(tokens, resident_usable, bool(weight_patches), needs_grad, reads_base)
     if plan == GEMV:
         y = gemv(x, data, qtype, shape, layout)
         if bias is not None:
             y = y + bias
         return add_updates(y, x, pairs)
+    separate = trainable
     if plan == RESIDENT:
         weight = resident.weight
     else:
+        if not folds_low_rank(tokens, shape):
+            separate = trainable + tuple(p for p in frozen if isinstance(p[1], LowRankAdapter))
+            frozen = tuple(p for p in frozen if not isinstance(p[1], LowRankAdapter))
         weight = folded_weight(data, qtype, shape, layout, frozen, x.dtype, arith_dtype)
         for patch in weight_patches:
             weight = patch(weight)
     y = torch.nn.functional.linear(x, weight, bias)
-    return add_updates(y, x, trainable)
+    return add_updates(y, x, separate)

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as QType
 
 from lora_ops.dequant import SUPPORTED_QTYPES
 from lora_ops.gguf_write import encode
-from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, add_updates, install_hooks
 from lora_ops.qlinear import (
     DEQUANT,
     GEMV,
@@ -20,6 +20,8 @@ from lora_ops.qlinear import (
     RESIDENT,
     build_resident,
     dequantize_weight,
+    fold_,
+    folds_low_rank,
     quantized_linear,
     repack,
     select_plan,
@@ -68,7 +70,14 @@ def _summation_bound(x, weight_abs):
 
 @pytest.fixture
 def x_many():
-    return torch.randn(2, 3, COLS, generator=torch.Generator().manual_seed(1))
+    """Enough tokens that LoRAs fold into the dequantized weight (``folds_low_rank``)."""
+    return torch.randn(2, 24, COLS, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def x_few():
+    """Too few tokens to fold: low-rank LoRAs take the separate path beside the dequantized weight."""
+    return torch.randn(2, 3, COLS, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.fixture
@@ -83,6 +92,8 @@ def test_plan_selection():
     assert select_plan(4096, resident_usable=True, has_weight_patches=True) == DEQUANT
     assert select_plan(1, resident_usable=False, has_weight_patches=False, needs_grad=True) == DEQUANT
     assert select_plan(1, resident_usable=False, has_weight_patches=False, reads_base=True) == DEQUANT
+    assert folds_low_rank(48, (ROWS, COLS)) and not folds_low_rank(6, (ROWS, COLS))
+    assert folds_low_rank(4096, (3072, 3072)) and not folds_low_rank(1535, (3072, 3072))
 
 
 def test_q8_0_repack_is_lossless_and_keeps_the_byte_count():
@@ -127,9 +138,9 @@ def test_resident_equals_streaming(qtype, tokens, x_one, x_many):
 
 
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_K, QType.Q5_1], ids=lambda q: q.name)
-@pytest.mark.parametrize("tokens", ["one", "many"])
-def test_folded_lora_equals_separate_path(qtype, tokens, x_one, x_many):
-    x = x_one if tokens == "one" else x_many
+@pytest.mark.parametrize("tokens", ["one", "few", "many"])
+def test_folded_lora_equals_separate_path(qtype, tokens, x_one, x_few, x_many):
+    x = {"one": x_one, "few": x_few, "many": x_many}[tokens]
     data, layout, reference = _quantized(qtype)
     whole, part = _adapter(10), _adapter(11, rows=16, out_slice=(8, 16))  # a plain and a fused-qkv slice
     pairs = _pairs((0.8, whole), (-1.5, part))
@@ -143,6 +154,11 @@ def test_folded_lora_equals_separate_path(qtype, tokens, x_one, x_many):
         ours = quantized_linear(x, data, qtype, (ROWS, COLS), layout, None, pairs=pairs, resident=resident)
         assert ((ours.double() - expected).abs() <= bound).all()
         assert not torch.allclose(ours, F.linear(x, reference))  # the LoRA did something
+    # Which path streaming took, to the bit: folded with many tokens, separate with few.
+    if tokens != "one":
+        streamed = quantized_linear(x, data, qtype, (ROWS, COLS), layout, None, pairs=pairs)
+        folded = F.linear(x, fold_(reference.clone(), pairs))
+        assert torch.equal(streamed, folded if tokens == "many" else add_updates(F.linear(x, reference), x, pairs))
 
 
 @pytest.mark.parametrize("tokens", ["one", "many"])
@@ -172,9 +188,9 @@ def test_lokr_and_dora_fold_as_their_dense_update_of_the_dequantized_base(tokens
     torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens", ["one", "many"])
-def test_strength_zero_and_removal_are_bit_identical(tokens, x_one, x_many):
-    x = x_one if tokens == "one" else x_many
+@pytest.mark.parametrize("tokens", ["one", "few", "many"])
+def test_strength_zero_and_removal_are_bit_identical(tokens, x_one, x_few, x_many):
+    x = {"one": x_one, "few": x_few, "many": x_many}[tokens]
     data, layout, _ = _quantized(QType.Q4_0)
     base = quantized_linear(x, data, QType.Q4_0, (ROWS, COLS), layout, None)
     zero = _pairs((0.0, _adapter(10)), (0.0, _adapter(11, rows=16, out_slice=(8, 16))))
