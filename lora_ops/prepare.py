@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from . import dataset as ds
+from .atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,8 @@ class CaptionCache:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    os.replace(tmp, path)
 
 
 def write_captions(out_dir: str, images: list[PreparedImage], *, mode: str, style: CaptionStyle,

@@ -27,6 +27,7 @@ import folder_paths
 from ..lora_ops import dataset as ds
 from ..lora_ops import flow_match as fm
 from ..lora_ops import lora_checkpoint as ckpt
+from ..lora_ops.atomic import atomic_path
 from ..lora_ops.distributed import World
 from ..lora_ops.ema import WeightEMA
 from ..lora_ops.latent_cache import LatentCache, model_fingerprint
@@ -116,13 +117,8 @@ def image_from_batch(images: torch.Tensor, index: int = 0) -> Image.Image:
 
 def save_png(image: Image.Image, path: str) -> None:
     """Written to a temporary file, then renamed: no half-written image is ever read back."""
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def trainable_layers(diffusion_model: torch.nn.Module, layer_regex: str, rank: int) -> dict[str, tuple[int, int]]:
