@@ -304,12 +304,14 @@ class TrainingRun:
         make_autograd_safe(self.diffusion_model)
         self.diffusion_model.requires_grad_(False)
         with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model), glue.training_mode():
-            examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device)) for e in examples]
+            def on_device(e: fm.TrainingExample) -> fm.TrainingExample:
+                return fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device))
+
+            examples = [on_device(e) for e in examples]
             # kohya repeats: an image of a `10_name/` folder is listed ten times (the same tensors),
             # so the trainer draws it ten times as often.
             examples = [e for e, sample in zip(examples, self.samples) for _ in range(sample.repeats)]
-            class_examples = [fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device))
-                              for e in class_examples]
+            class_examples = [on_device(e) for e in class_examples]
             empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
             factors = self._initial_factors(device)
             self.base_stack = glue.get_lora_stack(self.model)
@@ -349,6 +351,7 @@ class TrainingRun:
             log.info("FluxQTrainLoRA: the text encoders carry LoRA patches; caption embeddings are not cached")
         text_identity = model_fingerprint(text_tensors) if text_tensors is not None else None
         return LatentCache(cache_directory(), model_fingerprint(glue.vae_tensors(vae)), text_identity)
+
     @staticmethod
     def _cond_to(cond: fm.Conditioning, device) -> fm.Conditioning:
         return fm.Conditioning(cond.context.to(device).clone(), cond.pooled.to(device).clone())
@@ -415,7 +418,8 @@ class TrainingRun:
         settings = self.render_settings
         key = hashlib.sha256(json.dumps({
             "model": model_fingerprint(self.diffusion_model.state_dict().items()),
-            "loras": [(e.name, e.strength) for e in glue.get_lora_stack(self.model).entries], "prompt": self.class_prompt, "seed": self.settings.seed,
+            "loras": [(e.name, e.strength) for e in glue.get_lora_stack(self.model).entries],
+            "prompt": self.class_prompt, "seed": self.settings.seed,
             "context": hashlib.sha256(cond.context.numpy().tobytes()).hexdigest(),
             "settings": dataclasses.asdict(settings),
         }, sort_keys=True).encode()).hexdigest()
