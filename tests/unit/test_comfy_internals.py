@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PACK_SOURCES = sorted((REPO_ROOT / "nodes").glob("*.py")) + [REPO_ROOT / "__init__.py"]
+PACK_SOURCES = sorted((REPO_ROOT / "nodes").rglob("*.py")) + [REPO_ROOT / "__init__.py"]
 ROOTS = ("comfy", "comfy_extras", "comfy_api", "folder_paths")
 # Methods of ComfyUI objects the pack calls or overrides (FluxQModelPatcher), with the parameters it
 # passes: the source scan above cannot see calls on instances.

@@ -1,0 +1,119 @@
+"""The seam between lora_ops (pure torch) and ComfyUI's model management.
+
+Three pieces, each reusing what ComfyUI already does and adding only what it lacks:
+- ``FluxQOps``: ComfyUI "custom operations" whose Linear/Embedding keep GGUF bytes as the
+  parameter (so ``.to()``, offloading and ``module_size`` see the quantized size); the Linear
+  runs ``lora_ops.qlinear``'s planned path (GEMV / dequant + folded LoRAs / resident copy).
+- ``FluxQModelPatcher``: a ``ModelPatcher`` that never merges core patches (``LoraLoader``)
+  into quantized bytes; they run after dequantization, as ComfyUI's own lowvram mode does.
+- The runtime LoRA wrapper: an ``APPLY_MODEL`` wrapper holding an immutable ``LoraStack``;
+  clones carry it, so strength changes and removal never touch a weight.
+
+Only this package touches ``comfy.*``; its modules split the seam by topic:
+``common`` (file choices, progress text, guidance), ``quantized`` (layers, patcher, resident
+copies), ``lora`` (runtime LoRAs), ``loading`` (GGUF models and text encoders), ``training``.
+"""
+
+from ...lora_ops.lora_runtime import LoraStack
+from .common import (
+    CORE_DEFAULT_GUIDANCE,
+    DEQUANT_DTYPES,
+    RESIDENT_MODES,
+    check_file_choice,
+    has_guidance_input,
+    show_progress_text,
+)
+from .loading import (
+    GGUFModelError,
+    load_flux_gguf,
+    load_text_encoders,
+    training_mode,
+)
+from .lora import (
+    CLIP_LORAS_KEY,
+    LORA_WRAPPER_KEY,
+    ClipLoras,
+    LoraMatchError,
+    LoraStackWrapper,
+    core_patch_count,
+    get_lora_stack,
+    layer_base_weight,
+    load_lora_entry,
+    runtime_adapters,
+    with_clip_lora,
+    with_lora_stack,
+    without_clip_lora,
+    without_core_patches,
+)
+from .quantized import (
+    FluxQModelPatcher,
+    drop_resident_layers,
+    is_quantized_key,
+    make_ops,
+    resident_budget,
+    sync_resident_layers,
+)
+from .training import (
+    cancel_requested,
+    conditioning,
+    decode_images,
+    load_diffusion_model,
+    load_for_training,
+    load_vae,
+    progress_bar,
+    raise_if_cancelled,
+    request_cancel,
+    set_module_tensor,
+    show_preview,
+    text_encoder_tensors,
+    training_device,
+    vae_tensors,
+)
+
+__all__ = [
+    "CLIP_LORAS_KEY",
+    "CORE_DEFAULT_GUIDANCE",
+    "ClipLoras",
+    "DEQUANT_DTYPES",
+    "FluxQModelPatcher",
+    "GGUFModelError",
+    "LORA_WRAPPER_KEY",
+    "LoraMatchError",
+    "LoraStack",
+    "LoraStackWrapper",
+    "RESIDENT_MODES",
+    "cancel_requested",
+    "check_file_choice",
+    "conditioning",
+    "core_patch_count",
+    "decode_images",
+    "drop_resident_layers",
+    "get_lora_stack",
+    "has_guidance_input",
+    "is_quantized_key",
+    "layer_base_weight",
+    "load_diffusion_model",
+    "load_flux_gguf",
+    "load_for_training",
+    "load_lora_entry",
+    "load_text_encoders",
+    "load_vae",
+    "make_ops",
+    "progress_bar",
+    "raise_if_cancelled",
+    "request_cancel",
+    "resident_budget",
+    "runtime_adapters",
+    "set_module_tensor",
+    "show_preview",
+    "show_progress_text",
+    "sync_resident_layers",
+    "text_encoder_tensors",
+    "training_device",
+    "training_mode",
+    "vae_tensors",
+    "with_clip_lora",
+    "with_lora_stack",
+    "without_clip_lora",
+    "without_core_patches",
+]

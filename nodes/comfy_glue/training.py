@@ -1,0 +1,92 @@
+"""What the trainer needs from ComfyUI: devices, progress, cancel, VAE/encoder tensors."""
+
+from __future__ import annotations
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+import comfy.sd
+import comfy.utils
+import torch
+
+from .loading import load_flux_gguf
+
+# --- training --------------------------------------------------------------------------
+
+def load_for_training(model) -> torch.device:
+    """Loads only the transformer, fully (the text encoders and VAE are done, so ComfyUI may
+    evict them); returns the device it runs on."""
+    comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+    return model.load_device
+
+
+def set_module_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor, parameter: bool) -> None:
+    """Replaces a parameter or buffer by dotted name, the way ComfyUI's patcher does."""
+    if parameter:
+        comfy.utils.set_attr_param(module, name, tensor)
+    else:
+        comfy.utils.set_attr(module, name, tensor)
+
+
+def progress_bar(total: int, node_id):
+    """ComfyUI's progress bar (shown on the node in a server; a no-op as a library)."""
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def cancel_requested() -> bool:
+    return comfy.model_management.processing_interrupted()
+
+
+def request_cancel() -> None:
+    """What ComfyUI's cancel button does; the trainer saves after the step and stops."""
+    comfy.model_management.interrupt_current_processing(True)
+
+
+def raise_if_cancelled() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def load_diffusion_model(path: str):
+    """A FLUX transformer as ComfyUI loads it: .gguf through this pack, anything else through core."""
+    if path.endswith(".gguf"):
+        return load_flux_gguf(path)
+    return comfy.sd.load_diffusion_model(path)
+
+
+def load_vae(path: str):
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(path, safe_load=True))
+
+
+def vae_tensors(vae):
+    """The VAE's named weights (its identity for the latent cache)."""
+    return vae.first_stage_model.state_dict().items()
+
+
+def text_encoder_tensors(clip):
+    """The text encoders' named weights, or None when LoRA patches change them at run time (their
+    embeddings are then not cached: a patch set has no stable identity)."""
+    if clip.patcher.patches:
+        return None
+    return clip.cond_stage_model.state_dict().items()
+
+
+def conditioning(context: torch.Tensor, pooled: torch.Tensor) -> list:
+    """A CONDITIONING (what CLIPTextEncode outputs) from one caption's embeddings."""
+    return [[context[None], {"pooled_output": pooled[None]}]]
+
+
+def decode_images(vae, latent: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) of a latent batch, as VAEDecode."""
+    return vae.decode(latent)
+
+
+def show_preview(progress, value: int, image) -> None:
+    """A PIL image on the node as a progress preview (as samplers show their steps)."""
+    progress.update_absolute(value, preview=("JPEG", image, 512))
+
+
+def training_device() -> torch.device:
+    return comfy.model_management.get_torch_device()
