@@ -245,13 +245,16 @@ def write_captions(out_dir: str, images: list[PreparedImage], *, mode: str, styl
                    captioner: Callable[[PreparedImage, str], str] | None = None, settings_key: str = "",
                    concurrency: int = 1, on_failure: str = "fail",
                    check_cancel: Callable[[], None] = lambda: None,
+                   abort: Callable[[], None] = lambda: None,
                    on_caption: Callable[[int, int], None] = lambda done, total: None) -> None:
     """Writes `<image>.txt` beside each prepared image.
 
     keep: the source's captions only; fill: the source's, else a new one; overwrite: new ones for
     all. New ones come from `template` or from `captioner(image, path)` (its text is cached).
     Failures of single images follow `on_failure` (fail | skip); a failure of the endpoint itself
-    (exception attribute `fatal`) always stops the run.
+    (exception attribute `fatal`) always stops the run. `check_cancel` is polled every 0.2 s and
+    raises to cancel; when the run stops early `abort` is called so that captioner calls in
+    progress end, and it returns without waiting for them.
     """
     if mode not in CAPTION_MODES:
         raise PrepareError(f"caption_mode {mode!r} is not one of {', '.join(CAPTION_MODES)}")
@@ -292,7 +295,9 @@ def write_captions(out_dir: str, images: list[PreparedImage], *, mode: str, styl
         return captioner(image, os.path.join(out_dir, *image.name.split("/")))
 
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fluxq-caption") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fluxq-caption")
+    # not `with`: its exit waits for the workers, and a cancelled run must not wait for a slow reply
+    try:
         pending: dict[Future, PreparedImage] = {pool.submit(ask, image): image for image in to_ask}
         try:
             while pending:
@@ -315,9 +320,10 @@ def write_captions(out_dir: str, images: list[PreparedImage], *, mode: str, styl
                     on_caption(done, len(to_ask))
         except BaseException:
             stop.set()
-            for future in pending:
-                future.cancel()
+            abort()
             raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def build_prepared_set(source: str, out_dir: str, options: PrepareOptions, report: Report,

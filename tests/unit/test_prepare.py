@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -263,6 +264,13 @@ def test_endpoint_captions_arrive_as_files_and_a_rerun_does_not_pay_again(tmp_pa
     assert len(stub.requests) == 4
 
 
+def wait_for_caption_workers(timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while any(t.name.startswith("fluxq-caption") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "caption workers still running"
+        time.sleep(0.02)
+
+
 def test_failed_images_fail_or_are_skipped_and_finished_ones_are_kept(tmp_path, stub):
     images, _, out = colour_set(tmp_path)
     ask, key = vision(stub)
@@ -271,6 +279,7 @@ def test_failed_images_fail_or_are_skipped_and_finished_ones_are_kept(tmp_path, 
         prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=prep.Report(),
                             captioner=ask, settings_key=key, concurrency=1)
     written = captions_of(out)
+    wait_for_caption_workers()  # the failed run does not wait for them; their requests land late
     stub.requests.clear()
     stub.script = [("malformed", b"oops")]
     report = prep.Report()
@@ -290,25 +299,24 @@ def test_an_unreachable_endpoint_stops_even_when_skipping(tmp_path):
                             settings_key="k", on_failure="skip")
 
 
-def test_cancel_stops_workers_waiting_on_retry_after(tmp_path, stub):
+@pytest.mark.parametrize("script", [[("status", 429, {"Retry-After": "30"})] * 3, [("sleep", 30.0)] * 3],
+                         ids=["retry-after", "slow-endpoint"])
+def test_cancel_ends_the_run_at_once_while_workers_wait(tmp_path, stub, script):
     images, _, out = colour_set(tmp_path)
-    stop = threading.Event()
-    settings = cap.EndpointSettings(base_url=stub.base_url, model=stub.model)
-    client = cap.VisionCaptioner(settings, "", stop=stop)
-    stub.script = [("status", 429, {"Retry-After": "30"})] * 3
-    calls = []
+    client = cap.VisionCaptioner(cap.EndpointSettings(base_url=stub.base_url, model=stub.model), "")
+    stub.script = script
 
-    def cancel():
-        calls.append(1)
-        if len(calls) > 3:
-            stop.set()
+    def cancel():  # as ComfyUI's check: raises once the user pressed cancel, nothing else
+        if len(stub.requests) == 3:
             raise KeyboardInterrupt
 
+    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=prep.Report(),
                             captioner=lambda image, path: client.caption(Image.open(path)),
-                            settings_key="k", concurrency=3, check_cancel=cancel)
-    assert captions_of(out) == {}
+                            settings_key="k", concurrency=3, check_cancel=cancel, abort=client.abort)
+    assert time.monotonic() - started < 3
+    assert captions_of(out) == {} and len(stub.requests) == 3
 
 
 def test_repeats_weight_how_often_the_trainer_draws_an_image():
