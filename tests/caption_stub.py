@@ -18,6 +18,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image, ImageStat
 
+# The environment the shared test server (tests/conftest.py) starts in, as its owner would set it:
+# a key, and the one host approved for it, the stub's (FLUXQ_CAPTION_HOSTS).
+SERVER_API_KEY_VARIABLE = "FLUXQ_SERVER_TEST_API_KEY"
+SERVER_API_KEY = "sk-server-test-5e1d0c9b8a"
+SERVER_ENV = {SERVER_API_KEY_VARIABLE: SERVER_API_KEY, "FLUXQ_CAPTION_HOSTS": "127.0.0.1"}
+
 COLOUR_NAMES = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0)}
 
 
