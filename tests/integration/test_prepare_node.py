@@ -151,15 +151,13 @@ def test_server_preparation_never_overwrites_a_photo_or_an_edit(comfy_server):
     source = f"names_{uuid.uuid4().hex[:6]}"
     folder = comfy_server.input_dir / source
     folder.mkdir()
-    # three different photos whose names differ only in case, and a caption from Windows Notepad
+    # three different photos whose names differ only in case
     for n, ext in enumerate(("jpg", "JPG", "Jpg")):
         (folder / f"IMG_1.{ext}").write_bytes(jpeg(photo(100 + n)))
-    (folder / "IMG_1.txt").write_bytes("une photo de café".encode("cp1252"))
     report = run_prepare(comfy_server, source, caption_mode="fill")
     out = comfy_server.input_dir / f"{source}_prepared"
     assert sorted(p.name for p in out.glob("*.png")) == ["IMG_1.png", "IMG_1_jpg.png", "IMG_1_jpg_2.png"]
-    assert "images written: 3" in report and "captions not in UTF-8, converted: 1 (IMG_1.txt read as Windows-1252)" in report
-    assert (out / "IMG_1.txt").read_text(encoding="utf-8").strip() == "une photo de café"
+    assert "images written: 3" in report
 
     # the user edits a caption in the prepared folder; a rerun that writes every caption anew keeps it
     (out / "IMG_1_jpg.txt").write_text("TOK, my own words\n")
@@ -183,6 +181,18 @@ def test_server_preparation_never_overwrites_a_photo_or_an_edit(comfy_server):
     assert captions(out)["IMG_1_jpg.txt"] == "TOK, my own words"
     report = run_prepare(comfy_server, f"{source}.zip", output_name=f"{source}_zip", caption_mode="fill")
     assert "images written: 4" in report and len(list((comfy_server.input_dir / f"{source}_zip").glob("*.png"))) == 4
+
+
+@pytest.mark.server
+def test_server_reads_a_caption_that_is_not_utf8_and_says_so(comfy_server):
+    source = f"notepad_{uuid.uuid4().hex[:6]}"
+    (comfy_server.input_dir / source).mkdir()
+    photo(130).save(comfy_server.input_dir / source / "a.png")
+    (comfy_server.input_dir / source / "a.txt").write_bytes("une photo de café".encode("cp1252"))  # Notepad's
+    report = run_prepare(comfy_server, source)
+    assert "captions not in UTF-8, converted: 1 (a.txt read as Windows-1252)" in report
+    out = comfy_server.input_dir / f"{source}_prepared"
+    assert (out / "a.txt").read_text(encoding="utf-8").strip() == "une photo de café"
 
 
 @pytest.mark.server
