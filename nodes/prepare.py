@@ -65,8 +65,10 @@ class FluxQPrepareDataset(io.ComfyNode):
                                        "PNG, WEBP, BMP, TIFF, GIF first frame; HEIC with pillow-heif) and same-name "
                                        ".txt captions. kohya repeat folders (10_name/) keep their weight."),
                 io.String.Input("output_name", default="",
-                                tooltip="Folder to write under input/ (empty: <source>_prepared). Rerunning replaces "
-                                        "a folder this node wrote; any other existing folder is refused."),
+                                tooltip="Folder to write under input/ (empty: <source>_prepared). Rerunning rebuilds "
+                                        "a folder this node wrote from the same source and keeps the captions you "
+                                        "edited there; a folder it did not write, one from another source (photos/ "
+                                        "and photos.zip) or one with images edited, added or deleted is refused."),
                 io.Int.Input("min_side", default=256, min=0, max=8192,
                              tooltip="Images whose shorter side is below this are dropped and reported (0 keeps "
                                      "all). 256 px is half the trainer's default 512 resolution."),
