@@ -270,12 +270,32 @@ def normalize_image(image: Image.Image, background: str = "white") -> Image.Imag
 
 
 def decode_caption(label: str, name: str, data: bytes) -> str:
-    if len(data) > MAX_CAPTION_BYTES:
-        raise DatasetError(f"dataset {label!r}: caption {name!r} is over {MAX_CAPTION_BYTES // 1024} KiB")
+    _check_caption_size(label, name, data)
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as e:
         raise DatasetError(f"dataset {label!r}: caption {name!r} is not UTF-8 text: {e}") from e
+
+
+# Tried in turn: UTF-8, then what Notepad and most Windows tools write in Western Europe and the
+# Americas, then Latin-1, which reads any byte (so the last one never fails).
+CAPTION_ENCODINGS = (("utf-8-sig", "UTF-8"), ("cp1252", "Windows-1252"), ("latin-1", "Latin-1"))
+
+
+def decode_caption_any(label: str, name: str, data: bytes) -> tuple[str, str]:
+    """The caption and the encoding it was read in, for files that need not be UTF-8."""
+    _check_caption_size(label, name, data)
+    for codec, shown in CAPTION_ENCODINGS:
+        try:
+            return data.decode(codec).strip(), shown
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")
+
+
+def _check_caption_size(label: str, name: str, data: bytes) -> None:
+    if len(data) > MAX_CAPTION_BYTES:
+        raise DatasetError(f"dataset {label!r}: caption {name!r} is over {MAX_CAPTION_BYTES // 1024} KiB")
 
 
 def compose_caption(trigger_word: str, caption: str | None) -> str:

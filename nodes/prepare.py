@@ -65,8 +65,10 @@ class FluxQPrepareDataset(io.ComfyNode):
                                        "PNG, WEBP, BMP, TIFF, GIF first frame; HEIC with pillow-heif) and same-name "
                                        ".txt captions. kohya repeat folders (10_name/) keep their weight."),
                 io.String.Input("output_name", default="",
-                                tooltip="Folder to write under input/ (empty: <source>_prepared). Rerunning replaces "
-                                        "a folder this node wrote; any other existing folder is refused."),
+                                tooltip="Folder to write under input/ (empty: <source>_prepared). Rerunning rebuilds "
+                                        "a folder this node wrote from the same source and keeps the captions you "
+                                        "edited there; a folder it did not write, one from another source (photos/ "
+                                        "and photos.zip) or one with images edited, added or deleted is refused."),
                 io.Int.Input("min_side", default=256, min=0, max=8192,
                              tooltip="Images whose shorter side is below this are dropped and reported (0 keeps "
                                      "all). 256 px is half the trainer's default 512 resolution."),
@@ -85,7 +87,11 @@ class FluxQPrepareDataset(io.ComfyNode):
                                        "llama.cpp server)."),
                 io.String.Input("trigger_word", default="TOK",
                                 tooltip="Replaces {trigger} in template, prefix and suffix, and is placed by "
-                                        "trigger_placement into captions this node writes (never twice)."),
+                                        "trigger_placement into the captions this node writes. A new caption "
+                                        "that already holds it as a word (from the template, prefix, suffix or "
+                                        "the model) is left as it is, never given it twice; kept captions are "
+                                        "copied unchanged (the trainer puts its trigger word first in a caption "
+                                        "without it)."),
                 io.Combo.Input("trigger_placement", options=list(prep.TRIGGER_PLACEMENTS), default="start",
                                tooltip="Where the trigger word goes in new captions when they do not hold it yet: "
                                        "start ('TOK, ...'), end ('..., TOK') or none."),
@@ -96,14 +102,18 @@ class FluxQPrepareDataset(io.ComfyNode):
                 io.String.Input("endpoint_url", default=cap.DEFAULT_BASE_URL,
                                 tooltip="Base URL of an OpenAI-compatible API (…/v1); /chat/completions is added. "
                                         "Ollama: http://localhost:11434/v1, LM Studio: http://localhost:1234/v1, "
-                                        "vLLM: http://localhost:8000/v1, llama.cpp server: http://localhost:8080/v1."),
+                                        "vLLM: http://localhost:8000/v1, llama.cpp server: http://localhost:8080/v1. "
+                                        "Images go only to localhost, known API providers and the hosts listed in "
+                                        f"the {cap.HOSTS_VARIABLE} environment variable (a workflow cannot add one)."),
                 io.String.Input("model", default=cap.DEFAULT_MODEL,
                                 tooltip="A vision model the endpoint serves (e.g. gpt-4o-mini; qwen2.5vl or llava on "
                                         "Ollama)."),
                 io.String.Input("api_key_env", default=cap.DEFAULT_KEY_VARIABLE,
                                 tooltip="Name of the environment variable holding the API key (it must end in "
-                                        "API_KEY). The key itself is never stored in the workflow, logs or files. "
-                                        "Unset or empty: no key is sent (local servers)."),
+                                        "API_KEY). The key itself is never stored in the workflow, logs or files, "
+                                        "and goes only to its provider's host (OPENAI_API_KEY: api.openai.com) or "
+                                        f"the hosts in {cap.HOSTS_VARIABLE}. Unset or empty: no key is sent "
+                                        "(local servers)."),
                 io.String.Input("instruction", default=cap.DEFAULT_INSTRUCTION, multiline=True,
                                 tooltip="What the vision model is asked. The default asks for one or two "
                                         "natural-language sentences, which suits FLUX's T5 better than tag lists."),
@@ -114,8 +124,11 @@ class FluxQPrepareDataset(io.ComfyNode):
                 io.Int.Input("concurrency", default=4, min=1, max=32,
                              tooltip="Images captioned at the same time. Lower it for a local server on one GPU."),
                 io.Float.Input("timeout", default=60.0, min=1.0, max=600.0, step=1.0,
-                               tooltip="Seconds to wait for one reply; 429, 5xx and timeouts are retried "
-                                       f"{cap.MAX_RETRIES} times with backoff (honouring Retry-After)."),
+                               tooltip="Seconds for one whole reply. 429, 5xx and timeouts are retried "
+                                       f"{cap.MAX_RETRIES} times, pausing as Retry-After says or 1, 2, 4… s, "
+                                       "each pause at most this long (a longer Retry-After fails the image at "
+                                       f"once): one image takes at most {2 * cap.MAX_RETRIES + 1} x timeout. "
+                                       "Cancel stops at once."),
                 io.Combo.Input("on_caption_error", options=list(prep.FAILURE_POLICIES), default="fail",
                                tooltip="fail: stop at the first image the endpoint cannot caption. skip: leave it "
                                        "without a caption and report it (fill mode retries it later). An endpoint "
@@ -184,18 +197,16 @@ class FluxQPrepareDataset(io.ComfyNode):
             with Image.open(path) as picture:
                 return vision.caption(picture)
 
-        try:
-            prep.write_captions(
-                out_dir, images, mode=caption_mode,
-                style=prep.CaptionStyle(trigger_word, trigger_placement, caption_prefix, caption_suffix),
-                report=report, template=template if captioner == "template" else None,
-                captioner=ask if vision is not None else None,
-                settings_key=vision.settings.cache_key() if vision is not None else "",
-                concurrency=concurrency, on_failure=on_caption_error, check_cancel=check_cancel,
-                on_caption=on_caption)
-        finally:
-            if vision is not None:
-                vision.stop.set()  # a worker waiting out a Retry-After stops at once
+        prep.write_captions(
+            out_dir, images, mode=caption_mode,
+            style=prep.CaptionStyle(trigger_word, trigger_placement, caption_prefix, caption_suffix),
+            report=report, template=template if captioner == "template" else None,
+            captioner=ask if vision is not None else None,
+            settings_key=vision.settings.cache_key() if vision is not None else "",
+            concurrency=concurrency, on_failure=on_caption_error, check_cancel=check_cancel,
+            # cancel cuts off requests in flight and Retry-After waits at once
+            abort=vision.abort if vision is not None else lambda: None,
+            on_caption=on_caption)
         summary = f"{name}\n{report.summary()}"
         log.info("FluxQPrepareDataset: %s -> %s", source, summary.replace("\n", "; "))
         show_progress_text(summary, node_id)

@@ -2,7 +2,9 @@
 
 It decodes the image of each request and answers with its dominant colour ("a plain red
 square"), so a test can check that the right image reached it. `script` queues behaviours for
-the next requests: ("status", code, headers, body), ("sleep", seconds), ("malformed", body).
+the next requests: ("status", code, headers, body), ("sleep", seconds), ("malformed", body),
+("trickle", seconds): the reply's headers at once, then its body a byte every 0.1 s for `seconds`
+(a server that is slow but never silent for long).
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image, ImageStat
+
+# The environment the shared test server (tests/conftest.py) starts in, as its owner would set it:
+# a key, and the one host approved for it, the stub's (FLUXQ_CAPTION_HOSTS).
+SERVER_API_KEY_VARIABLE = "FLUXQ_SERVER_TEST_API_KEY"
+SERVER_API_KEY = "sk-server-test-5e1d0c9b8a"
+SERVER_ENV = {SERVER_API_KEY_VARIABLE: SERVER_API_KEY, "FLUXQ_CAPTION_HOSTS": "127.0.0.1"}
 
 COLOUR_NAMES = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0)}
 
@@ -64,8 +72,26 @@ class CaptionStub:
                     time.sleep(action[1])
                 if kind == "malformed":
                     return self._send(200, action[1])
+                if kind == "trickle":
+                    return self._trickle(action[1])
                 text = f"a plain {record['colour']} square"
                 self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+            def _trickle(self, seconds):
+                data = json.dumps({"choices": [{"message": {"content": "a slow reply"}}]}).encode()
+                pad = b" " * int(seconds / 0.1)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(pad) + len(data)))
+                    self.end_headers()
+                    for byte in pad:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client cut it off
 
             def _send(self, status, payload, headers=None):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()

@@ -22,6 +22,7 @@ for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from caption_stub import SERVER_ENV  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402
 
 if (COMFY_DIR / "main.py").exists() and str(COMFY_DIR) not in sys.path:
@@ -81,7 +82,9 @@ def pack(scratch_models):
 @pytest.fixture(scope="session")
 def comfy_server(scratch_models, tmp_path_factory):
     _require_harness()
-    server = ComfyServer(COMFY_DIR, tmp_path_factory.mktemp("comfy_server"), extra_model_root=scratch_models)
+    # started as its owner would: a caption key, and the caption stub's host approved for it
+    server = ComfyServer(COMFY_DIR, tmp_path_factory.mktemp("comfy_server"), extra_model_root=scratch_models,
+                         env=SERVER_ENV)
     yield server
     server.stop()
     if server.process.returncode not in (0, -15):

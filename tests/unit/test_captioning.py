@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -27,6 +28,7 @@ def stub():
 @pytest.fixture
 def key(monkeypatch):
     monkeypatch.setenv(KEY_VAR, SECRET)
+    monkeypatch.setenv(cap.HOSTS_VARIABLE, "127.0.0.1")  # the stub's host, approved for the key
 
 
 def captioner(stub, key_variable=KEY_VAR, **settings):
@@ -85,6 +87,50 @@ def test_timeout_is_retried_then_reported(stub, key):
     with pytest.raises(cap.CaptionError, match="no answer within 0.3 s") as error:
         captioner(stub, timeout_s=0.3, max_retries=1).caption(red())
     assert not error.value.fatal
+
+
+def test_timeout_bounds_the_whole_reply_not_each_read(stub, key):
+    # a reply that keeps trickling in resets a per-read timeout forever
+    stub.script = [("trickle", 6.0)]
+    started = time.monotonic()
+    with pytest.raises(cap.CaptionError, match="failed 1 times: no answer within 1 s"):
+        captioner(stub, timeout_s=1.0, max_retries=0).caption(red())
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_retry_after_longer_than_timeout_fails_the_image_at_once(stub, key):
+    stub.script = [("status", 429, {"Retry-After": "30"}, {"error": {"message": "slow down"}})]
+    started = time.monotonic()
+    with pytest.raises(cap.CaptionError, match=r"HTTP 429 slow down and asks to wait 30 s \(Retry-After\), longer "
+                                               r"than timeout \(5 s\)") as error:
+        captioner(stub, timeout_s=5.0).caption(red())
+    assert not error.value.fatal and len(stub.requests) == 1 and time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("script", [[("status", 503, {"Retry-After": "20"})] * 3, [("sleep", 20.0)], [("trickle", 20.0)]],
+                         ids=["retry-after", "silent", "trickle"])
+def test_abort_ends_a_call_at_once_whatever_it_waits_on(stub, key, script):
+    stub.script = script
+    client = captioner(stub, timeout_s=30.0, backoff_s=20.0)
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(client.caption(red()))
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not stub.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # the worker is now inside the wait or the read
+    started = time.monotonic()
+    client.abort()
+    worker.join(5)
+    assert not worker.is_alive() and time.monotonic() - started < 1
+    assert isinstance(outcome[0], InterruptedError) and len(stub.requests) == 1
 
 
 @pytest.mark.parametrize("body,message", [
@@ -147,17 +193,85 @@ def test_the_key_never_appears_in_errors_or_logs(stub, key, caplog):
     ("AWS_SECRET_ACCESS_KEY", "https://api.example.com/v1", "ends in API_KEY"),
     ("HOME", "https://api.example.com/v1", "ends in API_KEY"),
     (KEY_VAR, "file:///etc/passwd", "http:// or https://"),
-    (KEY_VAR, "http://api.example.com/v1", "refusing to send the key"),
+    (KEY_VAR, "https://127.0.0.1:port/v1", "http:// or https://"),
+    (KEY_VAR, "http://api.example.com/v1", "refusing to send the key"),  # approved, but not over plain http
+    (KEY_VAR, "https://api.example.org/v1", "key from FLUXQ_TEST_API_KEY is only sent to the hosts in "
+                                            "FLUXQ_CAPTION_HOSTS, not to the endpoint host api.example.org"),
 ])
-def test_unsafe_settings_are_refused_before_any_request(key, variable, url, message):
+def test_unsafe_settings_are_refused_before_any_request(key, monkeypatch, variable, url, message):
+    monkeypatch.setenv(cap.HOSTS_VARIABLE, "api.example.com")
     with pytest.raises(cap.EndpointError, match=message) as error:
         cap.VisionCaptioner(cap.EndpointSettings(base_url=url, model="m"), variable)
     assert SECRET not in str(error.value)
 
 
-def test_key_over_plain_http_is_allowed_to_local_servers(key):
+def test_key_over_plain_http_is_allowed_to_local_servers(key, monkeypatch):
+    monkeypatch.setenv(cap.HOSTS_VARIABLE, "127.0.0.1, localhost:11434,192.168.1.20")
     for url in ("http://127.0.0.1:1234/v1", "http://localhost:11434/v1", "http://192.168.1.20:8000/v1"):
         cap.VisionCaptioner(cap.EndpointSettings(base_url=url, model="m"), KEY_VAR)
+
+
+# --- where images and keys may go: the owner's approval, never the workflow's ------------------------
+
+ALLOWED, REFUSED = "allowed", "refused"
+
+
+@pytest.mark.parametrize("url,variable,sends_key,hosts,expected", [
+    # a key goes to its provider's host, and only there unless the owner lists more
+    ("https://api.openai.com/v1", "OPENAI_API_KEY", True, "", ALLOWED),
+    ("https://API.OpenAI.com./v1", "openai_api_key", True, "", ALLOWED),
+    ("https://openrouter.ai/api/v1", "OPENAI_API_KEY", True, "", REFUSED),
+    ("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY", True, "", ALLOWED),
+    ("https://api.openai.com.evil.example/v1", "OPENAI_API_KEY", True, "", REFUSED),
+    ("https://evil.example/v1", "OPENAI_API_KEY", True, "", REFUSED),
+    ("https://captions.invalid/v1", "MY_API_KEY", True, "", REFUSED),  # resolves nowhere: refused by name
+    # an approved non-loopback host, with or without a port in the entry
+    ("https://llm.corp.example/v1", "OPENAI_API_KEY", True, "llm.corp.example", ALLOWED),
+    ("https://llm.corp.example:8443/v1", "MY_API_KEY", True, "other.example, llm.corp.example:8443", ALLOWED),
+    ("https://llm.corp.example:9000/v1", "MY_API_KEY", True, "llm.corp.example:8443", REFUSED),
+    ("https://llm.corp.example/v1", "MY_API_KEY", True, "llm.corp.example:443", ALLOWED),
+    ("http://[::1]:8080/v1", "MY_API_KEY", True, "[::1]", ALLOWED),
+    # loopback needs no approval for images, but a key still needs one (any local user can listen there)
+    ("http://localhost:11434/v1", "OPENAI_API_KEY", False, "", ALLOWED),
+    ("http://127.0.0.1:1234/v1", "", False, "", ALLOWED),
+    ("http://[::1]:8080/v1", "", False, "", ALLOWED),
+    ("http://localhost:11434/v1", "OPENAI_API_KEY", True, "", REFUSED),
+    ("http://127.0.0.1:1234/v1", "MY_API_KEY", True, "localhost", REFUSED),
+    # images alone: providers and listed hosts; a LAN server or a stranger needs the owner's listing
+    ("https://api.openai.com/v1", "", False, "", ALLOWED),
+    ("http://192.168.1.20:8000/v1", "", False, "", REFUSED),
+    ("http://192.168.1.20:8000/v1", "", False, "192.168.1.20", ALLOWED),
+    ("https://evil.example/v1", "", False, "", REFUSED),
+    ("https://localhost.evil.example/v1", "", False, "", REFUSED),
+])
+def test_endpoint_host_policy(url, variable, sends_key, hosts, expected):
+    environ = {cap.HOSTS_VARIABLE: hosts}
+    if expected == ALLOWED:
+        cap.check_endpoint_host(url, variable, sends_key, environ)
+        return
+    with pytest.raises(cap.EndpointError, match="not approved|is only sent to") as error:
+        cap.check_endpoint_host(url, variable, sends_key, environ)
+    host = url.split("//")[1].split("/")[0]
+    assert host.lower().rstrip(".") in str(error.value) and cap.HOSTS_VARIABLE in str(error.value)
+
+
+def test_a_bad_allow_list_entry_is_named():
+    with pytest.raises(cap.EndpointError, match="FLUXQ_CAPTION_HOSTS entry 'https://x.example/v1' is not a host"):
+        cap.check_endpoint_host("https://x.example/v1", "", False, {cap.HOSTS_VARIABLE: "https://x.example/v1"})
+
+
+def test_a_refused_host_opens_no_connection_and_resolves_nothing(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv(cap.HOSTS_VARIABLE, raising=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(cap.EndpointError, match="only sent to api.openai.com and the hosts in FLUXQ_CAPTION_HOSTS, "
+                                                "not to the endpoint host captions.invalid"):
+        cap.VisionCaptioner(cap.EndpointSettings(base_url="https://captions.invalid/v1", model="m"), "OPENAI_API_KEY")
 
 
 def test_redirects_are_not_followed(stub, key):

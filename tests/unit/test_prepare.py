@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -179,6 +181,103 @@ def test_rerun_replaces_its_own_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no build or old folder left
 
 
+def zipped(path, members: list[tuple[str, bytes]]) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # a zip may hold a name twice; zipfile warns
+def test_output_names_never_collide_whatever_the_case_or_order(tmp_path):
+    photos = {f"IMG_1.{ext}": encoded(noise_image(30 + n), "JPEG") for n, ext in enumerate(("jpg", "JPG", "Jpg"))}
+    photos.update({"a.jpg": encoded(noise_image(40), "JPEG"), "a.png": encoded(noise_image(41), "PNG"),
+                   "a_png.png": encoded(noise_image(42), "PNG")})
+    images, report, out = prepared(tmp_path, photos)
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert len(names) == len({n.casefold() for n in names}) == len(images) == 6, names
+    assert len({i.pixel_hash for i in images}) == 6  # six different photos, none written over
+    # in name order: IMG_1.JPG, IMG_1.Jpg, IMG_1.jpg, a.jpg, a.png, a_png.png
+    assert report.names[prep.RENAMED] == ["IMG_1.Jpg -> IMG_1_jpg.png", "IMG_1.jpg -> IMG_1_jpg_2.png",
+                                          "a.png -> a_png.png", "a_png.png -> a_png_png.png"]
+
+    members = [(name, encoded(noise_image(50 + n), "PNG"))
+               for n, name in enumerate(["a_jpg.png", "a.JPG", "a.jpg", "a.png", "a.png"])]  # a name twice, too
+    for order in (members, members[::-1]):
+        report = prep.Report()
+        images = prep.build_prepared_set(zipped(tmp_path / "set.zip", order), str(tmp_path / "zip_out"),
+                                         prep.PrepareOptions(), report)
+        files = list((tmp_path / "zip_out").rglob("*.png"))
+        assert len(files) == len(images) == 5 and len({i.pixel_hash for i in images}) == 5
+        shutil.rmtree(tmp_path / "zip_out")
+
+
+def test_captions_that_are_not_utf8_are_converted_and_reported(tmp_path):
+    files = {"a.png": encoded(noise_image(60), "PNG"), "a.txt": "café crème, naïve".encode("cp1252"),
+             "b.png": encoded(noise_image(61), "PNG"), "b.txt": b"\x81 odd byte \xe9",  # 0x81: not cp1252
+             "c.png": encoded(noise_image(62), "PNG"), "c.txt": "plain ütf-8".encode("utf-8-sig")}
+    images, report, out = prepared(tmp_path, files)
+    assert {i.name: i.source_caption for i in images} == {
+        "a.png": "café crème, naïve", "b.png": "\x81 odd byte é", "c.png": "plain ütf-8"}
+    assert report.names[prep.RECODED] == ["a.txt read as Windows-1252", "b.txt read as Latin-1"]
+    prep.write_captions(str(out), images, mode="keep", style=prep.CaptionStyle(), report=prep.Report())
+    assert [s.caption for s in ds.read_dataset(str(out))] == ["café crème, naïve", "\x81 odd byte é", "plain ütf-8"]
+
+
+def test_a_rerun_keeps_captions_edited_in_the_prepared_folder(tmp_path):
+    images, _, out = colour_set(tmp_path, {"r": "my red"})
+    prep.write_captions(str(out), images, mode="fill", style=prep.CaptionStyle(), report=prep.Report(),
+                        template="a photo of {trigger}")
+    (out / "g.txt").write_text("TOK, my own green words\n", encoding="cp1252")
+    (out / "b.txt").unlink()
+    (out / "b.txt").write_text("TOK, blue, rewritten\n")
+    # the source's image renamed: the edit follows the picture, not the name
+    os.replace(tmp_path / "src" / "g.png", tmp_path / "src" / "green.png")
+    report = prep.Report()
+    images = prep.build_prepared_set(str(tmp_path / "src"), str(out), prep.PrepareOptions(), report)
+    prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=report,
+                        template="a photo of {trigger}")
+    assert captions_of(out) == {"r": "a photo of TOK", "green": "TOK, my own green words", "b": "TOK, blue, rewritten"}
+    assert report.counts[prep.EDITED] == 2
+    # kept again by the next rerun: an edit stays the user's
+    images = prep.build_prepared_set(str(tmp_path / "src"), str(out), prep.PrepareOptions(), prep.Report())
+    prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=prep.Report(),
+                        template="other {trigger}")
+    assert captions_of(out) == {"r": "other TOK", "green": "TOK, my own green words", "b": "TOK, blue, rewritten"}
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda out, src: (out / "new.png").write_bytes(encoded(noise_image(70), "PNG")),
+     r"holds changes a rerun would lose: new.png \(not written by FluxQPrepareDataset\)"),
+    (lambda out, src: Image.new("RGB", (256, 256), (1, 2, 3)).save(out / "r.png"),
+     r"r.png \(changed since it was prepared\)"),
+    (lambda out, src: (out / "r.png").unlink(), r"r.png \(deleted since it was prepared\)"),
+    (lambda out, src: ((out / "r.txt").write_text("edited"), (src / "r.png").unlink()),
+     r"caption\(s\) edited there belong to images that this run no longer writes .*: r.txt"),
+])
+def test_a_rerun_refuses_to_lose_any_other_change(tmp_path, change, message):
+    images, _, out = colour_set(tmp_path)
+    prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=prep.Report(),
+                        template="t")
+    change(out, tmp_path / "src")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(prep.PrepareError, match=message):
+        prep.build_prepared_set(str(tmp_path / "src"), str(out), prep.PrepareOptions(), prep.Report())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_a_folder_and_an_archive_of_the_same_name_do_not_replace_each_others_set(tmp_path):
+    write(tmp_path / "photos", {"a.png": encoded(noise_image(80), "PNG")})
+    zipped(tmp_path / "photos.zip", [("b.png", encoded(noise_image(81), "PNG"))])
+    prep.build_prepared_set(str(tmp_path / "photos"), str(tmp_path / "photos_prepared"), prep.PrepareOptions(),
+                            prep.Report())
+    with pytest.raises(prep.PrepareError, match="'photos_prepared' was prepared from 'photos', not from 'photos.zip'"):
+        prep.build_prepared_set(str(tmp_path / "photos.zip"), str(tmp_path / "photos_prepared"),
+                                prep.PrepareOptions(), prep.Report())
+    assert [p.name for p in (tmp_path / "photos_prepared").glob("*.png")] == ["a.png"]
+
+
 @pytest.mark.parametrize("style,text,expected", [
     (prep.CaptionStyle("TOK", "start"), "a dog on grass", "TOK, a dog on grass"),
     (prep.CaptionStyle("TOK", "end"), "a dog on grass", "a dog on grass, TOK"),
@@ -263,6 +362,13 @@ def test_endpoint_captions_arrive_as_files_and_a_rerun_does_not_pay_again(tmp_pa
     assert len(stub.requests) == 4
 
 
+def wait_for_caption_workers(timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while any(t.name.startswith("fluxq-caption") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "caption workers still running"
+        time.sleep(0.02)
+
+
 def test_failed_images_fail_or_are_skipped_and_finished_ones_are_kept(tmp_path, stub):
     images, _, out = colour_set(tmp_path)
     ask, key = vision(stub)
@@ -271,6 +377,7 @@ def test_failed_images_fail_or_are_skipped_and_finished_ones_are_kept(tmp_path, 
         prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=prep.Report(),
                             captioner=ask, settings_key=key, concurrency=1)
     written = captions_of(out)
+    wait_for_caption_workers()  # the failed run does not wait for them; their requests land late
     stub.requests.clear()
     stub.script = [("malformed", b"oops")]
     report = prep.Report()
@@ -290,25 +397,24 @@ def test_an_unreachable_endpoint_stops_even_when_skipping(tmp_path):
                             settings_key="k", on_failure="skip")
 
 
-def test_cancel_stops_workers_waiting_on_retry_after(tmp_path, stub):
+@pytest.mark.parametrize("script", [[("status", 429, {"Retry-After": "30"})] * 3, [("sleep", 30.0)] * 3],
+                         ids=["retry-after", "slow-endpoint"])
+def test_cancel_ends_the_run_at_once_while_workers_wait(tmp_path, stub, script):
     images, _, out = colour_set(tmp_path)
-    stop = threading.Event()
-    settings = cap.EndpointSettings(base_url=stub.base_url, model=stub.model)
-    client = cap.VisionCaptioner(settings, "", stop=stop)
-    stub.script = [("status", 429, {"Retry-After": "30"})] * 3
-    calls = []
+    client = cap.VisionCaptioner(cap.EndpointSettings(base_url=stub.base_url, model=stub.model), "")
+    stub.script = script
 
-    def cancel():
-        calls.append(1)
-        if len(calls) > 3:
-            stop.set()
+    def cancel():  # as ComfyUI's check: raises once the user pressed cancel, nothing else
+        if len(stub.requests) == 3:
             raise KeyboardInterrupt
 
+    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         prep.write_captions(str(out), images, mode="overwrite", style=prep.CaptionStyle(), report=prep.Report(),
                             captioner=lambda image, path: client.caption(Image.open(path)),
-                            settings_key="k", concurrency=3, check_cancel=cancel)
-    assert captions_of(out) == {}
+                            settings_key="k", concurrency=3, check_cancel=cancel, abort=client.abort)
+    assert time.monotonic() - started < 3
+    assert captions_of(out) == {} and len(stub.requests) == 3
 
 
 def test_repeats_weight_how_often_the_trainer_draws_an_image():
