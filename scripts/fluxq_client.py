@@ -25,6 +25,16 @@ or a UI workflow as the frontend saves it; a UI workflow is converted with the s
                          path is printed on stdout; progress goes to stderr.
 --print-prompt           Print the final API prompt (after conversion, --map and --set) and exit
                          without queueing it.
+--allow-partial          ComfyUI queues a prompt in which some outputs fail validation and runs only
+                         the others (HTTP 200 with node_errors). The client reports each such node
+                         and, by default, takes the prompt off the server and fails (exit 1); with
+                         --allow-partial it warns and runs the rest.
+--reconnect-timeout S    Single run: when the connection to the server drops (it died, restarted,
+                         a proxy), the client reconnects for up to S seconds (default 60), then
+                         fails (exit 1) instead of waiting for --timeout. A server that hangs
+                         without closing the connection is noticed first by the websocket
+                         heartbeat, within 45 s: a server that dies, hangs or drops off the
+                         network fails the run within S + 45 s.
 
 A batch of prompts (--sweep, --batch, or several --server) runs the workflow once per job over
 all the servers, at most K (--per-server) in flight on each:
@@ -32,13 +42,19 @@ all the servers, at most K (--per-server) in flight on each:
 --batch FILE.jsonl       One job per line, a JSON object {"NODE.input": value, ...} of overrides
                          (applied after --set); combined with --sweep, every line x every value.
 --server URL             Repeatable. A server that stops answering, or whose prompt takes longer
-                         than --timeout, is dropped and its prompts are queued on the others.
+                         than --timeout, is dropped and its prompts are queued on the others; the
+                         node definitions come from the first server that answers.
+--overwrite              Replace job folders an earlier batch left in DIR. Without it, a batch whose
+                         DIR already holds any of its job-NNNN folders is refused (exit 2) before
+                         anything is queued; with it, each old folder is replaced only once the new
+                         job's outputs are downloaded (a job that fails leaves the old folder).
 Each job's outputs land in DIR/job-NNNN/ (NNNN = the job's number in the batch), written once:
 a job that was re-queued after its server died is downloaded from the server that finished it.
 Exit status 1 if any job failed (its error is printed), 0 when all completed.
 
-Exit status: 0 on success; 1 when the server rejects the prompt (validation errors are printed
-per node) or execution fails or is interrupted; 2 on a bad command line or unreadable file;
+Exit status: 0 on success; 1 when the server rejects the prompt or drops some of its outputs
+(validation errors are printed per node) or execution fails or is interrupted or the server is
+gone longer than --reconnect-timeout; 2 on a bad command line or unreadable file;
 3 on --timeout and 130 on Ctrl-C (the prompt is then removed from the queue or interrupted).
 
 Uses the standard library and aiohttp (a ComfyUI dependency).
@@ -64,6 +80,9 @@ import aiohttp
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 HISTORY_POLL_SECONDS = 0.5
 RECONNECT_SECONDS = 1.0
+# A server that stops answering without closing the socket (hung, unplugged) is noticed by a ping
+# after this long without a message and no pong within half of it (45 s): a dropped connection then.
+WS_HEARTBEAT_SECONDS = 30.0
 
 
 def _load_workflow_convert():
@@ -194,10 +213,25 @@ def read_json(path: str, what: str):
         raise ClientError(f"cannot read {what} {path}: {error}", EXIT_USAGE) from error
 
 
-async def build_prompt(session: aiohttp.ClientSession, args) -> dict:
+async def server_object_info(sessions: dict[str, aiohttp.ClientSession]) -> dict:
+    """`/object_info` from the first server (in command-line order) that answers: a batch whose first
+    server is down runs on the others (every server runs the same pack: any one's definitions do)."""
+    failures = []
+    for url, session in sessions.items():
+        try:
+            return await get_json(session, "/object_info")
+        except (aiohttp.ClientError, asyncio.TimeoutError, ClientError) as error:
+            failures.append(f"{url}: {error}")
+            if len(failures) < len(sessions):
+                print(f"note: {url} does not answer /object_info ({error}); asking the next server", file=sys.stderr)
+    raise ClientError("no server answers /object_info: " + "; ".join(failures))
+
+
+async def build_prompt(sessions: dict[str, aiohttp.ClientSession], args) -> dict:
     data = read_json(args.workflow, "workflow")
     # the node definitions convert UI workflows and type --set values
-    object_info = await get_json(session, "/object_info") if workflow_convert.is_ui_workflow(data) or args.set else {}
+    needs_info = workflow_convert.is_ui_workflow(data) or args.set
+    object_info = await server_object_info(sessions) if needs_info else {}
     if workflow_convert.is_ui_workflow(data):
         try:
             prompt = workflow_convert.ui_to_api(data, object_info)
@@ -235,6 +269,18 @@ def describe_node(prompt: dict, node_id) -> str:
     return f"node {node_id} ({class_type})"
 
 
+def node_error_lines(node_errors: dict, prompt: dict) -> list[str]:
+    """One line per validation error of each node, naming the outputs it takes down with it."""
+    lines = []
+    for node_id, node_error in node_errors.items():
+        dropped = node_error.get("dependent_outputs") or []
+        drops = f" (drops {', '.join(describe_node(prompt, o) for o in dropped)})" if dropped else ""
+        for item in node_error.get("errors", []):
+            detail = f": {item['details']}" if item.get("details") else ""
+            lines.append(f"  {describe_node(prompt, node_id)}: {item.get('message', '')}{detail}{drops}")
+    return lines
+
+
 def format_validation_error(body: dict, prompt: dict) -> str:
     error = body.get("error", {})
     if isinstance(error, str):
@@ -242,14 +288,13 @@ def format_validation_error(body: dict, prompt: dict) -> str:
     lines = [f"server rejected the prompt: {error.get('message', 'unknown error')}"]
     if error.get("details"):
         lines.append(f"  {error['details']}")
-    for node_id, node_error in (body.get("node_errors") or {}).items():
-        for item in node_error.get("errors", []):
-            detail = f": {item['details']}" if item.get("details") else ""
-            lines.append(f"  {describe_node(prompt, node_id)}: {item.get('message', '')}{detail}")
-    return "\n".join(lines)
+    return "\n".join(lines + node_error_lines(body.get("node_errors") or {}, prompt))
 
 
-async def queue_prompt(session: aiohttp.ClientSession, prompt: dict, client_id: str) -> str:
+async def queue_prompt(session: aiohttp.ClientSession, prompt: dict, client_id: str, allow_partial: bool) -> str:
+    """Queues `prompt`, returns its id. ComfyUI accepts (HTTP 200) a prompt in which only some
+    outputs pass validation and silently runs just those: that is a failure unless `allow_partial`
+    (then a warning), and the prompt is taken off the server again."""
     async with session.post("/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
         text = await response.text()
         try:
@@ -260,7 +305,17 @@ async def queue_prompt(session: aiohttp.ClientSession, prompt: dict, client_id: 
             raise ClientError(format_validation_error(body, prompt))
         if response.status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
             raise ClientError(f"POST /prompt: HTTP {response.status}: {text[:500]}")
-        return body["prompt_id"]
+    prompt_id, node_errors = body["prompt_id"], body.get("node_errors") or {}
+    if node_errors:
+        report = "\n".join(node_error_lines(node_errors, prompt))
+        if allow_partial:
+            print(f"warning: prompt {prompt_id} runs without the outputs that failed validation "
+                  f"(--allow-partial):\n{report}", file=sys.stderr)
+        else:
+            await cancel_prompt(session, prompt_id)
+            raise ClientError(f"the server dropped outputs that failed validation; prompt {prompt_id} cancelled, "
+                              f"nothing downloaded (--allow-partial runs the rest):\n{report}")
+    return prompt_id
 
 
 class ProgressDisplay:
@@ -362,35 +417,56 @@ async def prompt_state(session: aiohttp.ClientSession, prompt_id: str) -> tuple[
     return "lost", None
 
 
-async def follow_after_disconnect(session: aiohttp.ClientSession, ws_path: str, prompt_id: str,
-                                  display: ProgressDisplay) -> dict:
-    """The websocket dropped: reconnect (retrying while the server is away) and find the prompt
-    again. A prompt the server neither queues, runs nor lists in its history is lost (a restarted
-    ComfyUI forgets its queue): that fails now instead of waiting out --timeout."""
-    print("note: the connection to the server dropped; reconnecting", file=sys.stderr)
+async def reconnect(session: aiohttp.ClientSession, ws_path: str, prompt_id: str,
+                    within: float) -> tuple[aiohttp.ClientWebSocketResponse | None, dict | None]:
+    """A new websocket and the prompt's history entry if it has finished; retried while the server
+    is away, for `within` seconds at most (each attempt bounded too: a hung server accepts
+    connections and never answers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
     while True:
+        ws = None
         try:
-            async with session.ws_connect(ws_path, heartbeat=30) as ws:
-                # asked once connected, so a prompt finishing now still reaches this socket
-                state, entry = await prompt_state(session, prompt_id)
-                if state == "finished":
-                    return entry
-                if state == "lost":
-                    raise ClientError(f"prompt {prompt_id} is lost: the server has it neither queued, running nor "
-                                      "in its history (it was restarted?); queue it again")
-                if await follow_progress(ws, prompt_id, display):
-                    return await wait_for_history(session, prompt_id)
-        except (aiohttp.ClientError, OSError):
-            pass  # the server is not back yet
-        await asyncio.sleep(RECONNECT_SECONDS)
+            ws = await asyncio.wait_for(session.ws_connect(ws_path, heartbeat=WS_HEARTBEAT_SECONDS),
+                                        max(deadline - loop.time(), 0.1))
+            # asked once connected, so a prompt finishing now still reaches this socket
+            state, entry = await asyncio.wait_for(prompt_state(session, prompt_id), max(deadline - loop.time(), 0.1))
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+            if ws is not None:
+                await ws.close()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ClientError(f"the server did not come back within {within:g} s (--reconnect-timeout; last "
+                                  f"try: {str(error) or type(error).__name__}); prompt {prompt_id}'s result is unknown")
+            await asyncio.sleep(min(RECONNECT_SECONDS, remaining))
+            continue
+        if state == "lost":
+            await ws.close()
+            raise ClientError(f"prompt {prompt_id} is lost: the server has it neither queued, running nor "
+                              "in its history (it was restarted?); queue it again")
+        if state == "finished":
+            await ws.close()
+            return None, entry
+        return ws, None
 
 
 async def wait_for_result(session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, ws_path: str,
-                          prompt_id: str, display: ProgressDisplay) -> dict:
-    """The prompt's history entry, following its progress on `ws` (and on a new socket after a drop)."""
-    if await follow_progress(ws, prompt_id, display):
-        return await wait_for_history(session, prompt_id)
-    return await follow_after_disconnect(session, ws_path, prompt_id, display)
+                          prompt_id: str, display: ProgressDisplay, reconnect_timeout: float) -> dict:
+    """The prompt's history entry, following its progress on `ws`. When the socket drops (a server
+    restart, a proxy), reconnects and finds the prompt again: a prompt the server neither queues,
+    runs nor lists in its history is lost (a restarted ComfyUI forgets its queue), and a server
+    that stays away longer than `reconnect_timeout` fails the run; neither waits out --timeout."""
+    while True:
+        try:
+            if await follow_progress(ws, prompt_id, display):
+                return await wait_for_history(session, prompt_id)
+        finally:
+            await ws.close()
+        print(f"note: the connection to the server dropped; reconnecting for up to {reconnect_timeout:g} s",
+              file=sys.stderr)
+        ws, entry = await reconnect(session, ws_path, prompt_id, reconnect_timeout)
+        if entry is not None:
+            return entry
 
 
 def execution_failure(entry: dict, prompt: dict) -> str | None:
@@ -481,7 +557,7 @@ async def download_outputs(session: aiohttp.ClientSession, entry: dict, out_dir:
 async def run(args) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(base_url=args.server.rstrip("/") + "/", timeout=timeout) as session:
-        prompt = await build_prompt(session, args)
+        prompt = await build_prompt({args.server: session}, args)
         if args.print_prompt:
             print(json.dumps(prompt, indent=2))
             return EXIT_OK
@@ -490,11 +566,12 @@ async def run(args) -> int:
         display = ProgressDisplay(prompt)
         # Connect before queueing so no message of a fast prompt is missed.
         ws_path = f"/ws?clientId={client_id}"
-        async with session.ws_connect(ws_path, heartbeat=30) as ws:
-            prompt_id = await queue_prompt(session, prompt, client_id)
+        async with session.ws_connect(ws_path, heartbeat=WS_HEARTBEAT_SECONDS) as ws:
+            prompt_id = await queue_prompt(session, prompt, client_id, args.allow_partial)
             print(f"queued prompt {prompt_id}", file=sys.stderr)
             try:
-                entry = await asyncio.wait_for(wait_for_result(session, ws, ws_path, prompt_id, display), args.timeout)
+                entry = await asyncio.wait_for(
+                    wait_for_result(session, ws, ws_path, prompt_id, display, args.reconnect_timeout), args.timeout)
             except asyncio.TimeoutError:
                 await cancel_prompt(session, prompt_id)
                 raise ClientError(f"timed out after {args.timeout:g} s; prompt {prompt_id} cancelled", EXIT_TIMEOUT)
@@ -553,11 +630,11 @@ def batch_jobs(args) -> list[list[str]]:
     return [line + list(combo) for line in lines for combo in itertools.product(*sweeps)]
 
 
-async def run_on_server(session: aiohttp.ClientSession, prompt: dict, timeout: float) -> dict:
+async def run_on_server(session: aiohttp.ClientSession, prompt: dict, timeout: float, allow_partial: bool) -> dict:
     """Queues `prompt`, waits for its history entry by polling (the state survives a dropped
     socket); raises ServerGone when the server does not answer or the prompt outlasts `timeout`."""
     try:
-        prompt_id = await queue_prompt(session, prompt, uuid.uuid4().hex)
+        prompt_id = await queue_prompt(session, prompt, uuid.uuid4().hex, allow_partial)
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         raise ServerGone(f"cannot queue: {error}") from error
     try:
@@ -572,14 +649,25 @@ async def run_on_server(session: aiohttp.ClientSession, prompt: dict, timeout: f
         raise ServerGone(f"prompt {prompt_id} took longer than {timeout:g} s") from None
 
 
+def job_dir(out_dir: Path, index: int) -> Path:
+    return out_dir / f"job-{index:04d}"
+
+
+def unused_dir(path: Path) -> Path:
+    """`path`, or `path-1`, `path-2`, ... : the first name not taken."""
+    candidate, counter = path, 1
+    while candidate.exists():
+        candidate, counter = path.with_name(f"{path.name}-{counter}"), counter + 1
+    return candidate
+
+
 async def run_batch(args, servers: list[str]) -> int:
     # A dead server refuses the connection at once; a busy one may answer slowly (its executor
     # holds the GIL): only --timeout per prompt decides that a live server is too slow.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     sessions = {url: aiohttp.ClientSession(base_url=url.rstrip("/") + "/", timeout=timeout) for url in servers}
     try:
-        args.server = servers[0]  # a UI workflow is converted with the first server's /object_info
-        base = await build_prompt(sessions[servers[0]], args)
+        base = await build_prompt(sessions, args)
         jobs = batch_jobs(args)
         prompts = []
         for overrides in jobs:
@@ -587,6 +675,14 @@ async def run_batch(args, servers: list[str]) -> int:
             apply_json_overrides(prompt, overrides)
             prompts.append(prompt)
         out_dir = Path(args.out)
+        # Results of an earlier batch in the same folder are the user's: refused before anything
+        # is queued, replaced (each once its new result is complete) only with --overwrite.
+        taken = [job_dir(out_dir, index).name for index in range(len(prompts)) if job_dir(out_dir, index).exists()]
+        if taken and not args.overwrite:
+            shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+            raise ClientError(f"{out_dir} already holds results of an earlier batch ({shown}); choose another --out, "
+                              "or pass --overwrite to replace each job's folder once its new result is downloaded",
+                              EXIT_USAGE)
         out_dir.mkdir(parents=True, exist_ok=True)
         pending: asyncio.Queue[int] = asyncio.Queue()
         for index in range(len(prompts)):
@@ -610,7 +706,7 @@ async def run_batch(args, servers: list[str]) -> int:
                     continue
                 staging = out_dir / f".job-{index:04d}.{uuid.uuid4().hex[:8]}.part"
                 try:
-                    entry = await run_on_server(session, prompts[index], args.timeout)
+                    entry = await run_on_server(session, prompts[index], args.timeout, args.allow_partial)
                     failure = execution_failure(entry, prompts[index])
                     if failure:
                         failed[index] = failure
@@ -631,9 +727,14 @@ async def run_batch(args, servers: list[str]) -> int:
                     failed[index] = str(error)
                     print(f"job {index} failed on {url}: {error}", file=sys.stderr)
                     continue
-                final = out_dir / f"job-{index:04d}"
+                final = job_dir(out_dir, index)
                 if final.exists():
-                    shutil.rmtree(final)  # a previous invocation's result for the same job number
+                    if not args.overwrite:  # appeared since the check at the start (another client?)
+                        final = unused_dir(final)
+                        print(f"note: job-{index:04d} was created meanwhile; job {index} saved in {final.name}",
+                              file=sys.stderr)
+                    else:
+                        shutil.rmtree(final)  # --overwrite: an earlier batch's result for the same job number
                 os.replace(staging, final)
                 finished[index] = url
                 print(f"job {index} done on {url}", file=sys.stderr)
@@ -674,6 +775,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="out", metavar="DIR", help="folder for downloaded outputs (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                         help="give up after this long (default: %(default)s)")
+    parser.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="single run: fail when the server stays unreachable this long after the "
+                             "connection dropped (default: %(default)s)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="run a prompt whose server dropped outputs that failed validation (a warning, not a failure)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="batch: replace job folders an earlier batch left in --out (default: refuse)")
     parser.add_argument("--print-prompt", action="store_true", help="print the final API prompt and exit")
     return parser
 
@@ -684,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     args.server = servers[0]
     if args.per_server < 1:
         print("error: --per-server must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.reconnect_timeout > 0:
+        print("error: --reconnect-timeout must be more than 0", file=sys.stderr)
         return EXIT_USAGE
     batch = len(servers) > 1 or args.sweep or args.batch
     try:

@@ -178,6 +178,12 @@ def test_help_shows_usage():
     assert "--set NODE.input=value" in result.stdout and "--map" in result.stdout and "Exit status" in result.stdout
 
 
+def test_help_states_how_long_a_dead_server_is_waited_for():
+    result = run_client("--help")
+    assert "--reconnect-timeout" in result.stdout and "(default 60)" in result.stdout
+    assert "fails the run within S + 45 s" in " ".join(result.stdout.split())
+
+
 def test_unreadable_workflow_is_a_usage_error(tmp_path):
     result = run_client(str(tmp_path / "missing.json"), "--server", "http://127.0.0.1:9")
     assert result.returncode == client.EXIT_USAGE
@@ -263,9 +269,44 @@ def test_set_types_values_from_the_servers_object_info(comfy_server):
 
 
 @pytest.mark.server
-def test_a_prompt_lost_in_a_server_restart_fails_within_seconds(comfy_server, scratch_models, tmp_path):
-    """The websocket drops, the server comes back without the prompt: the client used to poll
-    /history until --timeout (default an hour) and end with "prompt cancelled"."""
+def test_an_output_dropped_by_validation_fails_the_run_unless_partial_is_allowed(comfy_server, tmp_path):
+    """ComfyUI accepts (HTTP 200) a prompt in which one output fails validation and runs only the
+    others, listing the failures in `node_errors`: the client used to exit 0 with half the outputs."""
+    prompt = {  # core nodes only: what matters is the server's answer, not the render
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 255},
+              "_meta": {"title": "Canvas"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "kept"},
+              "_meta": {"title": "Save canvas"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "missing_reference.png"},
+              "_meta": {"title": "Reference photo"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "reference"},
+              "_meta": {"title": "Save reference"}},
+    }
+    path = tmp_path / "two_outputs.json"
+    path.write_text(json.dumps(prompt))
+    dropped_line = re.compile(r'node 3 "Reference photo" \(LoadImage\): .*missing_reference\.png.*'
+                              r'\(drops node 4 "Save reference" \(SaveImage\)\)')
+
+    strict = run_client(str(path), "--server", comfy_server.url, "--out", str(tmp_path / "strict"))
+    assert strict.returncode == 1, strict.stderr
+    assert "the server dropped outputs that failed validation" in strict.stderr, strict.stderr
+    assert dropped_line.search(strict.stderr), strict.stderr
+    assert not (tmp_path / "strict").exists()
+
+    partial = run_client(str(path), "--server", comfy_server.url, "--allow-partial", "--out", str(tmp_path / "partial"))
+    assert partial.returncode == 0, partial.stderr
+    assert "warning: prompt" in partial.stderr and dropped_line.search(partial.stderr), partial.stderr
+    saved = [Path(line) for line in partial.stdout.split()]
+    assert len(saved) == 1 and saved[0].name.startswith("kept") and saved[0].stat().st_size > 0
+
+
+@pytest.mark.server
+def test_a_server_that_dies_fails_within_the_reconnect_window_and_a_restart_is_reported_lost(
+        comfy_server, scratch_models, tmp_path):
+    """Two clients on one server, which then goes away. Their websocket drops; the one whose
+    --reconnect-timeout (3 s) passes first fails then: it used to retry until --timeout (default
+    an hour) for a server that never returns. The other sees the server come back without its
+    prompt: it used to poll /history until --timeout and end with "prompt cancelled"."""
     import time
 
     from comfy_server import ComfyServer
@@ -274,29 +315,41 @@ def test_a_prompt_lost_in_a_server_restart_fails_within_seconds(comfy_server, sc
         (tmp_path / name).mkdir()
         return ComfyServer(comfy_server.comfy_dir, tmp_path / name, extra_model_root=scratch_models, port=port)
 
+    def start_client(reconnect_timeout, out):
+        overrides = [*TINY_DEV, "Sampler settings.steps=50"]  # still running when the server goes away
+        return subprocess.Popen(
+            [sys.executable, str(CLIENT), str(DEV_WORKFLOW), "--server", first.url, "--map", str(TINY_MAP),
+             *set_args(overrides), "--timeout", "900", "--reconnect-timeout", reconnect_timeout,
+             "--out", str(tmp_path / out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     port = free_port()
     first = start_server("first")
-    overrides = [*TINY_DEV, "Sampler settings.steps=50"]  # still running when the server goes away
-    client_process = subprocess.Popen(
-        [sys.executable, str(CLIENT), str(DEV_WORKFLOW), "--server", first.url, "--map", str(TINY_MAP),
-         *set_args(overrides), "--timeout", "900", "--out", str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    abandoned, restarted = start_client("3", "abandoned"), start_client("300", "restarted")
     second = None
     try:
         deadline = time.time() + 300
-        while not first.get("/queue")["queue_running"]:
-            assert time.time() < deadline and client_process.poll() is None, "the prompt never started"
+        while len(first.get("/queue")["queue_running"] + first.get("/queue")["queue_pending"]) < 2:
+            assert time.time() < deadline and abandoned.poll() is None and restarted.poll() is None, \
+                "the prompts were never queued"
             time.sleep(0.5)
         first.stop()
+        gone = time.monotonic()
+        _, abandoned_err = abandoned.communicate(timeout=120)
+        gave_up = time.monotonic() - gone
         second = start_server("second")
         back = time.monotonic()
-        _, stderr = client_process.communicate(timeout=60)
+        _, stderr = restarted.communicate(timeout=60)
         waited = time.monotonic() - back
     finally:
-        client_process.kill()
+        for process in (abandoned, restarted):
+            process.kill()
         for server in (first, second):
             if server is not None and server.process.poll() is None:
                 server.stop()
-    assert client_process.returncode == client.EXIT_FAILED, stderr
+    assert abandoned.returncode == client.EXIT_FAILED, abandoned_err
+    assert "the server did not come back within 3 s" in abandoned_err, abandoned_err
+    assert gave_up < 3 + 15, f"the client gave up {gave_up:.0f} s after the server went away"
+    assert restarted.returncode == client.EXIT_FAILED, stderr
     assert "is lost: the server has it neither queued, running nor in its history" in stderr, stderr
     assert waited < 30, f"the client needed {waited:.0f} s after the server came back"
+

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_server import ComfyServer
+from comfy_server import ComfyServer, free_port
 from test_client import CLIENT, REPO_ROOT, client
 
 COMFY_DIR = Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".harness" / "ComfyUI")
@@ -123,3 +123,34 @@ def test_batch_over_three_servers_with_one_killed_completes_every_prompt_once(co
     assert not [p for p in (tmp_path / "spread").iterdir() if p.name.startswith(".")], "no partial downloads left"
     assert job_outputs(tmp_path / "spread") == expected
     assert len(stdout.split()) == 6, "each output path printed once"
+
+
+@pytest.mark.server
+def test_a_batch_runs_past_a_dead_first_server_and_keeps_an_earlier_batchs_results(comfy_server, tmp_path):
+    """A batch whose first --server was down failed at /object_info with nothing run; a batch
+    into an --out holding an earlier batch's job-NNNN folders deleted them."""
+    out = tmp_path / "out"
+
+    def batch(seed, *extra):
+        return subprocess.run(
+            [sys.executable, str(CLIENT), str(SCHNELL), *TINY, "--set", f"Sampler.seed={seed}", "--out", str(out),
+             "--server", f"http://127.0.0.1:{free_port()}", "--server", comfy_server.url, *extra],
+            check=False, capture_output=True, text=True, timeout=600)
+
+    first = batch(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "does not answer /object_info" in first.stderr
+    earlier = job_outputs(out)
+    assert list(earlier) == ["job-0000"] and len(earlier["job-0000"]) == 1
+
+    queued_before = len(comfy_server.get("/history"))
+    refused = batch(2)
+    assert refused.returncode == client.EXIT_USAGE, refused.stderr[-3000:]
+    assert "already holds results of an earlier batch (job-0000)" in refused.stderr and "--overwrite" in refused.stderr
+    assert job_outputs(out) == earlier
+    assert len(comfy_server.get("/history")) == queued_before, "refused before anything was queued"
+
+    (out / "job-0000" / "stale.txt").write_text("from the earlier batch")
+    replaced = batch(1, "--overwrite")  # the same prompt again: the server answers from its cache
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert job_outputs(out) == earlier, "the folder holds the new run's outputs only"
