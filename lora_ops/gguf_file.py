@@ -226,10 +226,17 @@ def _scan_header(path: str) -> list[_TensorInfo]:
             return _HeaderScanner(path, buf, size).scan()
 
 
-def _scalar_metadata(reader: gguf.GGUFReader) -> dict[str, object]:
+# Array metadata kept: the vocabulary a text encoder's tokenizer is rebuilt from (lora_ops.llm_gguf).
+# Other arrays (merges, scores) are large and unused.
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type")
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict[str, object]:
     metadata = {}
     for key, reader_field in reader.fields.items():
-        if key.startswith("GGUF.") or not reader_field.types or reader_field.types[0] == VType.ARRAY:
+        if key.startswith("GGUF.") or not reader_field.types:
+            continue
+        if reader_field.types[0] == VType.ARRAY and key not in TOKENIZER_ARRAYS:
             continue
         metadata[key] = reader_field.contents()
     return metadata
@@ -260,7 +267,7 @@ def read_gguf(path: str | os.PathLike[str], expected_arch: str | None = None) ->
     except Exception as exc:
         raise GGUFFormatError(f"{path}: gguf could not read the file: {exc}") from exc
 
-    metadata = _scalar_metadata(reader)
+    metadata = _metadata(reader)
     arch = metadata.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
     if expected_arch is not None and arch != expected_arch:
@@ -310,12 +317,30 @@ def t5_name_from_llama_cpp(name: str) -> str:
     return name
 
 
+# llama.cpp's T5 metadata -> the fields of ComfyUI's T5 config (comfy/text_encoders/t5_config_xxl.json).
+_T5_CONFIG_KEYS = {
+    "embedding_length": "d_model",
+    "feed_forward_length": "d_ff",
+    "block_count": "num_layers",
+    "attention.head_count": "num_heads",
+    "attention.key_length": "d_kv",
+}
+_T5_ARCHES = ("t5encoder", "t5")
+
+
 def read_text_encoder_gguf(path: str | os.PathLike[str]) -> dict[str, QTensor]:
     """Read a T5 or CLIP text encoder GGUF as a state dict with the names ComfyUI expects.
 
     llama.cpp-style T5 files (`token_embd`, `enc.blk.N...`) are renamed; files already using
     HF names pass through unchanged.
     """
+    return read_text_encoder_gguf_with_config(path)[0]
+
+
+def read_text_encoder_gguf_with_config(path: str | os.PathLike[str]) -> tuple[dict[str, QTensor], dict[str, int]]:
+    """``read_text_encoder_gguf`` and, for a llama.cpp T5 file, the T5 config its metadata declares
+    (ComfyUI's field names: ``d_model``, ``d_ff``, ``num_layers``, ``num_heads``, ``d_kv``,
+    ``vocab_size``); {} for other files. A real T5-XXL file declares T5-XXL's own config."""
     model = read_gguf(path)
     if model.arch in _IMAGE_ARCHES:
         raise GGUFFormatError(f"{model.path}: this is a {model.arch!r} diffusion model, not a text encoder")
@@ -325,4 +350,15 @@ def read_text_encoder_gguf(path: str | os.PathLike[str]) -> dict[str, QTensor]:
         if new_name in renamed:
             raise GGUFFormatError(f"{model.path}: tensors map onto the same name {new_name!r}")
         renamed[new_name] = QTensor(new_name, tensor.qtype, tensor.shape, tensor.data)
-    return renamed
+    config = {}
+    if model.arch in _T5_ARCHES:
+        for key, field_name in _T5_CONFIG_KEYS.items():
+            value = model.metadata.get(f"{model.arch}.{key}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GGUFFormatError(f"{model.path}: metadata '{model.arch}.{key}' must be a positive integer, got {value!r}")
+            config[field_name] = value
+        if "shared.weight" in renamed and len(renamed["shared.weight"].shape) == 2:
+            config["vocab_size"] = renamed["shared.weight"].shape[0]
+    return renamed, config

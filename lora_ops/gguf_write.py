@@ -127,7 +127,7 @@ def write_gguf(
     qtype_for: QTypeRule,
     arch: str = "flux",
     rng: np.random.Generator | None = None,
-    metadata: dict[str, str | int | float | bool] | None = None,
+    metadata: dict[str, str | int | float | bool | list] | None = None,
 ) -> None:
     """Write `tensors` (torch-order float arrays) to a GGUF file at `path`, atomically.
 
@@ -159,7 +159,7 @@ def write_gguf(
         raise
 
 
-def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float | bool) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float | bool | list) -> None:
     # bool before int: bool is a subclass of int.
     if isinstance(value, bool):
         writer.add_bool(key, value)
@@ -169,5 +169,10 @@ def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float | 
         writer.add_float64(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
+    elif isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        writer.add_array(key, value)
+    elif isinstance(value, list) and value and all(type(item) is int for item in value):
+        writer.add_array(key, value)  # gguf writes a list of ints as INT32, as llama.cpp's token_type
     else:
-        raise TypeError(f"metadata {key!r}: only str, int, float and bool values are supported, got {type(value).__name__}")
+        raise TypeError(f"metadata {key!r}: only str, int, float, bool and non-empty lists of str or int are "
+                        f"supported, got {type(value).__name__}")

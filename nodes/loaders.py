@@ -3,7 +3,14 @@
 import folder_paths
 from comfy_api.latest import io
 
-from .comfy_glue import DEQUANT_DTYPES, RESIDENT_MODES, check_file_choice, load_flux_gguf, load_text_encoders
+from .comfy_glue import (
+    DEQUANT_DTYPES,
+    RESIDENT_MODES,
+    TEXT_ENCODER_TYPES,
+    check_file_choice,
+    load_flux_gguf,
+    load_text_encoders,
+)
 
 CATEGORY = "Flux QLoRA Lab/loaders"
 NO_T5 = "none"
@@ -67,13 +74,23 @@ class FluxQLoadTextEncodersGGUF(io.ComfyNode):
             node_id="FluxQLoadTextEncodersGGUF",
             display_name="Load FLUX Text Encoders GGUF (FluxQ)",
             category=CATEGORY,
-            description="Loads CLIP-L and T5-XXL for FLUX from .gguf or .safetensors files in "
-                        "models/text_encoders (or models/clip). Quantized weights stay quantized.",
+            description="Loads the text encoders of a FLUX model from .gguf or .safetensors files in "
+                        "models/text_encoders (or models/clip): CLIP-L + T5-XXL for FLUX.1, Mistral-Small 3.x "
+                        "for FLUX.2 [dev], Qwen3 4B/8B for FLUX.2 [klein], T5-XXL alone for Chroma. "
+                        "Quantized weights stay quantized.",
             inputs=[
-                io.Combo.Input("clip_name", options=encoders, tooltip="CLIP-L, e.g. clip_l.safetensors."),
+                io.Combo.Input("clip_name", options=encoders,
+                               tooltip="CLIP-L for FLUX.1 (e.g. clip_l.safetensors); for the other types the one "
+                                       "encoder file (flux2: a Mistral-Small 3.x llama.cpp GGUF; klein: a Qwen3 "
+                                       "4B/8B GGUF; chroma: T5-XXL)."),
                 io.Combo.Input("t5_name", options=[NO_T5, *encoders], default=NO_T5,
-                               tooltip="T5-XXL, e.g. t5-v1_1-xxl-encoder-Q8_0.gguf. 'none' loads CLIP-L alone "
-                                       "(only for models whose text input is 768 wide, such as the tiny test models)."),
+                               tooltip="T5-XXL for FLUX.1, e.g. t5-v1_1-xxl-encoder-Q8_0.gguf. 'none' loads CLIP-L alone "
+                                       "(only for models whose text input is 768 wide, such as the tiny test models). "
+                                       "Must be 'none' for the other types."),
+                io.Combo.Input("type", options=list(TEXT_ENCODER_TYPES), default="flux1", optional=True,
+                               tooltip="flux1: FLUX.1 dev/schnell, Kontext, Krea, Fill (CLIP-L + T5). "
+                                       "flux2: FLUX.2 [dev] (Mistral). klein: FLUX.2 [klein] (Qwen3; ComfyUI 0.33+). "
+                                       "chroma: Chroma (T5 alone)."),
             ],
             outputs=[io.Clip.Output()],
         )
@@ -84,10 +101,10 @@ class FluxQLoadTextEncodersGGUF(io.ComfyNode):
         return clip_ok if clip_ok is not True else check_file_choice(TEXT_ENCODER_FOLDER, "t5_name", t5_name, (NO_T5,))
 
     @classmethod
-    def execute(cls, clip_name, t5_name) -> io.NodeOutput:
+    def execute(cls, clip_name, t5_name, type="flux1") -> io.NodeOutput:
         clip_path = folder_paths.get_full_path_or_raise(TEXT_ENCODER_FOLDER, clip_name)
         t5_path = None if t5_name == NO_T5 else folder_paths.get_full_path_or_raise(TEXT_ENCODER_FOLDER, t5_name)
-        return io.NodeOutput(load_text_encoders(clip_path, t5_path))
+        return io.NodeOutput(load_text_encoders(clip_path, t5_path, type))
 
 
 NODES = [FluxQLoadGGUF, FluxQLoadTextEncodersGGUF]

@@ -24,7 +24,9 @@ from .common import (
     show_progress_text,
 )
 from .loading import (
+    TEXT_ENCODER_TYPES,
     GGUFModelError,
+    TextEncoderError,
     load_flux_gguf,
     load_text_encoders,
     training_mode,
@@ -82,6 +84,8 @@ __all__ = [
     "LoraStack",
     "LoraStackWrapper",
     "RESIDENT_MODES",
+    "TEXT_ENCODER_TYPES",
+    "TextEncoderError",
     "cancel_requested",
     "check_file_choice",
     "conditioning",
