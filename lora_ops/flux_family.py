@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 # Generations: LoRAs are compatible only within one (same block layout and module names).
@@ -114,8 +114,84 @@ MEMBERS: tuple[Member, ...] = (
 )
 
 # --- sampler presets ------------------------------------------------------------------------------
-# Filled by the sampling side (``Member.presets``: preset name -> settings), one place per member;
-# ``dataclasses.replace`` them in here rather than adding family branches to the nodes.
+# ``Member.presets``: preset name -> FluxQSamplerSettings values. Keys: steps, guidance (None: the
+# model has no guidance input, the conditioning is left alone), cfg (real CFG with the negative
+# when > 1), sampler_name, scheduler, shift_mode ("auto": ModelSamplingFlux's size-dependent mu;
+# "flux2": Flux2Scheduler's sigmas, mu from size and steps; "model": the model's own sampling as
+# ComfyUI built it; "fixed": `shift`), shift, and `needs` (what the graph must supply: "negative",
+# "reference" (a reference latent), "inpaint" (InpaintModelConditioning's image + mask)).
+# Names are public API (saved workflows hold them): add, never rename.
+_FLUX1_DEV_PRESETS = {
+    # diffusers' FluxPipeline: 28 steps, guidance 3.5; BFL / ComfyUI's template: euler, simple, size-dependent shift.
+    "flux-dev": dict(steps=28, guidance=3.5, cfg=1.0, sampler_name="euler", scheduler="simple", shift_mode="auto"),
+}
+_PRESETS: dict[str, dict[str, dict]] = {
+    "flux1-dev": _FLUX1_DEV_PRESETS,
+    # BFL's cli_kontext.py (flux repo): num_steps 30, guidance 2.5; the edited image as reference tokens
+    # (ComfyUI: ReferenceLatent, FLUX.1's "offset" method).
+    "flux1-kontext-dev": {**_FLUX1_DEV_PRESETS, "flux-kontext": dict(
+        steps=30, guidance=2.5, cfg=1.0, sampler_name="euler", scheduler="simple", shift_mode="auto",
+        needs=("reference",))},
+    # BFL's FLUX.1-Krea-dev demo (Hugging Face space app.py): 28 steps, guidance 4.5.
+    "flux1-krea-dev": {**_FLUX1_DEV_PRESETS, "flux-krea": dict(
+        steps=28, guidance=4.5, cfg=1.0, sampler_name="euler", scheduler="simple", shift_mode="auto")},
+    # BFL's CLI: 4 steps, unshifted schedule (get_schedule(shift=False)); schnell has no guidance input.
+    "flux1-schnell": {"flux-schnell": dict(steps=4, guidance=None, cfg=1.0, sampler_name="euler", scheduler="simple",
+                                           shift_mode="fixed", shift=1.0)},
+    # ComfyUI 0.33.0 blueprint "Image Inpainting (Flux.1 Fill Dev)": FluxGuidance 30, KSampler 20 steps euler /
+    # normal, cfg 1, InpaintModelConditioning (image + mask) upstream.
+    "flux1-fill-dev": {"flux-fill": dict(steps=20, guidance=30.0, cfg=1.0, sampler_name="euler", scheduler="normal",
+                                         shift_mode="auto", needs=("inpaint",))},
+    # ComfyUI 0.33.0 blueprint "Text to Image (Flux.2 Dev)": FluxGuidance 4, Flux2Scheduler 20 steps, euler,
+    # BasicGuider (= cfg 1).
+    "flux2-dev": {"flux2-dev": dict(steps=20, guidance=4.0, cfg=1.0, sampler_name="euler", scheduler="simple",
+                                    shift_mode="flux2")},
+    # klein: distilled 4 steps at cfg 1 (BFL's klein model cards); base from ComfyUI 0.33.0's blueprint
+    # "Image Edit (Flux.2 Klein 4B)" (base checkpoint): Flux2Scheduler 20 steps, CFGGuider cfg 5, euler.
+    "flux2-klein-4b": (_KLEIN := {
+        "flux2-klein-distilled": dict(steps=4, guidance=None, cfg=1.0, sampler_name="euler", scheduler="simple",
+                                      shift_mode="flux2"),
+        "flux2-klein-base": dict(steps=20, guidance=None, cfg=5.0, sampler_name="euler", scheduler="simple",
+                                 shift_mode="flux2", needs=("negative",)),
+    }),
+    "flux2-klein-9b": _KLEIN,
+    # diffusers' ChromaPipeline defaults: 35 steps, guidance_scale 5 (real CFG, negative prompt); the model's
+    # own sampling (ComfyUI's Chroma: ModelSamplingFlux at its fixed mu 1.15); no guidance input.
+    "chroma": {"chroma": dict(steps=35, guidance=None, cfg=5.0, sampler_name="euler", scheduler="simple",
+                              shift_mode="model", needs=("negative",))},
+}
+MEMBERS = tuple(replace(m, presets=_frozen({name: _frozen(values) for name, values in _PRESETS.get(m.id, {}).items()}))
+                for m in MEMBERS)
+# Every preset name once, in the order a user meets them (FLUX.1 dev first: the node's default).
+PRESET_NAMES: tuple[str, ...] = tuple(dict.fromkeys(name for m in MEMBERS for name in m.presets))
+
+
+def preset(name: str) -> Mapping[str, object]:
+    """The settings of preset ``name`` (the same under every member that has it)."""
+    for m in MEMBERS:
+        if name in m.presets:
+            return m.presets[name]
+    raise KeyError(f"no sampler preset {name!r}; presets: {', '.join(PRESET_NAMES)}")
+
+
+def preset_misfit(name: str, detection: Detection) -> str | None:
+    """A warning when preset ``name`` is for another member than the detected model, else None."""
+    if any(name in m.presets for m in detection.candidates):
+        return None
+    owners = [m.label for m in MEMBERS if name in m.presets]
+    fitting = list(dict.fromkeys(p for m in detection.candidates for p in m.presets))
+    return (f"warning: preset {name} is for {', '.join(owners)}, but the model is {detection.label}; "
+            f"use {' or '.join(fitting) or 'custom'} (or custom).")
+
+
+# What a "custom" shift_mode "auto" means per generation: FLUX.1's ModelSamplingFlux line through
+# (256 tokens, 0.5) and (4096, 1.15) ("auto"; schnell stays unshifted), FLUX.2's Flux2Scheduler
+# (mu from size and steps), Chroma's own fixed mu (ComfyUI's Chroma model sampling).
+_AUTO_SHIFT = MappingProxyType({FLUX1: "auto", FLUX2: "flux2", CHROMA: "model"})
+
+
+def auto_shift_mode(detection: Detection) -> str:
+    return _AUTO_SHIFT[detection.member.generation]
 
 BY_ID: Mapping[str, Member] = MappingProxyType({m.id: m for m in MEMBERS})
 # The explicit allow-list: ComfyUI model classes the loader accepts (ChromaRadiance, pixel-space, is not one).

@@ -340,12 +340,13 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     lora_sd = normalize_flux_lora(lora_sd)
     adapters, matched, sources = runtime_adapters(model, lora_sd, lora_name, header_scale(metadata, lora_name))
 
-    clip_out = None
+    clip_out, clip_strength = None, None
     if clip is not None:
         clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
         clip_patches = comfy.lora.load_lora(lora_sd, clip_map, log_missing=False)
         matched |= _matched_keys(clip_patches, lora_sd)
         clip_out = with_clip_lora(clip, lora_name, clip_patches, strength_clip)
+        clip_strength = float(strength_clip) if clip_patches else None
 
     if not adapters:
         raise LoraMatchError(
@@ -354,7 +355,7 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
         )
     unmatched = sorted(k for k in lora_sd if k not in matched)
     entry = LoraEntry(name=lora_name, strength=float(strength),
-                      adapters={path: tuple(a) for path, a in adapters.items()})
+                      adapters={path: tuple(a) for path, a in adapters.items()}, clip_strength=clip_strength)
     scale_note = "; ".join(
         _SCALE_SOURCES[s] + ("" if len(sources) == 1 else f" ({n} modules)") for s, n in sorted(sources.items()))
     report = f"{lora_name} ({fmt}): {len(adapters)} modules matched, {len(unmatched)} keys unmatched"
