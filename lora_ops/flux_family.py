@@ -25,6 +25,7 @@ from types import MappingProxyType
 
 # Generations: LoRAs are compatible only within one (same block layout and module names).
 FLUX1, FLUX2, CHROMA = "FLUX.1", "FLUX.2", "Chroma"
+BASE_MODEL_VERSIONS = MappingProxyType({FLUX1: "flux1", FLUX2: "flux2", CHROMA: "chroma"})
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,18 @@ class Member:
     same_tensors_as: tuple[str, ...] = ()
     variants: tuple[str, ...] = ()  # checkpoints with identical tensors inside this member
     min_comfyui: tuple[int, int, int] = (0, 3, 75)
-    # ComfyUI that builds a file of any width (0.3.75 fixes FLUX.2 at 48 heads: released dev only)
-    min_comfyui_any_size: tuple[int, int, int] = (0, 3, 75)
     tiny: Mapping[str, object] = field(default_factory=dict)  # ComfyUI model params of the test model
     presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # sampler presets
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's ``ss_base_model_version`` for LoRAs trained on this member."""
+        return BASE_MODEL_VERSIONS[self.generation]
+
+
+# From this ComfyUI on, detection derives the head count from the width (hidden // 128); 0.3.75
+# fixes 24 heads for FLUX.1 / Chroma and 48 for FLUX.2, so it builds only the released widths.
+ANY_WIDTH_COMFYUI = (0, 33, 0)
 
 
 def _frozen(d: dict) -> Mapping:
@@ -58,11 +67,12 @@ def _frozen(d: dict) -> Mapping:
 
 
 # --- tiny test-model configs (ComfyUI model-class parameters) ---------------------------------
-# FLUX.1: ComfyUI 0.3.75 fixes 24 heads x 128, so width stays 3072; depth 1 + 1; CLIP-L width text.
+# FLUX.1: ComfyUI 0.3.75 fixes 24 heads x 128, so dev/schnell stay 3072 wide (the suite's tiny
+# models run on both ComfyUIs); depth 1 + 1; CLIP-L width text.
 _TINY_FLUX1 = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 768, "hidden_size": 3072,
                "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56],
                "theta": 10000, "patch_size": 2, "qkv_bias": True}
-# FLUX.2 as 0.33.0 detects it: heads = width // 128, so width 128 is one head.
+# FLUX.2 (and Fill) as 0.33.0 detects it: heads = width // 128, so width 128 is one head.
 _TINY_FLUX2 = {"in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 768, "hidden_size": 128,
                "mlp_ratio": 3.0, "num_heads": 1, "depth": 1, "depth_single_blocks": 1, "axes_dim": [32, 32, 32, 32],
                "theta": 2000, "patch_size": 1, "qkv_bias": False, "ops_bias": False, "global_modulation": True,
@@ -96,20 +106,21 @@ MEMBERS: tuple[Member, ...] = (
     # Fill: img_in is 384 wide (16 latent + 16 masked-image + 4x4 mask channels, 2x2 patches)
     Member(id="flux1-fill-dev", label="FLUX.1 Fill [dev]", comfy_class="FluxInpaint",
            requires=_frozen({"in_channels": 96}), guidance=True, base_model="flux1-fill-dev",
-           tiny=_frozen({**_TINY_FLUX1, "in_channels": 96, "guidance_embed": True}), **_FLUX1_COMMON),
+           tiny=_frozen({**_TINY_FLUX1, "in_channels": 96, "guidance_embed": True, "hidden_size": 128,
+                         "num_heads": 1}), **_FLUX1_COMMON),
     Member(id="flux2-dev", label="FLUX.2 [dev]", requires=_frozen({"guidance_embed": True}), hidden_size=6144,
            double_blocks=8, single_blocks=48, guidance=True, base_model="flux2-dev",
-           min_comfyui_any_size=(0, 33, 0), tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON),
+           tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON),
     Member(id="flux2-klein-4b", label="FLUX.2 [klein] 4B", requires=_frozen({"guidance_embed": False}),
            hidden_size=3072, double_blocks=5, single_blocks=20, guidance=False, base_model="flux2-klein-4b",
-           variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0), min_comfyui_any_size=(0, 33, 0),
+           variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0),
            tiny=_frozen({**_TINY_FLUX2, "guidance_embed": False}), **_FLUX2_COMMON),
     Member(id="flux2-klein-9b", label="FLUX.2 [klein] 9B", requires=_frozen({"guidance_embed": False}),
            hidden_size=4096, double_blocks=8, single_blocks=24, guidance=False, base_model="flux2-klein-9b",
-           variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0), min_comfyui_any_size=(0, 33, 0), **_FLUX2_COMMON),
+           variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0), **_FLUX2_COMMON),
     Member(id="chroma", label="Chroma", generation=CHROMA, comfy_class="Chroma", requires=_frozen({}),
            hidden_size=3072, double_blocks=19, single_blocks=38, latent_channels=16, latent_downscale=8,
-           guidance=False, pooled_vector=False, base_model="chroma", min_comfyui_any_size=(0, 33, 0),
+           guidance=False, pooled_vector=False, base_model="chroma",
            tiny=_frozen(_TINY_CHROMA)),
 )
 
@@ -267,11 +278,12 @@ def identify(comfy_class: str, unet_config: Mapping[str, object], source: str = 
 def refusal_for_comfyui(detection: Detection, comfyui_version: tuple[int, int, int]) -> str | None:
     """Why this ComfyUI cannot run the detected model (naming the version needed), else None."""
     member = detection.member
-    needed = member.min_comfyui if detection.released_size else max(member.min_comfyui, member.min_comfyui_any_size)
+    other_width = detection.hidden_size != member.hidden_size
+    needed = max(member.min_comfyui, ANY_WIDTH_COMFYUI) if other_width else member.min_comfyui
     if comfyui_version >= needed:
         return None
     have, need = ".".join(map(str, comfyui_version)), ".".join(map(str, needed))
-    why = "" if needed == member.min_comfyui else " at this size (its detection fixes the released widths)"
+    why = "" if needed == member.min_comfyui else " at this width (older detection fixes the released widths)"
     return f"{detection.label} needs ComfyUI {need} or newer{why}; this is ComfyUI {have}."
 
 
@@ -318,18 +330,23 @@ def lora_family_mismatch(keys: Iterable[str], model: Detection, lora_name: str =
     """Why a LoRA's keys belong to another family member than ``model``, else None.
 
     Decided by key set and block count, not by shape: a FLUX.1 LoRA's double-block shapes fit
-    FLUX.2 [klein] 4B (both 3072 wide)."""
+    FLUX.2 [klein] 4B (both 3072 wide). A LoRA reaching past the model's blocks is refused, except
+    on a model of no released size (pruned, tiny) when a released member of its own generation has
+    those blocks: a FLUX.1 [dev] LoRA on a pruned FLUX.1 applies where the blocks exist."""
     generations, double, single = lora_evidence(keys)
     family = model.member.generation
-    foreign = generations - ACCEPTS_LORAS_OF[family]
-    if foreign and not generations & ACCEPTS_LORAS_OF[family]:
+    accepted = ACCEPTS_LORAS_OF[family]
+    foreign = generations - accepted
+    if foreign and not generations & accepted:
         return (f"{lora_name} is a {' / '.join(sorted(foreign))} LoRA (its keys name "
                 f"{'/'.join(sorted(foreign))}-only layers); the model is {model.label} ({family}).")
-    if double > model.double_blocks or single > model.single_blocks:
-        owners = [m.label for m in MEMBERS if m.double_blocks >= double and m.single_blocks >= single
-                  and (not generations or m.generation in generations)]
-        belongs = f" (fits {', '.join(owners)})" if owners else ""
-        return (f"{lora_name} targets {double} double and {single} single blocks{belongs}; the model is "
-                f"{model.label} with {model.double_blocks} + {model.single_blocks}: a LoRA for another "
-                "FLUX family member.")
-    return None
+    if double <= model.double_blocks and single <= model.single_blocks:
+        return None
+    owners = [m for m in MEMBERS if m.double_blocks >= double and m.single_blocks >= single
+              and (m.generation in generations if generations else True)]
+    if not model.released_size and any(m.generation in accepted for m in owners):
+        return None
+    belongs = f" (fits {', '.join(m.label for m in owners)})" if owners else ""
+    return (f"{lora_name} targets {double} double and {single} single blocks{belongs}; the model is "
+            f"{model.label} with {model.double_blocks} + {model.single_blocks}: a LoRA for another "
+            "FLUX family member.")

@@ -77,11 +77,16 @@ def test_klein_is_refused_on_comfyui_0_3_75_naming_0_33_0():
     assert ff.refusal_for_comfyui(klein, (0, 33, 0)) is None
 
 
-def test_flux2_dev_on_0_3_75_only_at_its_released_width():
+def test_on_0_3_75_only_released_widths_any_depth():
     assert ff.refusal_for_comfyui(ff.identify(*FULL["flux2"][:2]), (0, 3, 75)) is None
     tiny = ff.identify("Flux2", config(128, 1, 1, guidance_embed=True))
-    assert "needs ComfyUI 0.33.0 or newer at this size" in ff.refusal_for_comfyui(tiny, (0, 3, 75))
+    assert "needs ComfyUI 0.33.0 or newer at this width" in ff.refusal_for_comfyui(tiny, (0, 3, 75))
     assert ff.refusal_for_comfyui(tiny, (0, 33, 0)) is None
+    # the suite's tiny FLUX.1 dev: released width, one block each: both ComfyUIs
+    assert ff.refusal_for_comfyui(ff.identify("Flux", config(3072, 1, 1, guidance_embed=True, in_channels=16)),
+                                  (0, 3, 75)) is None
+    narrow_fill = ff.identify("FluxInpaint", config(128, 1, 1, guidance_embed=True, in_channels=96))
+    assert "FLUX.1 Fill [dev]" in ff.refusal_for_comfyui(narrow_fill, (0, 3, 75))
     for name in ("dev", "schnell", "fill", "chroma"):
         assert ff.refusal_for_comfyui(ff.identify(*FULL[name][:2]), (0, 3, 75)) is None
 
@@ -154,6 +159,19 @@ def test_matching_loras_pass():
     chroma = ff.identify(*FULL["chroma"][:2])
     assert ff.lora_family_mismatch(kohya(19, 38, ["lora_unet_double_blocks_0_img_mod_lin.alpha"]), chroma) is None
     assert "FLUX.2 LoRA" in ff.lora_family_mismatch(["lora_unet_single_stream_modulation_lin.alpha"], chroma)
+
+
+def test_block_count_on_models_of_no_released_size():
+    tiny_klein = ff.identify("Flux2", config(128, 1, 1, guidance_embed=False, in_channels=128))
+    # no FLUX.2 member has 19 double blocks: a FLUX.1 LoRA
+    assert "targets 19 double and 38 single blocks" in ff.lora_family_mismatch(kohya(19, 38), tiny_klein)
+    # a pruned FLUX.1 (8 double blocks) takes a FLUX.1 [dev] LoRA where its blocks exist
+    pruned = ff.identify("Flux", config(3072, 8, 38, guidance_embed=True, in_channels=16))
+    assert ff.lora_family_mismatch(kohya(19, 38), pruned) is None
+    # released sizes are strict: a klein 9B LoRA on klein 4B
+    klein4 = ff.identify(*FULL["klein4"][:2])
+    message = ff.lora_family_mismatch(kohya(8, 24, ["lora_unet_single_stream_modulation_lin.alpha"]), klein4)
+    assert "FLUX.2 [klein] 9B" in message and "FLUX.2 [klein] 4B with 5 + 20" in message
 
 
 def test_lora_evidence_counts_diffusers_single_blocks_apart_from_double():
