@@ -150,9 +150,9 @@ _PRESETS: dict[str, dict[str, dict]] = {
     "flux1-schnell": {"flux-schnell": dict(steps=4, guidance=None, cfg=1.0, sampler_name="euler", scheduler="simple",
                                            shift_mode="fixed", shift=1.0)},
     # ComfyUI 0.33.0 blueprint "Image Inpainting (Flux.1 Fill Dev)": FluxGuidance 30, KSampler 20 steps euler /
-    # normal, cfg 1, InpaintModelConditioning (image + mask) upstream.
+    # normal, cfg 1 on the model's own sampling (no ModelSamplingFlux), InpaintModelConditioning (image + mask).
     "flux1-fill-dev": {"flux-fill": dict(steps=20, guidance=30.0, cfg=1.0, sampler_name="euler", scheduler="normal",
-                                         shift_mode="auto", needs=("inpaint",))},
+                                         shift_mode="model", needs=("inpaint",))},
     # ComfyUI 0.33.0 blueprint "Text to Image (Flux.2 Dev)": FluxGuidance 4, Flux2Scheduler 20 steps, euler,
     # BasicGuider (= cfg 1).
     "flux2-dev": {"flux2-dev": dict(steps=20, guidance=4.0, cfg=1.0, sampler_name="euler", scheduler="simple",

@@ -419,22 +419,15 @@ class FluxQCompareGrid(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None, lora_name_b=None, strengths=None, seeds=None,
-                        lora_file=NOT_CONNECTED) -> bool | str:
+                        lora_file=NOT_CONNECTED) -> bool:
         # Queue-time check of the file names and lists when they are widgets; the cell limit is
         # checked in execute. A connected lora_file arrives as None (its value exists only at run
         # time, maybe a file not yet written): lora_name is then not used, so not checked.
-        if lora_file is None:
-            lora_name = None
-        for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
-            if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
-                return known
-        try:
-            if strengths is not None:
-                grid.parse_strengths(strengths)
-            if seeds is not None:
-                grid.parse_seeds(seeds)
-        except grid.GridInputError as error:
-            return str(error)
+        # ComfyUI repeats a returned message once per argument taken here (four identical errors
+        # for one bad list); a raised error is reported once, against the node.
+        problem = grid_input_problem(None if lora_file is None else lora_name, lora_name_b, strengths, seeds)
+        if problem:
+            raise grid.GridInputError(problem)
         return True
 
     @classmethod
@@ -483,6 +476,21 @@ class FluxQCompareGrid(io.ComfyNode):
         grid_image = grid.draw_grid(list(shown), len(plan.rows), len(plan.seeds), plan.row_labels(),
                                     plan.column_labels(), header, captions)
         return io.NodeOutput(grid_image, images, ui=compare_view_payload(images, plan, cells, header))
+
+
+def grid_input_problem(lora_name, lora_name_b, strengths, seeds) -> str | None:
+    """What is wrong with the grid's widget values (None: a value that is not given or is a link)."""
+    for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
+        if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
+            return known
+    try:
+        if strengths is not None:
+            grid.parse_strengths(strengths)
+        if seeds is not None:
+            grid.parse_seeds(seeds)
+    except grid.GridInputError as error:
+        return str(error)
+    return None
 
 
 def start_latent(settings: FluxSamplerSettings, latent_image: dict | None, model) -> dict:

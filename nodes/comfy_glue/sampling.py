@@ -13,13 +13,13 @@ import torch
 from comfy_extras.nodes_flux import get_schedule
 
 from ...lora_ops import flux_family
+from .common import model_family
 
 
 def detected_member(model) -> flux_family.Detection | None:
     """The family member ComfyUI's detection built ``model`` as (None for a non-FLUX model)."""
-    config = model.model.model_config
     try:
-        return flux_family.identify(type(config).__name__, config.unet_config)
+        return model_family(model)
     except flux_family.FamilyError:
         return None
 

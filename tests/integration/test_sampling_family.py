@@ -47,7 +47,7 @@ def save_core(samples_ref) -> dict:
 def assert_same(server, prompt: dict, shape=(1, 16, H // 8, W // 8)):
     history = server.run(prompt)
     core, mine = saved_latent(server, history, "save_core"), saved_latent(server, history, "save_ours")
-    assert core.shape == shape
+    assert core.shape == shape and bool(core.isfinite().all()), "a comparison of non-finite latents proves nothing"
     assert torch.equal(core, mine), f"max difference {float((core - mine).abs().max())}"
     return history
 
@@ -192,3 +192,128 @@ def test_grid_header_is_truthful_about_the_clip_and_a_missing_zero_row(comfy_ser
     header = comfy_server.run(prompt)["outputs"]["grid"]["fluxq_grid"][0]["header"]
     assert not any(line.startswith("baseline") for line in header), header
     assert any(line.startswith("no strength-0 row") for line in header), header
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("grid_is_output", [True, False])
+def test_grid_reports_a_bad_input_once_not_once_per_input(comfy_server, grid_is_output):
+    """Issue 21 item 6: one bad strengths list came back as four identical errors (one per input
+    the node's check takes: lora_name, lora_name_b, strengths, seeds)."""
+    prompt = {
+        **text_nodes(), "unet": DEV_F32,
+        "settings": {"class_type": "FluxQSamplerSettings", "inputs": {
+            "preset": "custom", "steps": 1, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
+            "shift_mode": "auto", "shift": 1.0, "width": 16, "height": 16, "denoise": 1.0}},
+        "grid": {"class_type": "FluxQCompareGrid", "inputs": {
+            "model": ["unet", 0], "positive": ["pos", 0], "vae": ["vae", 0], "settings": ["settings", 0],
+            "lora_name": TINY["lora"], "lora_name_b": "none", "strengths": "0,75", "seeds": "0"}},
+    }
+    if not grid_is_output:  # checked as an input of SaveImage ("inner" validation)
+        prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["grid", 0], "filename_prefix": "g"}}
+    status, body = comfy_server.post_prompt(prompt)
+    assert status == 400, body
+    errors = body["node_errors"]["grid"]["errors"]
+    assert len(errors) == 1, errors
+    assert "strengths: '0,75' is ambiguous" in errors[0]["details"], errors
+
+
+# ---- FLUX.2 and Fill: the tiny members are 128 wide, which only ComfyUI 0.33's detection builds ----
+
+def tiny_member(member_id: str) -> dict:
+    return {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": f"fluxq-tiny-{member_id}-Q8_0.gguf",
+                                                      "dequant_dtype": "auto"}}
+
+
+def needs_0_33(server):
+    version = tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
+    if version < (0, 33, 0):
+        pytest.skip("ComfyUI 0.3.75 cannot build the 128-wide tiny FLUX.2 / Fill models (its detection fixes the "
+                    "heads); the loader's refusal is tested in test_flux_family.py")
+
+
+def flux2_core(model_ref, positive_ref, negative_ref, cfg, steps, seed) -> dict:
+    """Core's FLUX.2 graph (ComfyUI 0.33.0's blueprints): Flux2Scheduler + CFGGuider (BasicGuider at
+    cfg 1: the same predictions) + KSamplerSelect + RandomNoise + SamplerCustomAdvanced."""
+    return {
+        "guider": {"class_type": "CFGGuider", "inputs": {
+            "model": model_ref, "positive": positive_ref, "negative": negative_ref, "cfg": cfg}},
+        "sigmas": {"class_type": "Flux2Scheduler", "inputs": {"steps": steps, "width": W, "height": H}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "latent": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
+        "core": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0]}},
+        **save_core(["core", 0]),
+    }
+
+
+FLUX2_LATENT = (1, 128, H // 16, W // 16)
+
+
+@pytest.mark.server
+def test_flux2_dev_preset_equals_flux_guidance_flux2_scheduler_basic_guider(comfy_server):
+    needs_0_33(comfy_server)
+    seed = 2
+    prompt = {
+        **text_nodes(), "unet": tiny_member("flux2-dev"),
+        "guided": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["pos", 0], "guidance": 4.0}},
+        **flux2_core(["unet", 0], ["guided", 0], ["guided", 0], 1.0, 20, seed),
+        **ours("flux2-dev", seed),
+    }
+    prompt["basic"] = {"class_type": "BasicGuider", "inputs": {"model": ["unet", 0], "conditioning": ["guided", 0]}}
+    prompt["core"]["inputs"]["guider"] = ["basic", 0]  # the blueprint's guider
+    assert_same(comfy_server, prompt, FLUX2_LATENT)
+
+
+@pytest.mark.server
+def test_klein_presets_equal_core_graphs_and_warn_on_the_wrong_member(comfy_server):
+    needs_0_33(comfy_server)
+    seed = 6
+    distilled = {
+        **text_nodes(), "unet": tiny_member("flux2-klein-4b"),
+        **flux2_core(["unet", 0], ["pos", 0], ["pos", 0], 1.0, 4, seed),
+        **ours("flux2-klein-distilled", seed),
+    }
+    assert_same(comfy_server, distilled, FLUX2_LATENT)
+
+    # base, as ComfyUI's klein edit blueprint: cfg 5 with a negative, the reference on both conditionings
+    base = {
+        **text_nodes(), "unet": tiny_member("flux2-klein-4b"),
+        # (a fixed latent: the random tiny FLUX.2 VAE's encoding is not finite)
+        "ref": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
+        "pos_ref": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["pos", 0], "latent": ["ref", 0]}},
+        "neg_ref": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["neg", 0], "latent": ["ref", 0]}},
+        **flux2_core(["unet", 0], ["pos_ref", 0], ["neg_ref", 0], 5.0, 20, seed),
+        **ours("flux2-klein-base", seed, negative=["neg", 0], reference_latent=["ref", 0]),
+    }
+    assert_same(comfy_server, base, FLUX2_LATENT)
+
+    # FLUX.1's dev preset on klein: a warning on the node, in the log
+    wrong = {k: v for k, v in distilled.items() if k in text_nodes() or k in ("unet", "settings", "ours", "save_ours")}
+    wrong["settings"]["inputs"]["preset"] = "flux-dev"
+    comfy_server.run(wrong)
+    assert "warning: preset flux-dev is for FLUX.1 [dev]" in comfy_server.log_tail()
+
+
+@pytest.mark.server
+def test_fill_preset_equals_inpaint_model_conditioning_flux_guidance_ksampler(comfy_server):
+    """ComfyUI 0.33.0's Fill blueprint: InpaintModelConditioning (image + mask), FluxGuidance 30,
+    KSampler 20 steps euler / normal on the model's own sampling."""
+    needs_0_33(comfy_server)
+    seed = 9
+    prompt = {
+        **text_nodes(), "unet": tiny_member("flux1-fill-dev"),
+        "mask": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": W, "height": H}},
+        "inpaint": {"class_type": "InpaintModelConditioning", "inputs": {
+            "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["vae", 0], "pixels": ["image", 0],
+            "mask": ["mask", 0], "noise_mask": True}},
+        "guided": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["inpaint", 0], "guidance": 30.0}},
+        "core": {"class_type": "KSampler", "inputs": {
+            "model": ["unet", 0], "positive": ["guided", 0], "negative": ["inpaint", 1], "latent_image": ["inpaint", 2],
+            "seed": seed, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        **save_core(["core", 0]),
+        **ours("flux-fill", seed, negative=["inpaint", 1], latent_image=["inpaint", 2]),
+    }
+    prompt["ours"]["inputs"]["positive"] = ["inpaint", 0]
+    assert_same(comfy_server, prompt)
