@@ -20,7 +20,7 @@ QK_K = 256  # elements per K-quant super-block
 
 
 class UnsupportedQuantTypeError(ValueError):
-    """A GGUF tensor type this pack cannot dequantize (IQ*, TQ*, ... or an unknown id)."""
+    """A GGUF tensor type this pack cannot dequantize (IQ* other than IQ4_NL/IQ4_XS, TQ*, ... or an unknown id)."""
 
 
 def as_qtype(qtype: int | QType) -> QType:
@@ -177,6 +177,35 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (dl * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
+# IQ4's non-linear 4-bit code book (llama.cpp's kvalues_iq4nl)
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_lookup(codes: torch.Tensor) -> torch.Tensor:
+    table = torch.tensor(_IQ4_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def _iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    # d, qs[16] (32 codes: low nibbles, then high nibbles)
+    d = _half(blocks, 0)
+    return d * _iq4_lookup(_low_then_high_nibbles(blocks[:, 2:]))
+
+
+def _iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    # d, scales_h (uint16: 8 x 2 high bits), scales_l[4] (8 x 4 low bits), qs[128] (8 sub-blocks of 32 codes)
+    n = blocks.shape[0]
+    device = blocks.device
+    d = _half(blocks, 0)
+    # the uint16's 2-bit fields, taken per byte (little-endian): fields 0-3 from byte 2, 4-7 from byte 3
+    high = ((blocks[:, 2:4].reshape(n, 2, 1) >> _shifts(2, (1, 1, 4), device)) & 3).reshape(n, 8)
+    low = ((blocks[:, 4:8].reshape(n, 4, 1) >> _shifts(4, (1, 1, 2), device)) & 0x0F).reshape(n, 8)
+    scales = (low | (high << 4)).to(torch.float32) - 32
+    dl = (d * scales).reshape(n, 8, 1)
+    codes = ((blocks[:, 8:].reshape(n, 8, 1, 16) >> _shifts(4, (1, 1, 2, 1), device)) & 0x0F).reshape(n, 8, 32)
+    return (dl * _iq4_lookup(codes)).reshape(n, QK_K)
+
+
 _BLOCK_DEQUANTIZERS: dict[QType, Callable[[torch.Tensor], torch.Tensor]] = {
     QType.Q8_0: _q8_0,
     QType.Q4_0: _q4_0,
@@ -188,6 +217,8 @@ _BLOCK_DEQUANTIZERS: dict[QType, Callable[[torch.Tensor], torch.Tensor]] = {
     QType.Q4_K: _q4_k,
     QType.Q5_K: _q5_k,
     QType.Q6_K: _q6_k,
+    QType.IQ4_NL: _iq4_nl,
+    QType.IQ4_XS: _iq4_xs,
 }
 
 _FLOAT_TYPES: dict[QType, torch.dtype] = {

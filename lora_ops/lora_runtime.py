@@ -217,6 +217,9 @@ class LoraEntry:
     name: str
     strength: float
     adapters: Mapping[str, tuple[Adapter, ...]]
+    # The strength its text-encoder part was applied with to a CLIP (None: not applied), so a grid
+    # can say that a prompt encoded by that CLIP carries it whatever the MODEL strength.
+    clip_strength: float | None = None
     # The strength as the hooks and folds use it: a graph input under torch.compile, not a constant.
     strength_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -231,7 +234,7 @@ class LoraEntry:
 class LoraStack:
     """An immutable, ordered set of applied LoRAs, indexed by module path for the hooks."""
 
-    __slots__ = ("_entries", "_by_module", "_module_paths")
+    __slots__ = ("_by_module", "_entries", "_module_paths")
 
     def __init__(self, entries: Iterable[LoraEntry] = ()):
         self._entries = tuple(entries)

@@ -10,6 +10,8 @@ from .comfy_glue import (
     check_file_choice,
     load_flux_gguf,
     load_text_encoders,
+    model_family,
+    show_progress_text,
 )
 
 CATEGORY = "Flux QLoRA Lab/loaders"
@@ -33,12 +35,13 @@ class FluxQLoadGGUF(io.ComfyNode):
             node_id="FluxQLoadGGUF",
             display_name="Load FLUX GGUF (FluxQ)",
             category=CATEGORY,
-            description="Loads a FLUX.1 dev/schnell transformer from a .gguf file. Weights stay quantized in "
-                        "memory and are dequantized layer by layer at run time.",
+            description="Loads a FLUX family transformer (FLUX.1 dev/schnell/Kontext/Krea/Fill, FLUX.2 dev/"
+                        "klein, Chroma) from a .gguf file and says which member it detected. Weights stay "
+                        "quantized in memory and are dequantized layer by layer at run time.",
             inputs=[
                 io.Combo.Input("gguf_name", options=folder_paths.get_filename_list(GGUF_UNET_FOLDER),
-                               tooltip="A FLUX.1 .gguf from models/diffusion_models or models/unet "
-                                       "(e.g. flux1-dev-Q8_0.gguf)."),
+                               tooltip="A FLUX family .gguf from models/diffusion_models or models/unet "
+                                       "(e.g. flux1-dev-Q8_0.gguf, flux2-dev-Q4_K_M.gguf)."),
                 io.Combo.Input("dequant_dtype", options=list(DEQUANT_DTYPES), default="auto",
                                tooltip="Precision of the dequantization arithmetic. 'auto' dequantizes straight "
                                        "to the model's compute dtype (bf16 on recent GPUs, fp32 on CPU), where the "
@@ -53,6 +56,7 @@ class FluxQLoadGGUF(io.ComfyNode):
                                        "written before it existed still run (as 'auto')."),
             ],
             outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -63,7 +67,11 @@ class FluxQLoadGGUF(io.ComfyNode):
     @classmethod
     def execute(cls, gguf_name, dequant_dtype, resident="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(GGUF_UNET_FOLDER, gguf_name)
-        return io.NodeOutput(load_flux_gguf(path, dequant_dtype, resident))
+        model = load_flux_gguf(path, dequant_dtype, resident)
+        # what was detected, and which members/variants the file cannot tell apart (the user picks the preset)
+        report = f"{gguf_name}: {model_family(model).describe()}"
+        show_progress_text(report, cls.hidden.unique_id if cls.hidden else None)
+        return io.NodeOutput(model, ui={"text": [report]})
 
 
 class FluxQLoadTextEncodersGGUF(io.ComfyNode):

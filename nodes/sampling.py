@@ -1,5 +1,7 @@
-"""FLUX sampling with core's own pieces (ModelSamplingFlux, FluxGuidance's conditioning values,
-comfy.sample) and the A/B LoRA compare grid."""
+"""FLUX family sampling with core's own pieces (ModelSamplingFlux, FluxGuidance's conditioning values,
+ReferenceLatent, Flux2Scheduler, CFGGuider, comfy.sample) and the A/B LoRA compare grid.
+
+Presets come from the family registry (``lora_ops/flux_family.py``, one table per member)."""
 
 from __future__ import annotations
 
@@ -22,19 +24,29 @@ import torch
 from comfy_api.latest import io, ui
 from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
-from ..lora_ops import grid
-from ..lora_ops.flow_match import BASE_SHIFT, MAX_SHIFT  # ModelSamplingFlux's / BFL's mu line
+from ..lora_ops import flux_family, grid
+from ..lora_ops.flow_match import (  # ModelSamplingFlux's / BFL's mu line
+    BASE_SHIFT,
+    MAX_SHIFT,
+)
 from .comfy_glue import (
     CORE_DEFAULT_GUIDANCE,
     check_file_choice,
     core_patch_count,
+    detected_member,
+    flux2_sigmas,
     get_lora_stack,
     has_guidance_input,
+    latent_geometry,
     load_lora_entry,
+    sample_with_scheduler,
+    sample_with_sigmas,
     show_progress_text,
     with_lora_stack,
+    with_reference,
     without_core_patches,
 )
+from .comfy_glue import empty_latent as model_empty_latent
 
 log = logging.getLogger("fluxq")
 
@@ -59,20 +71,28 @@ class FluxSamplerSettings:
     width: int
     height: int
     denoise: float
+    cfg: float = 1.0  # real CFG with the negative conditioning when > 1
+    needs: tuple[str, ...] = ()  # what the preset's graph must supply: "negative", "reference", "inpaint"
 
 
-PRESETS = {
-    # diffusers' FluxPipeline: 28 steps, guidance 3.5; BFL and ComfyUI's template: euler, simple,
-    # resolution-dependent shift.
-    "flux-dev": dict(steps=28, guidance=3.5, sampler_name="euler", scheduler="simple", shift_mode="auto"),
-    # BFL's CLI: 4 steps, unshifted schedule (get_schedule(shift=False)); schnell has no guidance input.
-    "flux-schnell": dict(steps=4, guidance=None, sampler_name="euler", scheduler="simple",
-                         shift_mode="fixed", shift=1.0),
-}
+# Preset name -> settings values, from the family registry (each member's table; the sources are there).
+PRESETS = {name: dict(flux_family.preset(name)) for name in flux_family.PRESET_NAMES}
+SHIFT_MODES = ["auto", "fixed", "flux2", "model"]
+
+
+def shift_mode_for(settings: FluxSamplerSettings, model) -> str:
+    """The settings' shift mode, "auto" resolved to the detected family member's own rule."""
+    if settings.shift_mode != "auto":
+        return settings.shift_mode
+    detection = detected_member(model)
+    return flux_family.auto_shift_mode(detection) if detection else "auto"
 
 
 def patch_flow_shift(model, settings: FluxSamplerSettings, width: int, height: int):
-    """The model with the sigma shift `settings` ask for, patched by core's own nodes."""
+    """The model with the sigma shift `settings` ask for, patched by core's own nodes. "flux2"
+    (Flux2Scheduler's sigmas, made at sampling) and "model" leave the model's own sampling alone."""
+    if shift_mode_for(settings, model) in ("flux2", "model"):
+        return model
     if model.model.model_type == comfy.model_base.ModelType.FLUX:  # guidance-distilled (dev)
         if settings.shift_mode == "auto":
             return ModelSamplingFlux().patch(model, MAX_SHIFT, BASE_SHIFT, width, height)[0]
@@ -95,31 +115,61 @@ def shift_factor(model) -> float:
     return float(sampling.shift)
 
 
-def empty_latent(settings: FluxSamplerSettings) -> dict:
-    # As core's EmptySD3LatentImage, which FLUX templates use: 16 channels at 1/8 size.
+def empty_latent(settings: FluxSamplerSettings, model=None) -> dict:
+    """The empty start latent of the settings' size: with the model's channels and downscale (as
+    core's EmptySD3LatentImage / EmptyFlux2LatentImage); without a model FLUX.1's 16 at 1/8."""
+    if model is not None:
+        return model_empty_latent(model, settings.width, settings.height)
     shape = [1, 16, settings.height // 8, settings.width // 8]
     return {"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())}
 
 
-def prepare(model, positive, settings: FluxSamplerSettings, latent: dict):
-    """(model with the shift, conditioning with the guidance), as ModelSamplingFlux + FluxGuidance."""
-    height, width = latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+def pixel_size(model, latent: dict) -> tuple[int, int]:
+    """(width, height) in pixels of a latent for this model."""
+    downscale = latent_geometry(model)[1]
+    return latent["samples"].shape[-1] * downscale, latent["samples"].shape[-2] * downscale
+
+
+def prepare(model, positive, settings: FluxSamplerSettings, latent: dict, reference_latent=None):
+    """(model with the shift, conditioning with the guidance and reference), as ModelSamplingFlux +
+    FluxGuidance + ReferenceLatent."""
+    width, height = pixel_size(model, latent)
     model = patch_flow_shift(model, settings, width, height)
+    if reference_latent is not None:
+        positive = with_reference(positive, reference_latent)
     if settings.guidance is not None:
         positive = node_helpers.conditioning_set_values(positive, {"guidance": settings.guidance})
     return model, positive
 
 
-def sample_latent(model, positive, settings: FluxSamplerSettings, seed: int, latent: dict, callback) -> dict:
-    """nodes.common_ksampler at cfg 1.0 with a caller's callback. FLUX is guidance-distilled: at
-    cfg 1.0 core never evaluates the negative, so the positive stands in for it."""
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    samples = comfy.sample.sample(
-        model, noise, settings.steps, 1.0, settings.sampler_name, settings.scheduler, positive, positive,
-        latent_image, denoise=settings.denoise, noise_mask=latent.get("noise_mask"), callback=callback,
-        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
-    )
+def prepare_negative(negative, reference_latent):
+    """The negative with the reference latent too, as core's edit graphs chain ReferenceLatent on
+    both; None stays None (the positive then stands in: cfg 1.0 never evaluates it)."""
+    if negative is None or reference_latent is None:
+        return negative
+    return with_reference(negative, reference_latent)
+
+
+def check_cfg(settings: FluxSamplerSettings, negative) -> None:
+    if settings.cfg != 1.0 and negative is None:
+        raise ValueError(f"cfg is {settings.cfg:g} (preset {settings.preset}): real CFG needs a negative conditioning; "
+                         "connect one to 'negative' (e.g. CLIP Text Encode of a negative or an empty prompt), or "
+                         "use cfg 1.0.")
+
+
+def sample_latent(model, positive, settings: FluxSamplerSettings, seed: int, latent: dict, callback,
+                  negative=None) -> dict:
+    """KSampler's route (nodes.common_ksampler) or, for the "flux2" shift mode, Flux2Scheduler +
+    CFGGuider + SamplerCustomAdvanced's, with a caller's callback."""
+    negative = positive if negative is None else negative
+    if shift_mode_for(settings, model) == "flux2":
+        width, height = pixel_size(model, latent)
+        sigmas = flux2_sigmas(settings.steps, width, height, settings.denoise)
+        samples = sample_with_sigmas(model, positive, negative, settings.cfg, settings.sampler_name, sigmas, latent,
+                                     seed, callback)
+    else:
+        samples = sample_with_scheduler(model, positive, negative, settings.cfg, settings.sampler_name,
+                                        settings.scheduler, settings.steps, settings.denoise, latent, seed, callback)
     return {**latent, "samples": samples}
 
 
@@ -135,20 +185,32 @@ def guidance_label(model, positive) -> str:
     return label
 
 
-def preset_warning(settings: FluxSamplerSettings, model) -> str | None:
-    """A warning when a dev/schnell preset meets the other kind of model."""
-    dev_model = has_guidance_input(model)
-    if settings.preset == "flux-schnell" and dev_model:
-        return ("warning: preset flux-schnell on a dev (guidance-distilled) model: 4 unshifted steps, and the model "
-                "still gets guidance; use flux-dev (or custom).")
-    if settings.preset == "flux-dev" and not dev_model:
-        return ("warning: preset flux-dev on a schnell model (no guidance input): the guidance has no effect and "
-                "its 28 steps are for dev; use flux-schnell (or custom).")
+NEEDS_WARNINGS = {
+    "reference": ("reference_latents", "it edits a reference image: connect its latent (VAE Encode) to "
+                                       "reference_latent, or chain core's ReferenceLatent on the positive"),
+    "inpaint": ("concat_latent_image", "it inpaints: make positive, negative and the latent with core's "
+                                       "InpaintModelConditioning (image + mask)"),
+}
+
+
+def preset_warning(settings: FluxSamplerSettings, model, positive=None) -> str | None:
+    """A warning when the preset is for another family member than the model, or when the
+    conditioning lacks what the preset's graph supplies (a reference image, an inpainting mask)."""
+    if settings.preset == "custom":
+        return None
+    detection = detected_member(model)
+    misfit = flux_family.preset_misfit(settings.preset, detection) if detection else None
+    if misfit:
+        return misfit
+    for need in settings.needs:
+        key, advice = NEEDS_WARNINGS.get(need, (None, None))
+        if key and positive is not None and not any(key in entry[1] for entry in positive):
+            return f"warning: preset {settings.preset} without a {need} in the conditioning: {advice}."
     return None
 
 
-def warn_on_node(settings: FluxSamplerSettings, model, node_id) -> str | None:
-    warning = preset_warning(settings, model)
+def warn_on_node(settings: FluxSamplerSettings, model, node_id, positive=None) -> str | None:
+    warning = preset_warning(settings, model, positive)
     if warning:
         log.warning("[FluxQ] %s", warning)
         show_progress_text(warning, node_id)
@@ -156,8 +218,13 @@ def warn_on_node(settings: FluxSamplerSettings, model, node_id) -> str | None:
 
 
 def settings_summary(settings: FluxSamplerSettings, model, positive) -> str:
+    mode = shift_mode_for(settings, model)
+    schedule = ("Flux2Scheduler sigmas" if mode == "flux2"
+                else f"shift {shift_factor(model):.3g} ({settings.shift_mode})")
     text = (f"steps {settings.steps} · {guidance_label(model, positive)} · {settings.sampler_name} / "
-            f"{settings.scheduler} · shift {shift_factor(model):.3g} ({settings.shift_mode})")
+            f"{settings.scheduler if mode != 'flux2' else 'flux2'} · {schedule}")
+    if settings.cfg != 1.0:
+        text += f" · cfg {settings.cfg:g} with the negative"
     return text if settings.denoise == 1.0 else f"{text} · denoise {settings.denoise:g}"
 
 
@@ -168,14 +235,22 @@ class FluxQSamplerSettings(io.ComfyNode):
             node_id="FluxQSamplerSettings",
             display_name="FLUX Sampler Settings (FluxQ)",
             category=CATEGORY,
-            description="FLUX sampling settings from a preset (dev or schnell) or your own values, for "
-                        "FluxQSampler and FluxQCompareGrid.",
+            description="FLUX family sampling settings from a preset (one per family member: FLUX.1 dev, "
+                        "Kontext, Krea, schnell, Fill; FLUX.2 dev, klein distilled / base; Chroma) or your own "
+                        "values, for FluxQSampler and FluxQCompareGrid.",
             inputs=[
                 io.Combo.Input("preset", options=[*PRESETS, "custom"], default="flux-dev",
                                tooltip="flux-dev: 28 steps (diffusers' FluxPipeline default), guidance 3.5, "
                                        "euler / simple (ComfyUI's FLUX template), shift from the image size "
                                        "(BFL, ModelSamplingFlux). flux-schnell: 4 steps (BFL's CLI), no "
-                                       "guidance, no shift (1.0). custom: the widgets below. width, height "
+                                       "guidance, no shift (1.0). flux-kontext: 30 steps, guidance 2.5, "
+                                       "needs a reference_latent (BFL's cli_kontext). flux-krea: 28 steps, "
+                                       "guidance 4.5. flux-fill: 20 steps euler / normal, guidance 30, with "
+                                       "InpaintModelConditioning. flux2-dev: 20 steps, guidance 4, "
+                                       "Flux2Scheduler. flux2-klein-distilled: 4 steps, cfg 1. "
+                                       "flux2-klein-base: 20 steps, cfg 5 with a negative. chroma: 35 steps, "
+                                       "cfg 5 with a negative. A preset for another member than the loaded "
+                                       "model warns on the node. custom: the widgets below. width, height "
                                        "and denoise always apply."),
                 io.Int.Input("steps", default=28, min=1, max=10000,
                              tooltip="custom only. 28 is diffusers' FluxPipeline default for dev; ComfyUI's "
@@ -187,10 +262,13 @@ class FluxQSamplerSettings(io.ComfyNode):
                                tooltip="custom only. euler matches BFL's reference sampler."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="custom only. simple spaces the shifted sigmas like BFL's schedule."),
-                io.Combo.Input("shift_mode", options=["auto", "fixed"], default="auto",
-                               tooltip="custom only. auto: for dev, mu from width x height exactly as "
-                                       "ModelSamplingFlux (base_shift 0.5, max_shift 1.15); schnell stays "
-                                       "unshifted as in BFL. fixed: the shift below."),
+                io.Combo.Input("shift_mode", options=SHIFT_MODES, default="auto",
+                               tooltip="custom only. auto: the model's family rule: FLUX.1 dev, mu from width x "
+                                       "height exactly as ModelSamplingFlux (base_shift 0.5, max_shift 1.15), "
+                                       "schnell unshifted as in BFL; FLUX.2 as flux2; Chroma as model. fixed: "
+                                       "the shift below. flux2: Flux2Scheduler's sigmas (mu from the size and "
+                                       "steps; the scheduler widget is not used). model: the model's own "
+                                       "sampling, unpatched (as a plain KSampler)."),
                 io.Float.Input("shift", default=round(math.exp(MAX_SHIFT), 4), min=0.01, max=100.0, step=0.01,
                                tooltip="custom + fixed only: the sigma-shift factor s = e^mu. 3.1582 = e^1.15 is "
                                        "dev's auto value at 1024x1024 (and kohya's discrete_flow_shift); "
@@ -201,19 +279,24 @@ class FluxQSamplerSettings(io.ComfyNode):
                              tooltip="Image height; a multiple of 16 (8x VAE, 2x2 patches)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="As KSampler's denoise; below 1.0 only makes sense with a latent_image."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="custom only. Real classifier-free guidance with the sampler's negative "
+                                       "conditioning (CFGGuider), for models without distilled guidance (klein "
+                                       "base, Chroma). 1.0: the negative is never evaluated (FLUX.1 dev, "
+                                       "schnell, FLUX.2 dev, klein distilled)."),
             ],
             outputs=[SETTINGS.Output(display_name="settings")],
         )
 
     @classmethod
     def execute(cls, preset, steps, guidance, sampler_name, scheduler, shift_mode, shift, width, height,
-                denoise) -> io.NodeOutput:
+                denoise, cfg=1.0) -> io.NodeOutput:
         for name, value in (("width", width), ("height", height)):
             if value % 16:
                 raise ValueError(f"{name} {value} is not a multiple of 16 (FLUX packs 2x2 patches of the 8x "
                                  f"smaller latent); use {value - value % 16} or {value - value % 16 + 16}.")
         values = dict(steps=steps, guidance=guidance, sampler_name=sampler_name, scheduler=scheduler,
-                      shift_mode=shift_mode, shift=shift)
+                      shift_mode=shift_mode, shift=shift, cfg=cfg)
         values.update(PRESETS.get(preset, {}))
         return io.NodeOutput(FluxSamplerSettings(preset=preset, width=width, height=height, denoise=denoise,
                                                  **values))
@@ -226,28 +309,41 @@ class FluxQSampler(io.ComfyNode):
             node_id="FluxQSampler",
             display_name="FLUX Sampler (FluxQ)",
             category=CATEGORY,
-            description="Samples FLUX with the settings' shift and guidance: the same latent as "
-                        "ModelSamplingFlux + FluxGuidance + KSampler (cfg 1.0) for the same seed.",
+            description="Samples a FLUX family model with the settings' schedule, guidance and cfg: the same "
+                        "latent as core's graph for the same seed (ModelSamplingFlux + FluxGuidance + KSampler for "
+                        "FLUX.1; Flux2Scheduler + FluxGuidance + CFGGuider + SamplerCustomAdvanced for FLUX.2; "
+                        "ReferenceLatent for an edit).",
             inputs=[
                 io.Model.Input("model"),
-                io.Conditioning.Input("positive", tooltip="FLUX needs no negative: it samples at cfg 1.0."),
+                io.Conditioning.Input("positive", tooltip="The prompt. Guidance-distilled models (FLUX.1 dev, "
+                                                           "FLUX.2 dev, klein distilled) need no negative: cfg 1.0."),
                 SETTINGS.Input("settings"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Latent.Input("latent_image", optional=True,
                                 tooltip="Start latent (img2img with denoise < 1). Without it an empty latent "
                                         "of the settings' size is used. The auto shift follows this latent's size."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The negative prompt for real CFG (settings' cfg > 1: klein base, "
+                                              "Chroma). Not evaluated at cfg 1.0."),
+                io.Latent.Input("reference_latent", optional=True,
+                                tooltip="A reference image's latent (VAE Encode) for an edit model (Kontext, FLUX.2 "
+                                        "edit), added to the conditioning as core's ReferenceLatent does. For more "
+                                        "than one, chain ReferenceLatent nodes on the conditioning."),
             ],
             outputs=[io.Latent.Output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, positive, settings, seed, latent_image=None) -> io.NodeOutput:
-        warn_on_node(settings, model, cls.hidden.unique_id if cls.hidden else None)
-        latent = latent_image if latent_image is not None else empty_latent(settings)
-        model, positive = prepare(model, positive, settings, latent)
+    def execute(cls, model, positive, settings, seed, latent_image=None, negative=None,
+                reference_latent=None) -> io.NodeOutput:
+        check_cfg(settings, negative)
+        latent = latent_image if latent_image is not None else empty_latent(settings, model)
+        model, positive = prepare(model, positive, settings, latent, reference_latent)
+        negative = prepare_negative(negative, reference_latent)
+        warn_on_node(settings, model, cls.hidden.unique_id if cls.hidden else None, positive)
         callback = latent_preview.prepare_callback(model, settings.steps)
-        return io.NodeOutput(sample_latent(model, positive, settings, seed, latent, callback))
+        return io.NodeOutput(sample_latent(model, positive, settings, seed, latent, callback, negative))
 
 
 def compared_stack(model, loras: list[str]):
@@ -305,6 +401,12 @@ class FluxQCompareGrid(io.ComfyNode):
                                 tooltip="One start latent for every cell (img2img: the settings' denoise < 1 needs "
                                         "it). Without it an empty latent of the settings' size; the auto shift "
                                         "follows this latent's size."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The negative prompt for real CFG (settings' cfg > 1), the same in "
+                                              "every cell."),
+                io.Latent.Input("reference_latent", optional=True,
+                                tooltip="A reference image's latent for an edit model (Kontext, FLUX.2 edit), as "
+                                        "core's ReferenceLatent; the same in every cell."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid"),
@@ -317,34 +419,29 @@ class FluxQCompareGrid(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None, lora_name_b=None, strengths=None, seeds=None,
-                        lora_file=NOT_CONNECTED) -> bool | str:
+                        lora_file=NOT_CONNECTED) -> bool:
         # Queue-time check of the file names and lists when they are widgets; the cell limit is
         # checked in execute. A connected lora_file arrives as None (its value exists only at run
         # time, maybe a file not yet written): lora_name is then not used, so not checked.
-        if lora_file is None:
-            lora_name = None
-        for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
-            if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
-                return known
-        try:
-            if strengths is not None:
-                grid.parse_strengths(strengths)
-            if seeds is not None:
-                grid.parse_seeds(seeds)
-        except grid.GridInputError as error:
-            return str(error)
+        # ComfyUI repeats a returned message once per argument taken here (four identical errors
+        # for one bad list); a raised error is reported once, against the node.
+        problem = grid_input_problem(None if lora_file is None else lora_name, lora_name_b, strengths, seeds)
+        if problem:
+            raise grid.GridInputError(problem)
         return True
 
     @classmethod
     def execute(cls, model, positive, vae, settings, lora_name, strengths, seeds, lora_name_b=NO_LORA,
-                difference=False, lora_file=None, latent_image=None) -> io.NodeOutput:
+                difference=False, lora_file=None, latent_image=None, negative=None,
+                reference_latent=None) -> io.NodeOutput:
         if lora_file is not None:
             if (known := check_file_choice("loras", "lora_file", lora_file)) is not True:
                 raise ValueError(known)
             lora_name = lora_file
         lora_b = None if lora_name_b in (None, NO_LORA) else lora_name_b
         plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference)
-        latent = start_latent(settings, latent_image)
+        check_cfg(settings, negative)
+        latent = start_latent(settings, latent_image, model)
         loras = [lora_name] if lora_b is None else [lora_name, lora_b]
         stack = compared_stack(model, loras)
         node_id = cls.hidden.unique_id if cls.hidden else None  # None when called outside an executor
@@ -358,14 +455,18 @@ class FluxQCompareGrid(io.ComfyNode):
             log.warning("[FluxQ] compare grid: %s", note)
             show_progress_text(note, node_id)
 
-        model, positive = prepare(model, positive, settings, latent)
+        model, positive = prepare(model, positive, settings, latent, reference_latent)
+        negative = prepare_negative(negative, reference_latent)
         cells = [(row, seed) for row in plan.rows for seed in plan.seeds]
-        warning = warn_on_node(settings, model, node_id)
-        images = render_cells(node_id, model, positive, vae, settings, latent, stack, loras, cells)
+        warning = warn_on_node(settings, model, node_id, positive)
+        clip_note = clip_lora_note(stack, loras, core_patched)
+        if clip_note:
+            log.warning("[FluxQ] compare grid: %s", clip_note)
+            show_progress_text(clip_note, node_id)
+        images = render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells)
 
         header = header_lines(model, positive, settings, latent, plan, lora_name, lora_b, stack, loras, core_patched)
-        if warning:
-            header.append(warning)
+        header += [note for note in (clip_note, warning) if note]
         shown, captions = images, None
         if difference:
             baselines = images[[plan.baseline_cell(i) for i in range(len(cells))]]
@@ -377,14 +478,29 @@ class FluxQCompareGrid(io.ComfyNode):
         return io.NodeOutput(grid_image, images, ui=compare_view_payload(images, plan, cells, header))
 
 
-def start_latent(settings: FluxSamplerSettings, latent_image: dict | None) -> dict:
+def grid_input_problem(lora_name, lora_name_b, strengths, seeds) -> str | None:
+    """What is wrong with the grid's widget values (None: a value that is not given or is a link)."""
+    for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
+        if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
+            return known
+    try:
+        if strengths is not None:
+            grid.parse_strengths(strengths)
+        if seeds is not None:
+            grid.parse_seeds(seeds)
+    except grid.GridInputError as error:
+        return str(error)
+    return None
+
+
+def start_latent(settings: FluxSamplerSettings, latent_image: dict | None, model) -> dict:
     """The grid's one start latent; refused where the cells would silently denoise from zeros."""
     if latent_image is None:
         if settings.denoise < 1.0:
             raise ValueError(f"the settings' denoise is {settings.denoise:g}, but the grid has no latent_image to "
                              "start from (it would denoise an empty latent): connect one (e.g. VAE Encode of your "
                              "image) or set denoise to 1.0.")
-        return empty_latent(settings)
+        return empty_latent(settings, model)
     batch = latent_image["samples"].shape[0]
     if batch != 1:
         raise ValueError(f"latent_image holds {batch} latents; the grid starts every cell from one: pick it with "
@@ -392,7 +508,7 @@ def start_latent(settings: FluxSamplerSettings, latent_image: dict | None) -> di
     return latent_image
 
 
-def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, cells) -> torch.Tensor:
+def render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells) -> torch.Tensor:
     """Samples and decodes each cell in turn; the model stays loaded and only the LoRA stack changes."""
     previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
     progress = comfy.utils.ProgressBar(len(cells) * settings.steps)
@@ -407,7 +523,7 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
             progress.update_absolute(index * total_steps + step + 1, len(cells) * total_steps, preview)
 
         cell_model = with_lora_stack(model, cell_stack(stack, row, loras))
-        samples = sample_latent(cell_model, positive, settings, seed, latent, callback)["samples"]
+        samples = sample_latent(cell_model, positive, settings, seed, latent, callback, negative)["samples"]
         # Decode now and keep only CPU pixels, so a big grid holds no latents or device memory.
         images.append(vae.decode(samples)[0].cpu())
     seconds = time.perf_counter() - started
@@ -415,17 +531,37 @@ def render_cells(node_id, model, positive, vae, settings, latent, stack, loras, 
     return torch.stack(images)
 
 
+def clip_lora_note(stack, loras, core_patched: int) -> str | None:
+    """What the grid cannot vary: the text-encoder part of a compared LoRA, baked into the positive
+    conditioning by the CLIP that encoded it (FluxQApplyLoRA with a CLIP, or core LoraLoader)."""
+    on_clip = [entry for entry in stack.entries if entry.name in loras and entry.clip_strength is not None]
+    if on_clip:
+        parts = ", ".join(f"{e.name} @ {grid.strength_label(e.clip_strength)}" for e in on_clip)
+        return (f"note: the CLIP part of {parts} was applied upstream (FluxQApplyLoRA with a CLIP): a prompt encoded "
+                "by that CLIP carries it in every cell at that strength, the strength-0 row included, which is then "
+                "not the base model. For a true baseline encode the prompt with the CLIP from before Apply LoRA.")
+    if core_patched:
+        return ("note: core LoRA patches on the input MODEL (LoraLoader...) were left out of the cells, but a prompt "
+                "encoded by that loader's CLIP keeps the LoRA's text-encoder part in every cell at its strength, the "
+                "strength-0 row included. For a true baseline encode the prompt with the CLIP from before the loader.")
+    return None
+
+
 def header_lines(model, positive, settings, latent, plan, lora_a, lora_b, stack, loras, core_patched: int) -> list[str]:
     seeds = ", ".join(str(seed) for seed in plan.seeds)
-    height, width = latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
+    width, height = pixel_size(model, latent)
     lines = [f"LoRA: {lora_a}" if lora_b is None else f"A: {lora_a}   B: {lora_b}",
              f"{settings_summary(settings, model, positive)} · {width}x{height} · seeds {seeds}"]
     others = [entry for entry in stack.entries if entry.name not in loras]
-    baseline = "baseline (" + ("no LoRA" if lora_b else "strength 0") + "): the base model"
-    baseline += "".join(f" + {e.name} @ {grid.strength_label(e.strength)}" for e in others)
+    # Only a row that exists is called the baseline (strengths "-10, 10" have none).
+    if any(row.is_baseline for row in plan.rows):
+        base = "baseline (" + ("no LoRA" if lora_b else "strength 0") + "): the base model"
+    else:
+        base = "no strength-0 row; every row: the base model + the compared LoRA"
+    base += "".join(f" + {e.name} @ {grid.strength_label(e.strength)}" for e in others)
     if core_patched:
-        baseline += f", without the core LoRA patches of {core_patched} weights on the input MODEL"
-    lines.append(baseline)
+        base += f", without the core LoRA patches of {core_patched} weights on the input MODEL"
+    lines.append(base)
     return lines
 
 

@@ -570,8 +570,9 @@ class TrainingRun:
         glue.load_for_training(self.model)
 
     def _save(self, trainer, factors, image_count: int, file_name: str) -> str:
+        member = glue.model_family(self.model).member  # Kontext/Krea files read as dev: same tensors
         metadata = ckpt.lora_metadata(
-            base_model="flux1-dev" if getattr(self.diffusion_model.params, "guidance_embed", False) else "flux1-schnell",
+            base_model=member.base_model, base_model_version=member.base_model_version,
             rank=self.rank, alpha=self.alpha, steps=trainer.state.step, trigger_word=self.trigger_word,
             image_count=image_count, resolution=self.resolution, run_id=self.run_id,
         )

@@ -8,7 +8,11 @@ file formats, from ComfyUI's own classes (so ComfyUI's detectors recognise them)
   .safetensors (the reference for core's UNETLoader) and as .gguf in several quant types;
 - the same for schnell (no ``guidance_in``);
 - a random CLIP-L and a random FLUX VAE (16 latent channels);
-- two small random kohya-format LoRAs.
+- two small random kohya-format LoRAs;
+- the other FLUX family members as Q8_0 .gguf (configs from ``lora_ops.flux_family``): Fill
+  (``img_in`` 384 wide), FLUX.2 [dev] (with ``guidance_in``) and [klein] (without) at width 128
+  (ComfyUI 0.33.0's detection derives FLUX.2's heads from the width; 0.3.75 cannot load them), and
+  a FLUX.2 VAE (32 z-channels, batch-norm latent: 128 channels at /16).
 
 Random weights draw noise: these files prove the plumbing and the numerics, not image quality.
 Generation is deterministic (fixed seeds) and skipped for files that already exist.
@@ -27,11 +31,6 @@ import torch
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 
-TINY_FLUX_PARAMS = dict(
-    in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072,
-    mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
-    theta=10000, patch_size=2, qkv_bias=True,
-)
 GGUF_TYPES_DEV = ("F16", "Q8_0", "Q4_K")
 LORA_RANK = 4
 
@@ -59,6 +58,16 @@ def flux_params(**params) -> dict:
     return params
 
 
+def model_params(params_class, params: dict) -> dict:
+    """``params`` for a ComfyUI model class (its ``FluxParams`` / ``ChromaParams`` dataclass),
+    fitted to this ComfyUI: 0.33+ grew ``txt_ids_dims`` (FLUX.2's text position ids; [] for FLUX.1,
+    as its own detection sets it) and Chroma's ``vec_in_dim``; 0.3.75 has neither. Neither makes a
+    tensor, so both ComfyUIs write the same files."""
+    fields = {f.name for f in dataclasses.fields(params_class)}
+    params = {"txt_ids_dims": [], "vec_in_dim": None, **params}
+    return {k: v for k, v in params.items() if k in fields}
+
+
 def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
     """Every tensor set explicitly: ComfyUI builds modules uninitialised (torch.empty garbage)."""
     rng = np.random.default_rng(seed)
@@ -76,13 +85,15 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, np.ndarra
     return out
 
 
-def tiny_flux(comfy, guidance: bool, seed: int) -> dict[str, np.ndarray]:
+def tiny_member(comfy, member_id: str, seed: int) -> dict[str, np.ndarray]:
+    """The family member's tiny config (``flux_family``) built in ComfyUI's own model class."""
     import comfy.ldm.flux.model
 
+    from lora_ops.flux_family import BY_ID
+
+    params = model_params(comfy.ldm.flux.model.FluxParams, dict(BY_ID[member_id].tiny))
     with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(
-            operations=comfy.ops.disable_weight_init, **flux_params(guidance_embed=guidance, **TINY_FLUX_PARAMS)
-        )
+        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **params)
     return random_state_dict(model, seed)
 
 
@@ -112,6 +123,25 @@ def tiny_flux_vae(comfy, seed: int) -> dict[str, np.ndarray]:
             decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig},
         )
     return random_state_dict(model, seed)
+
+
+def tiny_flux2_vae(comfy, seed: int) -> dict[str, np.ndarray]:
+    """FLUX.2's VAE layout (what ComfyUI's VAE loader recognises: 32 z-channels, quant convs,
+    ``bn.*`` batch-norm statistics of the 2x2-patchified latent -> 128 channels at /16). The
+    encoder width stays 128: ComfyUI's loader assumes it."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+                "batch_norm_latent": True}
+    with torch.device("meta"):
+        model = AutoencoderKL(ddconfig=ddconfig, embed_dim=32)
+    sd = random_state_dict(model, seed)
+    # running statistics, not weights: a variance must be positive
+    sd["bn.running_mean"] = np.zeros_like(sd["bn.running_mean"])
+    sd["bn.running_var"] = np.ones_like(sd["bn.running_var"])
+    sd["bn.num_batches_tracked"] = np.array(0, np.int64)
+    return sd
 
 
 def tiny_kohya_lora(flux_sd: dict[str, np.ndarray], seed: int, scale: float) -> dict[str, np.ndarray]:
@@ -163,13 +193,27 @@ class TinyModelFiles:
     def vae(self) -> Path:
         return self.models / "vae" / "fluxq-tiny-ae.safetensors"
 
+    def member(self, member_id: str) -> Path:
+        """A family member's tiny Q8_0 .gguf (flux1-fill-dev, flux2-dev, flux2-klein-4b, ...)."""
+        return self.models / "diffusion_models" / f"fluxq-tiny-{member_id}-Q8_0.gguf"
+
+    @property
+    def flux2_vae(self) -> Path:
+        return self.models / "vae" / "fluxq-tiny-flux2-ae.safetensors"
+
     def all(self) -> list[Path]:
-        return [*self.dev, *self.loras, self.schnell, self.clip_l, self.vae]
+        return [*self.dev, *self.loras, self.schnell, self.clip_l, self.vae,
+                *(self.member(m) for m in EXTRA_MEMBERS), self.flux2_vae]
+
+
+# Family members beyond dev/schnell, each one tiny Q8_0 .gguf (Kontext and Krea are dev's tensors).
+# Both ComfyUIs get the same files; ComfyUI 0.3.75 cannot build tiny FLUX.2 (its detection fixes
+# 48 heads), and the loader refuses them there, naming 0.33.0.
+EXTRA_MEMBERS = ("flux1-fill-dev", "flux2-dev", "flux2-klein-4b")
 
 
 def write_models(comfy_dir: Path, files: TinyModelFiles, missing: list[Path]) -> None:
     comfy = import_comfy(comfy_dir)
-    sys.path.insert(0, str(PACK_DIR))
     from gguf import GGMLQuantizationType
 
     from lora_ops.gguf_write import flux_qtype_for, write_gguf
@@ -179,7 +223,7 @@ def write_models(comfy_dir: Path, files: TinyModelFiles, missing: list[Path]) ->
         print(f"[tiny-models] writing {path}", flush=True)
 
     if any(p in missing for p in files.dev + files.loras):
-        dev = tiny_flux(comfy, guidance=True, seed=1)
+        dev = tiny_member(comfy, "flux1-dev", seed=1)
         if files.dev[0] in missing:
             save_safetensors(files.dev[0], dev)
         for qtype_name, path in zip(GGUF_TYPES_DEV, files.dev[1:]):
@@ -190,11 +234,17 @@ def write_models(comfy_dir: Path, files: TinyModelFiles, missing: list[Path]) ->
                 save_safetensors(path, tiny_kohya_lora(dev, seed=10 + seed, scale=0.5), {"ss_network_dim": str(LORA_RANK)})
         del dev
     if files.schnell in missing:
-        write_gguf(files.schnell, tiny_flux(comfy, guidance=False, seed=2), flux_qtype_for(GGMLQuantizationType.Q8_0))
+        write_gguf(files.schnell, tiny_member(comfy, "flux1-schnell", seed=2), flux_qtype_for(GGMLQuantizationType.Q8_0))
     if files.clip_l in missing:
         save_safetensors(files.clip_l, tiny_clip_l(comfy, seed=3))
     if files.vae in missing:
         save_safetensors(files.vae, tiny_flux_vae(comfy, seed=4))
+    for seed, member_id in enumerate(EXTRA_MEMBERS, start=20):
+        if files.member(member_id) in missing:
+            write_gguf(files.member(member_id), tiny_member(comfy, member_id, seed),
+                       flux_qtype_for(GGMLQuantizationType.Q8_0))
+    if files.flux2_vae in missing:
+        save_safetensors(files.flux2_vae, tiny_flux2_vae(comfy, seed=5))
 
 
 def main() -> None:
@@ -203,6 +253,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="rewrite files that already exist")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(PACK_DIR))
     files = TinyModelFiles(args.comfyui / "models")
     missing = [p for p in files.all() if args.force or not p.exists()]
     if missing:  # ComfyUI is imported only when something must be written: a warm setup takes seconds

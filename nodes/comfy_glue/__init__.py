@@ -11,7 +11,8 @@ Three pieces, each reusing what ComfyUI already does and adding only what it lac
 
 Only this package touches ``comfy.*``; its modules split the seam by topic:
 ``common`` (file choices, progress text, guidance), ``quantized`` (layers, patcher, resident
-copies), ``lora`` (runtime LoRAs), ``loading`` (GGUF models and text encoders), ``training``.
+copies), ``lora`` (runtime LoRAs), ``loading`` (GGUF models and text encoders), ``sampling`` (latents,
+schedules, guiders and reference latents for the family), ``training``.
 """
 
 from ...lora_ops.lora_runtime import LoraStack
@@ -20,13 +21,16 @@ from .common import (
     DEQUANT_DTYPES,
     RESIDENT_MODES,
     check_file_choice,
+    comfyui_version,
     has_guidance_input,
+    model_family,
     show_progress_text,
 )
 from .loading import (
     TEXT_ENCODER_TYPES,
     GGUFModelError,
     TextEncoderError,
+    detect_member,
     load_flux_gguf,
     load_text_encoders,
     training_mode,
@@ -55,6 +59,15 @@ from .quantized import (
     resident_budget,
     sync_resident_layers,
 )
+from .sampling import (
+    detected_member,
+    empty_latent,
+    flux2_sigmas,
+    latent_geometry,
+    sample_with_scheduler,
+    sample_with_sigmas,
+    with_reference,
+)
 from .training import (
     cancel_requested,
     conditioning,
@@ -75,26 +88,32 @@ from .training import (
 __all__ = [
     "CLIP_LORAS_KEY",
     "CORE_DEFAULT_GUIDANCE",
-    "ClipLoras",
     "DEQUANT_DTYPES",
+    "LORA_WRAPPER_KEY",
+    "RESIDENT_MODES",
+    "ClipLoras",
     "FluxQModelPatcher",
     "GGUFModelError",
-    "LORA_WRAPPER_KEY",
     "LoraMatchError",
     "LoraStack",
     "LoraStackWrapper",
-    "RESIDENT_MODES",
     "TEXT_ENCODER_TYPES",
     "TextEncoderError",
     "cancel_requested",
     "check_file_choice",
+    "comfyui_version",
     "conditioning",
     "core_patch_count",
     "decode_images",
+    "detect_member",
+    "detected_member",
     "drop_resident_layers",
+    "empty_latent",
+    "flux2_sigmas",
     "get_lora_stack",
     "has_guidance_input",
     "is_quantized_key",
+    "latent_geometry",
     "layer_base_weight",
     "load_diffusion_model",
     "load_flux_gguf",
@@ -103,11 +122,14 @@ __all__ = [
     "load_text_encoders",
     "load_vae",
     "make_ops",
+    "model_family",
     "progress_bar",
     "raise_if_cancelled",
     "request_cancel",
     "resident_budget",
     "runtime_adapters",
+    "sample_with_scheduler",
+    "sample_with_sigmas",
     "set_module_tensor",
     "show_preview",
     "show_progress_text",
@@ -118,6 +140,7 @@ __all__ = [
     "vae_tensors",
     "with_clip_lora",
     "with_lora_stack",
+    "with_reference",
     "without_clip_lora",
     "without_core_patches",
 ]

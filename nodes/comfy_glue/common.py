@@ -8,6 +8,8 @@ import sys
 import folder_paths
 import torch
 
+from ...lora_ops import flux_family
+
 DEQUANT_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 RESIDENT_MODES = ("off", "auto", "on")
 
@@ -37,3 +39,16 @@ CORE_DEFAULT_GUIDANCE = 3.5
 def has_guidance_input(model) -> bool:
     """Whether a FLUX MODEL takes distilled guidance (dev has a guidance_in layer; schnell has none)."""
     return bool(model.model.model_config.unet_config.get("guidance_embed", False))
+
+
+def comfyui_version() -> tuple[int, int, int]:
+    import comfyui_version as version_module  # ComfyUI's root module, on sys.path when ComfyUI runs
+
+    return flux_family.parse_version(version_module.__version__)
+
+
+def model_family(model, source: str = "the model") -> flux_family.Detection:
+    """The FLUX family member a MODEL is, from what ComfyUI's detection chose (its model config
+    class and unet config): the pack's loader or core's. Raises ``flux_family.FamilyError``."""
+    config = model.model.model_config
+    return flux_family.identify(type(config).__name__, config.unet_config, source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 
 import comfy.lora
@@ -17,6 +18,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ...lora_ops import flux_family
 from ...lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf_with_config
 from ...lora_ops.llm_gguf import (
     ENCODERS,
@@ -28,7 +30,7 @@ from ...lora_ops.llm_gguf import (
 from ...lora_ops.lora_runtime import (
     LoraStack,
 )
-from .common import DEQUANT_DTYPES, RESIDENT_MODES
+from .common import DEQUANT_DTYPES, RESIDENT_MODES, comfyui_version
 from .lora import _APPLY_MODEL, LORA_WRAPPER_KEY, LoraStackWrapper
 from .quantized import (
     FluxQModelPatcher,
@@ -37,9 +39,27 @@ from .quantized import (
     make_ops,
 )
 
+log = logging.getLogger("fluxq")
+
 
 class GGUFModelError(ValueError):
     pass
+
+
+def detect_member(model_config, source: str) -> flux_family.Detection:
+    """The FLUX family member ComfyUI's detection found, or GGUFModelError naming what it found
+    instead, or why this ComfyUI cannot run it (and which version can)."""
+    if model_config is None:
+        raise GGUFModelError(f"{source}: not a FLUX family transformer (the tensors look like nothing "
+                             "ComfyUI recognises).")
+    try:
+        detection = flux_family.identify(type(model_config).__name__, model_config.unet_config, source)
+    except flux_family.FamilyError as error:
+        raise GGUFModelError(str(error)) from None
+    refusal = flux_family.refusal_for_comfyui(detection, comfyui_version())
+    if refusal is not None:
+        raise GGUFModelError(f"{source}: {refusal}")
+    return detection
 
 
 def load_flux_gguf(path: str, dequant_dtype: str = "auto", resident: str = "auto",
@@ -55,9 +75,8 @@ def load_flux_gguf(path: str, dequant_dtype: str = "auto", resident: str = "auto
     # ComfyUI's detector only reads shapes: give it meta tensors of the logical shapes.
     shapes = {name: torch.empty(t.shape, device="meta") for name, t in gguf_model.tensors.items()}
     model_config = comfy.model_detection.model_config_from_unet(shapes, "")
-    if model_config is None or "flux" not in type(model_config).__name__.lower():
-        detected = "nothing ComfyUI recognises" if model_config is None else type(model_config).__name__
-        raise GGUFModelError(f"{os.path.basename(path)}: not a FLUX.1 transformer (the tensors look like {detected}).")
+    detection = detect_member(model_config, os.path.basename(path))
+    log.info("FluxQLoadGGUF: %s: %s", os.path.basename(path), detection.describe())
 
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()

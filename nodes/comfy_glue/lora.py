@@ -16,6 +16,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ...lora_ops import flux_family
 from ...lora_ops.lora_formats import (
     LoraFormatError,
     describe_format,
@@ -35,6 +36,7 @@ from ...lora_ops.lora_runtime import (
     hadamard_as_low_rank,
     install_hooks,
 )
+from .common import model_family
 from .quantized import sync_resident_layers
 
 log = logging.getLogger("fluxq")
@@ -329,6 +331,18 @@ def runtime_adapters(model, lora_sd: dict, lora_name: str, header=None):
     return adapters, matched, sources
 
 
+def refuse_other_family(model, keys, lora_name: str) -> None:
+    """LoraMatchError when the LoRA's key set and block count say it is for another FLUX family
+    member than the model (e.g. a FLUX.1 LoRA on FLUX.2 [klein] 4B, whose shapes would fit)."""
+    try:
+        detection = model_family(model)
+    except flux_family.FamilyError as error:
+        raise LoraMatchError(f"{lora_name}: {error}") from None
+    mismatch = flux_family.lora_family_mismatch(keys, detection, lora_name)
+    if mismatch is not None:
+        raise LoraMatchError(mismatch)
+
+
 def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_clip: float = 0.0):
     """Parse a LoRA file with ComfyUI's own key mapping into a runtime ``LoraEntry``.
 
@@ -338,14 +352,16 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     lora_sd, metadata = read_lora_file_with_metadata(path)  # refuses pickles; checks header, NaN/Inf, dtypes
     fmt = detect_format(lora_sd.keys())
     lora_sd = normalize_flux_lora(lora_sd)
+    refuse_other_family(model, lora_sd.keys(), lora_name)
     adapters, matched, sources = runtime_adapters(model, lora_sd, lora_name, header_scale(metadata, lora_name))
 
-    clip_out = None
+    clip_out, clip_strength = None, None
     if clip is not None:
         clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
         clip_patches = comfy.lora.load_lora(lora_sd, clip_map, log_missing=False)
         matched |= _matched_keys(clip_patches, lora_sd)
         clip_out = with_clip_lora(clip, lora_name, clip_patches, strength_clip)
+        clip_strength = float(strength_clip) if clip_patches else None
 
     if not adapters:
         raise LoraMatchError(
@@ -354,7 +370,7 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
         )
     unmatched = sorted(k for k in lora_sd if k not in matched)
     entry = LoraEntry(name=lora_name, strength=float(strength),
-                      adapters={path: tuple(a) for path, a in adapters.items()})
+                      adapters={path: tuple(a) for path, a in adapters.items()}, clip_strength=clip_strength)
     scale_note = "; ".join(
         _SCALE_SOURCES[s] + ("" if len(sources) == 1 else f" ({n} modules)") for s, n in sorted(sources.items()))
     report = f"{lora_name} ({fmt}): {len(adapters)} modules matched, {len(unmatched)} keys unmatched"

@@ -384,7 +384,7 @@ def test_grid_header_states_the_guidance_the_model_gets_and_warns_on_a_preset_mo
     prompt = grid_prompt(DEV_F32, strengths="0", settings={"preset": "flux-schnell", "width": 16, "height": 16})
     header = comfy_server.run(prompt)["outputs"]["grid"]["fluxq_grid"][0]["header"]
     assert "guidance 3.5 (ComfyUI's default: nothing set it)" in header[1], header
-    assert any(line.startswith("warning: preset flux-schnell on a dev") for line in header), header
+    assert any(line.startswith("warning: preset flux-schnell is for FLUX.1 [schnell], but the model is FLUX.1 [dev]") for line in header), header
 
 
 def test_summary_follows_the_model_not_the_preset(sampling, dev_model, loaders, positive):
@@ -393,7 +393,8 @@ def test_summary_follows_the_model_not_the_preset(sampling, dev_model, loaders, 
     dev_on_schnell = settings_for(sampling, "flux-dev")
     model, conditioning = sampling.prepare(schnell, positive, dev_on_schnell, sampling.empty_latent(dev_on_schnell))
     assert "no guidance (the model has no guidance input)" in sampling.settings_summary(dev_on_schnell, model, conditioning)
-    assert sampling.preset_warning(dev_on_schnell, schnell).startswith("warning: preset flux-dev on a schnell")
+    warning = sampling.preset_warning(dev_on_schnell, schnell)
+    assert warning.startswith("warning: preset flux-dev is for FLUX.1 [dev]") and "the model is FLUX.1 [schnell]" in warning
 
     schnell_on_dev = settings_for(sampling, "flux-schnell")
     model, conditioning = sampling.prepare(dev_model, positive, schnell_on_dev, sampling.empty_latent(schnell_on_dev))

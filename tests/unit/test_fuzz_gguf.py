@@ -25,7 +25,11 @@ FLUX_TENSORS = {
     "single_blocks.0.linear2.weight": ((4, 32), QType.BF16),
     "img_in.weight": ((8, 16), QType.F16),
     "img_in.bias": ((8,), QType.F32),
+    # IQ4 (common in text-encoder files): no quantizer anywhere, so random blocks with a finite scale
+    "txt_in.weight": ((2, 256), QType.IQ4_XS),
+    "time_in.in_layer.weight": ((2, 64), QType.IQ4_NL),
 }
+_IQ4 = (QType.IQ4_NL, QType.IQ4_XS)
 T5_TENSORS = {
     "token_embd.weight": ((16, 32), QType.Q8_0),
     "enc.blk.0.attn_q.weight": ((32, 32), QType.Q4_0),
@@ -46,6 +50,13 @@ def gguf_bytes(path, tensors: dict, arch: str) -> bytes:
     writer.add_array("demo.list", [1, 2, 3])
     writer.add_array("demo.names", ["a", "bc"])
     for name, (shape, qtype) in tensors.items():
+        if qtype in _IQ4:
+            raw = rng.integers(0, 256, size=gguf.quants.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+            block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+            blocks = raw.reshape(-1, block_bytes)
+            blocks[:, :2] = np.array([0.01], np.float16).view(np.uint8)  # each block's fp16 scale d: finite
+            writer.add_tensor(name, raw, raw_dtype=qtype)
+            continue
         array = rng.standard_normal(shape).astype(np.float32)
         writer.add_tensor(name, encode(array, qtype, rng), raw_dtype=qtype)
     writer.write_header_to_file()

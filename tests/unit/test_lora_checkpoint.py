@@ -170,3 +170,12 @@ def test_pruning_keeps_other_runs_files_and_a_new_run_sees_them_as_another_runs(
 
     ckpt.delete_checkpoint(second)
     assert not os.path.exists(second) and not os.path.exists(ckpt.state_path_for(second))
+
+
+def test_metadata_names_the_family_member_from_the_registry():
+    from lora_ops.flux_family import BY_ID
+
+    klein = BY_ID["flux2-klein-4b"]
+    md = meta(base_model=klein.base_model, base_model_version=klein.base_model_version)
+    assert md["ss_sd_model_name"] == "flux2-klein-4b" and md["ss_base_model_version"] == "flux2"
+    assert meta()["ss_base_model_version"] == "flux1"  # callers that name no member: FLUX.1, as before

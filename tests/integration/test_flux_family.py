@@ -1,0 +1,173 @@
+"""The FLUX family through a real ComfyUI server: each member's tiny GGUF loads through
+FluxQLoadGGUF, says what it is, and samples like core's UNETLoader on its dequantized copy; other
+architectures, what this ComfyUI cannot run, and LoRAs of another member are refused clearly."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_server import ExecutionFailed
+from fluxq_testing import TINY, dequantized_state_dict, saved_latent
+
+MEMBERS = {
+    # member id -> (latent node, its channels, guidance or None, steps)
+    "flux2-dev": ("EmptyFlux2LatentImage", 128, 4.0, 2),
+    "flux2-klein-4b": ("EmptyFlux2LatentImage", 128, None, 2),
+    "flux1-fill-dev": ("EmptySD3LatentImage", 16, 30.0, 2),
+}
+
+
+def tiny_member(member_id):
+    return f"fluxq-tiny-{member_id}-Q8_0.gguf"
+
+
+def comfyui_version(server) -> tuple[int, ...]:
+    return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
+
+
+def needs_0_33(server):
+    if comfyui_version(server) < (0, 33, 0):
+        pytest.skip("ComfyUI 0.3.75 builds only the released widths (its detection fixes the heads); refusal tested below")
+
+
+def text_encoder():
+    return {
+        "te": {"class_type": "FluxQLoadTextEncodersGGUF", "inputs": {"clip_name": TINY["clip_l"], "t5_name": "none"}},
+        "text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["te", 0], "text": "a tiny random test"}},
+    }
+
+
+def sample_graph(model_ref, prefix, latent_node, guidance, steps):
+    cond = ["text", 0]
+    nodes = {}
+    if guidance is not None:
+        nodes[f"{prefix}_guid"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": cond, "guidance": guidance}}
+        cond = [f"{prefix}_guid", 0]
+    nodes.update({
+        f"{prefix}_latent": {"class_type": latent_node, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        f"{prefix}_ks": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": cond, "negative": cond, "latent_image": [f"{prefix}_latent", 0],
+            "seed": 5, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        f"{prefix}_save": {"class_type": "SaveLatent", "inputs": {"samples": [f"{prefix}_ks", 0], "filename_prefix": prefix}},
+    })
+    return nodes
+
+
+def loader(name, node_id="gguf"):
+    return {node_id: {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": name, "dequant_dtype": "auto"}}}
+
+
+def expect_error(server, prompt, *fragments):
+    with pytest.raises(ExecutionFailed) as failure:
+        server.run(prompt)
+    message = str(failure.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("member_id", MEMBERS)
+def test_member_loads_says_what_it_is_and_samples_like_core(comfy_server, models_dir, scratch_models, member_id):
+    needs_0_33(comfy_server)  # the tiny members are 128 wide
+    latent_node, channels, guidance, steps = MEMBERS[member_id]
+    reference = f"fluxq-tiny-{member_id}-dequantized.safetensors"
+    save_file(dequantized_state_dict(models_dir / "diffusion_models" / tiny_member(member_id)),
+              str(scratch_models / "diffusion_models" / reference))
+    prompt = {
+        **text_encoder(), **loader(tiny_member(member_id)),
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": reference, "weight_dtype": "default"}},
+        **sample_graph(["gguf", 0], "ours", latent_node, guidance, steps),
+        **sample_graph(["unet", 0], "core", latent_node, guidance, steps),
+    }
+    history = comfy_server.run(prompt)
+    ours, core = (saved_latent(comfy_server, history, f"{p}_save") for p in ("ours", "core"))
+    assert ours.shape[1] == channels and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4)
+    report = history["outputs"]["gguf"]["text"][0]
+    label = {"flux2-dev": "detected FLUX.2 [dev] (not a released size: hidden 128",
+             "flux2-klein-4b": "detected FLUX.2 [klein] (not a released size: hidden 128",
+             "flux1-fill-dev": "detected FLUX.1 Fill [dev] (not a released size: hidden 128"}[member_id]
+    assert report.startswith(f"{tiny_member(member_id)}: {label}"), report
+    if member_id == "flux2-klein-4b":
+        assert "distilled and base checkpoints have identical tensors" in report
+
+
+def test_dev_file_names_kontext_and_krea_as_indistinguishable(pack):
+    from comfyui_flux_qlora.nodes.loaders import FluxQLoadGGUF
+
+    from fluxq_testing import node_class_for_prompt
+
+    output = node_class_for_prompt(FluxQLoadGGUF, "7").execute(TINY["dev_gguf"]["Q8_0"], "auto", "off")
+    report = output.ui["text"][0]
+    assert "detected FLUX.1 [dev]" in report
+    assert "FLUX.1 Kontext [dev], FLUX.1 Krea [dev] have identical tensors" in report
+
+
+def test_other_architecture_is_refused_naming_what_comfyui_detected(comfy_server, scratch_models):
+    """A GGUF labelled 'flux' holding an SD3 (MMDiT) transformer: ComfyUI's detection sees SD3."""
+    from lora_ops.gguf_write import flux_qtype_for, write_gguf
+
+    rng = np.random.default_rng(0)
+    sd3 = {"joint_blocks.0.context_block.attn.qkv.weight": rng.standard_normal((192, 64), dtype=np.float32),
+           "x_embedder.proj.weight": rng.standard_normal((64, 16, 2, 2), dtype=np.float32),
+           "final_layer.linear.weight": rng.standard_normal((64, 64), dtype=np.float32)}
+    write_gguf(scratch_models / "diffusion_models" / "sd3-labelled-flux.gguf", sd3, flux_qtype_for(8))
+    expect_error(comfy_server, {**loader("sd3-labelled-flux.gguf"), **text_encoder(),
+                                **sample_graph(["gguf", 0], "sd3", "EmptySD3LatentImage", None, 1)},
+                 "sd3-labelled-flux.gguf: ComfyUI detects it as SD3, not a FLUX family model",
+                 "accepted: Flux, FluxSchnell, FluxInpaint, Flux2, Chroma")
+
+
+def test_what_comfyui_0_3_75_cannot_build_is_refused_naming_0_33_0(comfy_server):
+    if comfyui_version(comfy_server) >= (0, 33, 0):
+        pytest.skip("ComfyUI 0.33.0 runs them (test above)")
+    graph = {**text_encoder(), **sample_graph(["gguf", 0], "old", "EmptySD3LatentImage", None, 1)}
+    expect_error(comfy_server, {**loader(tiny_member("flux2-klein-4b")), **graph},
+                 "FLUX.2 [klein]", "needs ComfyUI 0.33.0 or newer", "this is ComfyUI 0.3.75")
+    for member_id, label in (("flux2-dev", "FLUX.2 [dev]"), ("flux1-fill-dev", "FLUX.1 Fill [dev]")):
+        expect_error(comfy_server, {**loader(tiny_member(member_id)), **graph},
+                     label, "needs ComfyUI 0.33.0 or newer at this width")
+
+
+def kohya_lora(shapes: dict[str, tuple[int, int]], seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (rows, cols) in shapes.items():
+        prefix = "lora_unet_" + module.replace(".", "_")
+        out[prefix + ".lora_down.weight"] = torch.randn(4, cols, generator=g)
+        out[prefix + ".lora_up.weight"] = torch.randn(rows, 4, generator=g)
+        out[prefix + ".alpha"] = torch.tensor(4.0)
+    return out
+
+
+def apply_graph(gguf_name, lora_name, latent_node):
+    return {**loader(gguf_name), **text_encoder(),
+            "apply": {"class_type": "FluxQApplyLoRA", "inputs": {"model": ["gguf", 0], "lora_name": lora_name,
+                                                                  "strength_model": 1.0, "strength_clip": 1.0}},
+            **sample_graph(["apply", 0], "x", latent_node, None, 1)}
+
+
+def test_loras_of_another_family_member_are_refused_naming_both(comfy_server, scratch_models):
+    needs_0_33(comfy_server)
+    klein = tiny_member("flux2-klein-4b")
+    # the FLUX.1 tiny LoRA: its keys name FLUX.1's per-block modulation
+    expect_error(comfy_server, apply_graph(klein, TINY["lora"], "EmptyFlux2LatentImage"),
+                 f"{TINY['lora']} is a FLUX.1 LoRA", "FLUX.2 [klein]")
+    # attention only, shapes that fit klein: refused by block count (19 double blocks: FLUX.1's)
+    (scratch_models / "loras").mkdir(exist_ok=True)
+    save_file(kohya_lora({f"double_blocks.{i}.img_attn.qkv": (384, 128) for i in range(19)}),
+              str(scratch_models / "loras" / "flux1-attention-only.safetensors"))
+    expect_error(comfy_server, apply_graph(klein, "flux1-attention-only.safetensors", "EmptyFlux2LatentImage"),
+                 "targets 19 double and 0 single blocks (fits FLUX.1 [dev]", "the model is FLUX.2 [klein]")
+
+
+def test_a_flux2_lora_on_flux1_is_refused_naming_both(comfy_server, scratch_models):
+    """ai-toolkit names FLUX.2's global modulation, which FLUX.1 has not."""
+    (scratch_models / "loras").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    flux2_lora = {"diffusion_model.double_stream_modulation_img.lin.lora_A.weight": torch.randn(4, 3072, generator=g),
+                  "diffusion_model.double_stream_modulation_img.lin.lora_B.weight": torch.randn(18432, 4, generator=g)}
+    save_file(flux2_lora, str(scratch_models / "loras" / "flux2-modulation.safetensors"))
+    expect_error(comfy_server, apply_graph(TINY["dev_gguf"]["Q8_0"], "flux2-modulation.safetensors", "EmptySD3LatentImage"),
+                 "flux2-modulation.safetensors is a FLUX.2 LoRA", "FLUX.1 [dev]")

@@ -1,0 +1,181 @@
+"""The FLUX family registry: detection by ComfyUI class + config, version refusals, LoRA families."""
+
+import pytest
+
+from lora_ops import flux_family as ff
+
+
+def config(hidden, depth, single, **extra):
+    return {"hidden_size": hidden, "depth": depth, "depth_single_blocks": single, **extra}
+
+
+FULL = {
+    # (ComfyUI class, detected config) of each released checkpoint -> (member id, label)
+    "dev": ("Flux", config(3072, 19, 38, guidance_embed=True, in_channels=16), "flux1-dev", "FLUX.1 [dev]"),
+    "schnell": ("FluxSchnell", config(3072, 19, 38, guidance_embed=False, in_channels=16), "flux1-schnell",
+                "FLUX.1 [schnell]"),
+    "fill": ("FluxInpaint", config(3072, 19, 38, guidance_embed=True, in_channels=96), "flux1-fill-dev",
+             "FLUX.1 Fill [dev]"),
+    "flux2": ("Flux2", config(6144, 8, 48, guidance_embed=True, in_channels=128), "flux2-dev", "FLUX.2 [dev]"),
+    "klein4": ("Flux2", config(3072, 5, 20, guidance_embed=False, in_channels=128), "flux2-klein-4b",
+               "FLUX.2 [klein] 4B"),
+    "klein9": ("Flux2", config(4096, 8, 24, guidance_embed=False, in_channels=128), "flux2-klein-9b",
+               "FLUX.2 [klein] 9B"),
+    "chroma": ("Chroma", config(3072, 19, 38, in_channels=64), "chroma", "Chroma"),
+}
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_released_checkpoints_are_identified_by_class_and_size(name):
+    comfy_class, cfg, member_id, label = FULL[name]
+    detection = ff.identify(comfy_class, cfg)
+    assert detection.member.id == member_id
+    assert detection.released_size
+    assert detection.label == label
+    assert detection.member.base_model == member_id
+    assert comfy_class in ff.ALLOWED_COMFY_CLASSES
+
+
+def test_identical_tensors_are_named_so_the_user_picks():
+    dev = ff.identify(*FULL["dev"][:2])
+    assert [m.id for m in dev.candidates] == ["flux1-dev", "flux1-kontext-dev", "flux1-krea-dev"]
+    text = dev.describe()
+    assert "FLUX.1 Kontext [dev]" in text and "FLUX.1 Krea [dev]" in text and "cannot be told apart" in text
+    klein = ff.identify(*FULL["klein9"][:2])
+    assert klein.candidates == (ff.BY_ID["flux2-klein-9b"],)
+    assert "distilled and base" in klein.describe()
+    assert "identical" not in ff.identify(*FULL["schnell"][:2]).describe()
+
+
+def test_tiny_models_are_identified_and_labelled_as_unreleased_sizes():
+    klein = ff.identify("Flux2", config(128, 1, 1, guidance_embed=False, in_channels=128))
+    assert klein.member.generation == ff.FLUX2 and not klein.member.guidance
+    assert not klein.released_size
+    assert klein.label.startswith("FLUX.2 [klein] (not a released size: hidden 128, 1 double + 1 single")
+    dev = ff.identify("Flux2", config(128, 1, 1, guidance_embed=True, in_channels=128))
+    assert dev.member.id == "flux2-dev"
+    tiny1 = ff.identify("Flux", config(3072, 1, 1, guidance_embed=True, in_channels=16))
+    assert tiny1.label.startswith("FLUX.1 [dev] (not a released size")
+
+
+@pytest.mark.parametrize("comfy_class", ["SDXL", "ChromaRadiance", "HunyuanVideo", "flux"])
+def test_other_architectures_are_refused_naming_what_was_found(comfy_class):
+    with pytest.raises(ff.FamilyError, match=f"detects it as {comfy_class}, not a FLUX family model"):
+        ff.identify(comfy_class, config(3072, 1, 1), source="x.gguf")
+
+
+def test_a_flux1_variant_outside_the_members_is_refused():
+    # e.g. FLUX.1 Depth/Canny [dev]: ComfyUI's Flux class with 32 input channels
+    with pytest.raises(ff.FamilyError, match=r"Flux \(guidance_embed=True, in_channels=32\)"):
+        ff.identify("Flux", config(3072, 19, 38, guidance_embed=True, in_channels=32))
+
+
+def test_klein_is_refused_on_comfyui_0_3_75_naming_0_33_0():
+    klein = ff.identify(*FULL["klein4"][:2])
+    message = ff.refusal_for_comfyui(klein, (0, 3, 75))
+    assert "FLUX.2 [klein] 4B needs ComfyUI 0.33.0 or newer" in message and "0.3.75" in message
+    assert ff.refusal_for_comfyui(klein, (0, 33, 0)) is None
+
+
+def test_on_0_3_75_only_released_widths_any_depth():
+    assert ff.refusal_for_comfyui(ff.identify(*FULL["flux2"][:2]), (0, 3, 75)) is None
+    tiny = ff.identify("Flux2", config(128, 1, 1, guidance_embed=True))
+    assert "needs ComfyUI 0.33.0 or newer at this width" in ff.refusal_for_comfyui(tiny, (0, 3, 75))
+    assert ff.refusal_for_comfyui(tiny, (0, 33, 0)) is None
+    # the suite's tiny FLUX.1 dev: released width, one block each: both ComfyUIs
+    assert ff.refusal_for_comfyui(ff.identify("Flux", config(3072, 1, 1, guidance_embed=True, in_channels=16)),
+                                  (0, 3, 75)) is None
+    narrow_fill = ff.identify("FluxInpaint", config(128, 1, 1, guidance_embed=True, in_channels=96))
+    assert "FLUX.1 Fill [dev]" in ff.refusal_for_comfyui(narrow_fill, (0, 3, 75))
+    for name in ("dev", "schnell", "fill", "chroma"):
+        assert ff.refusal_for_comfyui(ff.identify(*FULL[name][:2]), (0, 3, 75)) is None
+
+
+def test_parse_version():
+    assert ff.parse_version("0.33.0") == (0, 33, 0)
+    assert ff.parse_version("0.3.75") == (0, 3, 75)
+    assert ff.parse_version("1.2") == (1, 2, 0)
+    assert ff.parse_version("0.3.75") < ff.parse_version("0.33.0")
+
+
+def test_registry_is_consistent():
+    assert len({m.id for m in ff.MEMBERS}) == len(ff.MEMBERS)
+    assert len({m.base_model for m in ff.MEMBERS}) == len(ff.MEMBERS)
+    for member in ff.MEMBERS:
+        assert member.id in member.same_tensors_as or not member.same_tensors_as
+        for other in member.same_tensors_as:
+            peer = ff.BY_ID[other]
+            assert (peer.comfy_class, dict(peer.requires), peer.hidden_size) == (
+                member.comfy_class, dict(member.requires), member.hidden_size)
+        if member.tiny:  # the tiny model has the member's channels, guidance and pooled input
+            assert member.tiny["hidden_size"] % sum(member.tiny["axes_dim"]) == 0
+            assert member.tiny["hidden_size"] // sum(member.tiny["axes_dim"]) == member.tiny["num_heads"]
+            assert ("vec_in_dim" in member.tiny and member.tiny["vec_in_dim"] is not None) == member.pooled_vector
+    assert ff.ALLOWED_COMFY_CLASSES == ("Flux", "FluxSchnell", "FluxInpaint", "Flux2", "Chroma")
+
+
+def kohya(double, single, extra=()):
+    keys = [f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight" for i in range(double)]
+    keys += [f"lora_unet_single_blocks_{i}_linear1.lora_down.weight" for i in range(single)]
+    return keys + list(extra)
+
+
+def test_flux1_lora_on_klein_4b_is_refused_by_block_count_though_shapes_fit():
+    klein = ff.identify(*FULL["klein4"][:2])
+    message = ff.lora_family_mismatch(kohya(19, 38), klein, "style.safetensors")
+    assert "style.safetensors targets 19 double and 38 single blocks" in message
+    assert "FLUX.2 [klein] 4B" in message and "FLUX.1 [dev]" in message
+
+
+def test_flux1_lora_on_flux2_is_refused_by_its_modulation_keys():
+    flux2 = ff.identify(*FULL["flux2"][:2])
+    keys = kohya(2, 2, ["lora_unet_double_blocks_0_img_mod_lin.lora_down.weight"])
+    message = ff.lora_family_mismatch(keys, flux2, "a.safetensors")
+    assert "a.safetensors is a FLUX.1 LoRA" in message and "FLUX.2 [dev] (FLUX.2)" in message
+
+
+@pytest.mark.parametrize("keys", [
+    ["diffusion_model.double_stream_modulation_img.lin.lora_A.weight",
+     "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"],
+    ["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"],
+    ["transformer.transformer_blocks.0.ff.linear_in.lora_A.weight"],
+    ["lora_unet_single_stream_modulation_lin.lora_down.weight"],
+])
+def test_flux2_lora_on_flux1_is_refused_naming_both(keys):
+    dev = ff.identify(*FULL["dev"][:2])
+    message = ff.lora_family_mismatch(keys, dev, "b.safetensors")
+    assert "b.safetensors is a FLUX.2 LoRA" in message and "FLUX.1 [dev]" in message
+
+
+def test_matching_loras_pass():
+    dev = ff.identify(*FULL["dev"][:2])
+    assert ff.lora_family_mismatch(kohya(19, 38, ["lora_unet_double_blocks_0_img_mod_lin.alpha"]), dev) is None
+    diffusers = ["transformer.transformer_blocks.18.norm1.linear.lora_A.weight",
+                 "transformer.single_transformer_blocks.37.attn.to_q.lora_A.weight"]
+    assert ff.lora_family_mismatch(diffusers, dev) is None
+    klein = ff.identify(*FULL["klein4"][:2])
+    assert ff.lora_family_mismatch(kohya(5, 20, ["lora_unet_single_stream_modulation_lin.alpha"]), klein) is None
+    # Chroma runs FLUX.1 LoRAs (it is schnell-derived); FLUX.2 ones are refused there too
+    chroma = ff.identify(*FULL["chroma"][:2])
+    assert ff.lora_family_mismatch(kohya(19, 38, ["lora_unet_double_blocks_0_img_mod_lin.alpha"]), chroma) is None
+    assert "FLUX.2 LoRA" in ff.lora_family_mismatch(["lora_unet_single_stream_modulation_lin.alpha"], chroma)
+
+
+def test_block_count_on_models_of_no_released_size():
+    tiny_klein = ff.identify("Flux2", config(128, 1, 1, guidance_embed=False, in_channels=128))
+    # no FLUX.2 member has 19 double blocks: a FLUX.1 LoRA
+    assert "targets 19 double and 38 single blocks" in ff.lora_family_mismatch(kohya(19, 38), tiny_klein)
+    # a pruned FLUX.1 (8 double blocks) takes a FLUX.1 [dev] LoRA where its blocks exist
+    pruned = ff.identify("Flux", config(3072, 8, 38, guidance_embed=True, in_channels=16))
+    assert ff.lora_family_mismatch(kohya(19, 38), pruned) is None
+    # released sizes are strict: a klein 9B LoRA on klein 4B
+    klein4 = ff.identify(*FULL["klein4"][:2])
+    message = ff.lora_family_mismatch(kohya(8, 24, ["lora_unet_single_stream_modulation_lin.alpha"]), klein4)
+    assert "FLUX.2 [klein] 9B" in message and "FLUX.2 [klein] 4B with 5 + 20" in message
+
+
+def test_lora_evidence_counts_diffusers_single_blocks_apart_from_double():
+    generations, double, single = ff.lora_evidence(
+        ["transformer.single_transformer_blocks.7.proj_out.lora_A.weight",
+         "transformer.transformer_blocks.2.attn.to_q.lora_A.weight"])
+    assert (generations, double, single) == (set(), 3, 8)
