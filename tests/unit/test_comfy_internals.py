@@ -43,7 +43,13 @@ METHODS = {
     "comfy.sd.CLIP.add_patches": ("patches", "strength_patch"),
 }
 # Used only where a feature test finds them (hasattr / signature), so absent in some ComfyUIs.
-FEATURE_TESTED = {"comfy.model_management.in_training"}  # 0.33+, set by comfy_glue.training_mode()
+FEATURE_TESTED = {
+    "comfy.model_management.in_training",  # 0.33+, set by comfy_glue.training_mode()
+    # klein's encoder (0.33+): reached only after the version check that refuses klein on 0.3.75
+    "comfy.text_encoders.flux.klein_te",
+    "comfy.text_encoders.flux.KleinTokenizer",
+    "comfy.text_encoders.flux.KleinTokenizer8B",
+}
 
 
 def _dotted(node: ast.AST) -> str | None:
