@@ -165,7 +165,7 @@ def write_gguf(
         raise
 
 
-def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float | bool) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | float | bool) -> None:
     # bool before int: bool is a subclass of int.
     if isinstance(value, bool):
         writer.add_bool(key, value)

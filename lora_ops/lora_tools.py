@@ -234,8 +234,8 @@ def summary(results: Sequence[LayerResult], worst: int = 5) -> str:
     errors = [r.relative_error for r in results]
     ranks = sorted({r.rank for r in results})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
-    lines = [f"{len(results)} layers, rank {rank_text}, relative error mean {sum(errors) / len(errors):.4g}, "
-             f"max {max(errors):.4g}"]
+    lines = [(f"{len(results)} layers, rank {rank_text}, relative error mean {sum(errors) / len(errors):.4g}, "
+              f"max {max(errors):.4g}")]
     for r in sorted(results, key=lambda r: -r.relative_error)[:worst]:
         if r.relative_error > 0:
             lines.append(f"  {r.path}: rank {r.rank}, error {r.relative_error:.4g}")

@@ -64,7 +64,7 @@ class SafetensorsWeights:
                 sliced = self._file.get_slice(key)
                 if sliced.get_dtype() not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
                     continue
-                name = key[len(FLUX_PREFIX):] if key.startswith(FLUX_PREFIX) else key
+                name = key.removeprefix(FLUX_PREFIX)
                 if name in self._names:
                     raise ModelWeightsError(f"{path}: tensor {name!r} appears with and without {FLUX_PREFIX!r}")
                 self._names[name] = key

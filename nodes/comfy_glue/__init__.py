@@ -69,8 +69,10 @@ from .training import (
     training_device,
     vae_tensors,
 )
+from .workbench import AppliedWeights, checked_file_name, lora_layers, save_path
 
 __all__ = [
+    "AppliedWeights",
     "CLIP_LORAS_KEY",
     "CORE_DEFAULT_GUIDANCE",
     "ClipLoras",
@@ -84,6 +86,7 @@ __all__ = [
     "RESIDENT_MODES",
     "cancel_requested",
     "check_file_choice",
+    "checked_file_name",
     "conditioning",
     "core_patch_count",
     "decode_images",
@@ -98,12 +101,14 @@ __all__ = [
     "load_lora_entry",
     "load_text_encoders",
     "load_vae",
+    "lora_layers",
     "make_ops",
     "progress_bar",
     "raise_if_cancelled",
     "request_cancel",
     "resident_budget",
     "runtime_adapters",
+    "save_path",
     "set_module_tensor",
     "show_preview",
     "show_progress_text",

@@ -8,7 +8,14 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from lora_ops.dequant import dequantize
-from lora_ops.ggml_quants import K_QUANT_TYPES, TARGET_TYPES, QuantizeError, k_quants_available, quantize, target_type
+from lora_ops.ggml_quants import (
+    K_QUANT_TYPES,
+    TARGET_TYPES,
+    QuantizeError,
+    k_quants_available,
+    quantize,
+    target_type,
+)
 from lora_ops.gguf_file import read_gguf
 from lora_ops.gguf_write import published_flux_qtype, write_gguf_stream
 

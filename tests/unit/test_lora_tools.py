@@ -157,8 +157,8 @@ def models(tmp_path, rank=3):
 def test_extraction_from_a_gguf_and_a_checkpoint(tmp_path):
     base, tuned, update = models(tmp_path)
     seen = []
-    factors, results, differing = extract_lora(open_weights(base), open_weights(tuned), RankRule(rank=8),
-                                               progress=lambda i, n, p: seen.append((i, n)))
+    factors, _, differing = extract_lora(open_weights(base), open_weights(tuned), RankRule(rank=8),
+                                        progress=lambda i, n, p: seen.append((i, n)))
     assert list(factors) == ["double_blocks.0.img_attn.qkv"]  # linear2 did not change
     down, up = factors["double_blocks.0.img_attn.qkv"]
     assert down.shape[0] == 8
