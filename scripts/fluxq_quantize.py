@@ -22,7 +22,13 @@ import os
 import sys
 import time
 
-from fluxq_train import PACK_DIR, PACK_NAME, SettingsError, bootstrap_comfyui, import_pack
+from fluxq_train import (
+    PACK_DIR,
+    PACK_NAME,
+    SettingsError,
+    bootstrap_comfyui,
+    import_pack,
+)
 
 TYPES = ("F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
 

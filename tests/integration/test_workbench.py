@@ -3,7 +3,6 @@ with the effect of the LoRAs it merges; a baked GGUF samples like its base with 
 
 import pytest
 import torch
-
 from comfy_server import ExecutionFailed
 from fluxq_testing import TINY, saved_latent
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fuzz_support import PATH_TRICKS, Seeds, bounded, expect_only, fuzz_settings, mutated_bytes
+from fuzz_support import (
+    PATH_TRICKS,
+    Seeds,
+    bounded,
+    expect_only,
+    fuzz_settings,
+    mutated_bytes,
+)
 from gguf import GGMLQuantizationType as QType
 from hypothesis import given
 from hypothesis import strategies as st
