@@ -14,6 +14,7 @@ from .comfy_glue import (
     AppliedWeights,
     check_file_choice,
     checked_file_name,
+    load_flux_gguf,
     lora_layers,
     progress_bar,
     save_path,
@@ -104,12 +105,12 @@ class FluxQMergeLoRAs(io.ComfyNode):
                 save_name, save_dtype, overwrite) -> io.NodeOutput:
         chosen = [(n, w) for n, w in ((lora_1, weight_1), (lora_2, weight_2), (lora_3, weight_3),
                                       (lora_4, weight_4)) if n != NONE]
-        layers, shapes, _ = lora_layers(model, chosen)
+        layers, shapes, loaded = lora_layers(model, chosen)
         rule = None if mode == MERGE_MODES[0] else tools.RankRule(rank)
         factors, results = tools.merge_layers(layers, shapes, rule)
-        written = _write(factors, results, save_name, save_dtype, overwrite, "merge",
-                         loras=chosen, mode=mode, rank=rank if rule else None)
-        return _output(*written, cls.hidden.unique_id)
+        name, report = _write(factors, results, save_name, save_dtype, overwrite, "merge",
+                              loras=chosen, mode=mode, rank=rank if rule else None)
+        return _output(name, "\n".join([report, *loaded]), cls.hidden.unique_id)
 
 
 class FluxQResizeLoRA(io.ComfyNode):
@@ -141,12 +142,12 @@ class FluxQResizeLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, mode, rank, kept_fraction, save_name, save_dtype, overwrite) -> io.NodeOutput:
-        layers, shapes, _ = lora_layers(model, [(lora_name, 1.0)])
+        layers, shapes, loaded = lora_layers(model, [(lora_name, 1.0)])
         rule = tools.RankRule(rank, kept_fraction if mode == RESIZE_MODES[1] else None)
         factors, results = tools.merge_layers(layers, shapes, rule)
-        written = _write(factors, results, save_name, save_dtype, overwrite, "resize",
-                         lora=lora_name, mode=mode, rank=rank, kept_fraction=rule.kept_fraction)
-        return _output(*written, cls.hidden.unique_id)
+        name, report = _write(factors, results, save_name, save_dtype, overwrite, "resize",
+                              lora=lora_name, mode=mode, rank=rank, kept_fraction=rule.kept_fraction)
+        return _output(name, "\n".join([report, *loaded]), cls.hidden.unique_id)
 
 
 class FluxQExtractLoRA(io.ComfyNode):
@@ -217,7 +218,10 @@ class FluxQSaveGGUF(io.ComfyNode):
                                     tooltip="File name in models/diffusion_models (no folders)."),
                     io.Boolean.Input("overwrite", default=False,
                                      tooltip="Replace a file of that name. Off: an existing file stops the node.")],
-            outputs=[io.String.Output(display_name="gguf_file", tooltip="Saved file name in models/diffusion_models."),
+            outputs=[io.Model.Output(display_name="baked_model",
+                                     tooltip="The written file, loaded as 'Load FLUX GGUF' loads it (dequant "
+                                             "auto, resident auto): sample it beside the input MODEL to compare."),
+                     io.String.Output(display_name="gguf_file", tooltip="Saved file name in models/diffusion_models."),
                      io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
         )
@@ -231,7 +235,8 @@ class FluxQSaveGGUF(io.ComfyNode):
             raise FileExistsError(f"{path} exists; choose another save_name or turn overwrite on")
         bar = progress_bar(1, cls.hidden.unique_id)
         report = bake(model, path, qtype, overwrite, progress=lambda i, n, _: bar.update_absolute(i, n))
-        return _output(name, report, cls.hidden.unique_id)
+        show_progress_text(report, cls.hidden.unique_id)
+        return io.NodeOutput(load_flux_gguf(path), name, report, ui={"text": [report]})
 
 
 def bake(model, path: str, qtype, overwrite: bool, progress=None) -> str:

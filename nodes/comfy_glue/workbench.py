@@ -80,13 +80,13 @@ class AppliedWeights:
         return tuple(module.qshape) if module is not None else tuple(self._params[name].shape)
 
     def tensor(self, name: str) -> torch.Tensor:
-        cpu = torch.device("cpu")
+        """Computed where the weight lives (a GPU dequantizes and folds fast), returned on the CPU."""
         module = self._module(name)
         if module is not None:  # dequantized with the module's core patches (FluxQModelPatcher)
-            weight = module._dequantized_weight(torch.float32, cpu)
+            weight = module._dequantized_weight(torch.float32, module.weight.device)
         else:  # patched in place by the full load
-            weight = self._params[name].detach().to(cpu, torch.float32, copy=True)
+            weight = self._params[name].detach().to(torch.float32, copy=True)
         path, _, param = name.rpartition(".")
         if param == "weight" and path in self.stack.module_paths():
             weight = fold_(weight, self.stack.adapters_for(path))  # a copy: ours to change
-        return weight
+        return weight.cpu()

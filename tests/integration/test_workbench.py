@@ -3,6 +3,7 @@ with the effect of the LoRAs it merges; a baked GGUF samples like its base with 
 
 import pytest
 import torch
+
 from comfy_server import ExecutionFailed
 from fluxq_testing import TINY, saved_latent
 
@@ -78,22 +79,21 @@ def test_merged_lora_has_the_effect_of_its_parts_in_core_and_in_the_pack(comfy_s
     assert not torch.allclose(latent["stack"], latent["base"], atol=1e-3)
     assert "0 keys unmatched" in history["outputs"]["merged"]["text"][0]
 
-    with pytest.raises(ExecutionFailed, match=f"{MERGED} exists"):  # no overwrite without the switch
+    # no overwrite without the switch (the node is not cached: the last prompt did not hold it)
+    with pytest.raises(ExecutionFailed, match=f"{MERGED} exists"):
         comfy_server.run({**common(), "merge": merge["merge"]})
 
 
 def test_baked_gguf_samples_like_the_runtime_lora(comfy_server, written):
+    """One graph: the bake's MODEL output (the written file, loaded) against base + runtime LoRA."""
     bake = {**common(), **apply("lora", ["gguf", 0], TINY["lora"], 0.8),
             "bake": {"class_type": "FluxQSaveGGUF", "inputs": {
                 "model": ["lora", 0], "gguf_type": "Q8_0", "save_name": BAKED, "overwrite": False}}}
-    history = comfy_server.run(bake)
-    assert BAKED in history["outputs"]["bake"]["text"][0] and "at 0.8" in history["outputs"]["bake"]["text"][0]
-    assert written[2].exists()
-
-    prompt = {**common(), **apply("lora", ["gguf", 0], TINY["lora"], 0.8),
-              "baked": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": BAKED, "dequant_dtype": "auto"}},
-              **one_step(["gguf", 0], "base"), **one_step(["lora", 0], "runtime"), **one_step(["baked", 0], "baked")}
+    prompt = {**bake, **one_step(["gguf", 0], "base"), **one_step(["lora", 0], "runtime"),
+              **one_step(["bake", 0], "baked")}
     history = comfy_server.run(prompt)
+    report = history["outputs"]["bake"]["text"][0]
+    assert report.startswith(BAKED) and "at 0.8" in report and written[2].exists()
     latent = {name: saved_latent(comfy_server, history, f"{name}_save") for name in ("base", "runtime", "baked")}
     effect = torch.linalg.norm(latent["runtime"] - latent["base"])
     baked_error = torch.linalg.norm(latent["baked"] - latent["runtime"])
@@ -102,8 +102,10 @@ def test_baked_gguf_samples_like_the_runtime_lora(comfy_server, written):
     assert effect > 1e-2
     assert baked_error < 0.05 * effect, (float(baked_error), float(effect))
 
+    # another type (a cached node would not run again), same name: refused before any work
+    again = {**bake, "bake": {**bake["bake"], "inputs": {**bake["bake"]["inputs"], "gguf_type": "Q4_0"}}}
     with pytest.raises(ExecutionFailed, match=f"{BAKED} exists"):
-        comfy_server.run(bake)
+        comfy_server.run(again)
     unknown = {**bake, "bake": {**bake["bake"], "inputs": {**bake["bake"]["inputs"], "gguf_type": "Q4_K_M",
                                                            "save_name": "never-written"}}}
     with pytest.raises(ExecutionFailed, match="unknown GGUF type 'Q4_K_M'"):
