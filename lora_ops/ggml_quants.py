@@ -29,13 +29,17 @@ TARGET_NAMES = tuple(t.name for t in TARGET_TYPES)
 class QuantizeError(ValueError):
     """A type that cannot be written, or a quantizer that is not available."""
 
+    @staticmethod
+    def unknown(name: str) -> str:
+        return f"unknown GGUF type {name!r}: this pack writes {', '.join(TARGET_NAMES)}"
+
 
 def target_type(name: str) -> QType:
     """The GGUF type called `name` (e.g. "Q4_K"), if it is one this pack writes."""
     for qtype in TARGET_TYPES:
         if qtype.name == name:
             return qtype
-    raise QuantizeError(f"unknown GGUF type {name!r}: this pack writes {', '.join(TARGET_NAMES)}")
+    raise QuantizeError(QuantizeError.unknown(name))
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..lora_ops import lora_tools as tools
-from ..lora_ops.ggml_quants import TARGET_NAMES, target_type
+from ..lora_ops.ggml_quants import TARGET_NAMES, QuantizeError, target_type
 from ..lora_ops.gguf_write import published_flux_qtype, write_gguf_stream
 from ..lora_ops.model_weights import open_weights
 from .comfy_glue import (
@@ -225,6 +225,11 @@ class FluxQSaveGGUF(io.ComfyNode):
                      io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, gguf_type):
+        # ComfyUI 0.3.75 does not check V3 combo values (0.33 does, with its own message)
+        return True if gguf_type in TARGET_NAMES else f"gguf_type: {QuantizeError.unknown(gguf_type)}"
 
     @classmethod
     def execute(cls, model, gguf_type, save_name, overwrite) -> io.NodeOutput:
