@@ -1,18 +1,24 @@
-"""Write GGUF files: small demo/test FLUX models and fixtures.
+"""Write GGUF files: small demo/test FLUX models and fixtures (`write_gguf`), and real models
+streamed tensor by tensor in the published FLUX GGUF layout (`write_gguf_stream`).
 
-The gguf package quantizes F32/F16/BF16 and the legacy block types (Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1) in numpy, but has no K-quant quantizer, so K-quant tensors are synthesized (see `encode`).
+For fixtures, K-quant tensors are synthesized (see `encode`): fast, and only shape and scale
+matter there. Real models are quantized by `ggml_quants.quantize` (gguf's numpy quantizers, and
+ggml's reference quantizer for the K-quants).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
+
+from .atomic import atomic_path
+from .dequant import quantized_nbytes
+from .ggml_quants import fits, quantize
 
 QTypeRule = Callable[[str, np.ndarray], QType]
 
@@ -176,3 +182,91 @@ def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float | 
     else:
         raise TypeError(f"metadata {key!r}: only str, int, float, bool and non-empty lists of str or int are "
                         f"supported, got {type(value).__name__}")
+
+
+# --- real models, streamed ----------------------------------------------------------------------
+
+ShapeRule = Callable[[str, tuple[int, ...]], QType]
+
+# city96's converter (ComfyUI-GGUF tools/convert.py) keeps tensors of at most this many values in F32.
+_SMALL_TENSOR_VALUES = 1024
+
+# llama.cpp's file-type code per main type. A K-quant file here is one type throughout (bar the
+# high-precision tensors), which is llama.cpp's "_S" mix for FLUX: its "_M" rules raise the fused
+# qkv and the FFN output, its "_S" rules leave FLUX's (BFL-named) tensors at the main type.
+_FILE_TYPES = {
+    QType.F16: gguf.LlamaFileType.MOSTLY_F16, QType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    QType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, QType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    QType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, QType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+}  # fmt: skip
+
+
+def published_flux_qtype(target_qtype: int | QType) -> ShapeRule:
+    """The per-tensor types of the published FLUX GGUFs (city96's convert.py + llama-quantize patch):
+    1-D tensors and tensors of at most 1024 values F32; the input/output layers (img_in, txt_in,
+    time_in, vector_in, guidance_in, final_layer) at the float type of the conversion (BF16 for a
+    BF16 file, else F16); every other matrix `target_qtype`, or F16 where its rows do not split into
+    whole blocks of it."""
+    target_qtype = QType(target_qtype)
+    high = QType.BF16 if target_qtype == QType.BF16 else QType.F16
+
+    def qtype_for(name: str, shape: tuple[int, ...]) -> QType:
+        if len(shape) < 2 or int(np.prod(shape)) <= _SMALL_TENSOR_VALUES:
+            return QType.F32
+        if any(part in name for part in _FLUX_HIGH_PRECISION):
+            return high
+        return target_qtype if fits(target_qtype, shape) else QType.F16
+
+    return qtype_for
+
+
+def write_gguf_stream(
+    path: str | os.PathLike[str],
+    shapes: Sequence[tuple[str, tuple[int, ...]]],
+    load: Callable[[str], np.ndarray],
+    qtype_for: ShapeRule,
+    file_type: int | QType,
+    arch: str = "flux",
+    metadata: dict[str, str | int | float | bool] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, QType]:
+    """Write a GGUF at `path` holding `shapes`' tensors (torch order) in their `qtype_for` types.
+
+    Only one tensor is in memory at a time: the header is written from the shapes, then each
+    tensor is `load`ed (float32, torch order), quantized and appended. The file is written under a
+    temporary name and renamed when complete (never half-written); an existing file is refused
+    unless `overwrite`. Metadata as city96's converter writes it: `general.architecture`,
+    `general.quantization_version`, `general.file_type` (from `file_type`, the main type).
+    Returns the type of each tensor.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    plan = [(name, tuple(int(d) for d in shape), QType(qtype_for(name, tuple(shape)))) for name, shape in shapes]
+    with atomic_path(path) as temporary:
+        writer = gguf.GGUFWriter(temporary, arch=arch)
+        try:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_file_type(int(_FILE_TYPES[QType(file_type)]))
+            for key, value in (metadata or {}).items():
+                _add_metadata(writer, key, value)
+            for name, shape, qtype in plan:
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), quantized_nbytes(qtype, shape), raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for index, (name, shape, qtype) in enumerate(plan):
+                array = np.asarray(load(name), dtype=np.float32)
+                if tuple(array.shape) != shape:
+                    raise ValueError(f"tensor {name!r}: loaded shape {tuple(array.shape)}, announced {shape}")
+                writer.write_tensor_data(quantize(array, qtype))
+                if progress is not None:
+                    progress(index + 1, len(plan), name)
+        finally:
+            writer.close()
+    return {name: qtype for name, _, qtype in plan}

@@ -84,8 +84,10 @@ from .training import (
     training_device,
     vae_tensors,
 )
+from .workbench import AppliedWeights, checked_file_name, lora_layers, save_path
 
 __all__ = [
+    "AppliedWeights",
     "CLIP_LORAS_KEY",
     "CORE_DEFAULT_GUIDANCE",
     "DEQUANT_DTYPES",
@@ -101,6 +103,7 @@ __all__ = [
     "TextEncoderError",
     "cancel_requested",
     "check_file_choice",
+    "checked_file_name",
     "comfyui_version",
     "conditioning",
     "core_patch_count",
@@ -121,6 +124,7 @@ __all__ = [
     "load_lora_entry",
     "load_text_encoders",
     "load_vae",
+    "lora_layers",
     "make_ops",
     "model_family",
     "progress_bar",
@@ -130,6 +134,7 @@ __all__ = [
     "runtime_adapters",
     "sample_with_scheduler",
     "sample_with_sigmas",
+    "save_path",
     "set_module_tensor",
     "show_preview",
     "show_progress_text",

@@ -22,6 +22,7 @@ TINY_MAP = json.loads(TINY_MAP_PATH.read_text())
 PACK_FOLDER = "comfyui-flux-qlora"  # the pack's folder name under custom_nodes in the harness
 TINY_DATASET = TINY_MAP["my_dataset"]
 TRAINED_LORA = "fluxq-workflow-test"
+BAKED_GGUF = "fluxq-workflow-baked"
 
 # Small and fast on CPU; the shipped files keep the real 1024x1024, 28-step settings.
 TINY_DEV = ["Sampler settings.preset=custom", "Sampler settings.steps=2",
@@ -38,6 +39,8 @@ TINY_RUNS = {
     "flux_lora_vs_lora": ([*TINY_DEV, "LoRA compare grid.strengths=1", 'LoRA compare grid.seeds=0'],
                           {"fluxq_lora_vs_lora_": None}),
     "flux_stack_then_remove_lora": (TINY_DEV, {"fluxq_stack_a_b_": (64, 64), "fluxq_stack_b_only_": (64, 64)}),
+    "flux_bake_then_compare": ([*TINY_DEV, f"Bake into GGUF.save_name={BAKED_GGUF}"],
+                               {"fluxq_bake_baked_": (64, 64), "fluxq_bake_runtime_lora_": (64, 64)}),
     "flux_train_then_compare": (
         [*TINY_TRAIN, "LoRA compare grid.strengths=0, 1"],
         {"fluxq_train_loss_": None, "fluxq_train_compare_": None},
@@ -183,3 +186,4 @@ def test_api_twin_runs_end_to_end_on_the_tiny_models(name, server, models_dir, t
     finally:
         for path in loras.glob(f"{TRAINED_LORA}*"):  # the trainer writes into the harness's models/loras
             path.unlink()
+        (models_dir / "diffusion_models" / f"{BAKED_GGUF}.gguf").unlink(missing_ok=True)  # and the bake there
