@@ -49,6 +49,8 @@ class Member:
     variants: tuple[str, ...] = ()  # checkpoints with identical tensors inside this member
     min_comfyui: tuple[int, int, int] = (0, 3, 75)
     tiny: Mapping[str, object] = field(default_factory=dict)  # ComfyUI model params of the test model
+    # ComfyUI's module class the tiny model is built from (named, never imported here)
+    comfy_model: str = "comfy.ldm.flux.model.Flux"
     presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # sampler presets
 
     @property
@@ -121,7 +123,7 @@ MEMBERS: tuple[Member, ...] = (
     Member(id="chroma", label="Chroma", generation=CHROMA, comfy_class="Chroma", requires=_frozen({}),
            hidden_size=3072, double_blocks=19, single_blocks=38, latent_channels=16, latent_downscale=8,
            guidance=False, pooled_vector=False, base_model="chroma",
-           tiny=_frozen(_TINY_CHROMA)),
+           tiny=_frozen(_TINY_CHROMA), comfy_model="comfy.ldm.chroma.model.Chroma"),
 )
 
 # --- sampler presets ------------------------------------------------------------------------------

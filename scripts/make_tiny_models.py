@@ -12,7 +12,8 @@ file formats, from ComfyUI's own classes (so ComfyUI's detectors recognise them)
 - the other FLUX family members as Q8_0 .gguf (configs from ``lora_ops.flux_family``): Fill
   (``img_in`` 384 wide), FLUX.2 [dev] (with ``guidance_in``) and [klein] (without) at width 128
   (ComfyUI 0.33.0's detection derives FLUX.2's heads from the width; 0.3.75 cannot load them), and
-  a FLUX.2 VAE (32 z-channels, batch-norm latent: 128 channels at /16).
+  a FLUX.2 VAE (32 z-channels, batch-norm latent: 128 channels at /16), and Chroma (3072 wide, its
+  fixed-size approximator included: ~0.62 B parameters).
 
 Random weights draw noise: these files prove the plumbing and the numerics, not image quality.
 Generation is deterministic (fixed seeds) and skipped for files that already exist.
@@ -87,13 +88,16 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, np.ndarra
 
 def tiny_member(comfy, member_id: str, seed: int) -> dict[str, np.ndarray]:
     """The family member's tiny config (``flux_family``) built in ComfyUI's own model class."""
-    import comfy.ldm.flux.model
+    import importlib
 
     from lora_ops.flux_family import BY_ID
 
-    params = model_params(comfy.ldm.flux.model.FluxParams, dict(BY_ID[member_id].tiny))
+    member = BY_ID[member_id]
+    module_name, class_name = member.comfy_model.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    params = model_params(getattr(module, class_name + "Params"), dict(member.tiny))
     with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **params)
+        model = getattr(module, class_name)(operations=comfy.ops.disable_weight_init, **params)
     return random_state_dict(model, seed)
 
 
@@ -209,7 +213,9 @@ class TinyModelFiles:
 # Family members beyond dev/schnell, each one tiny Q8_0 .gguf (Kontext and Krea are dev's tensors).
 # Both ComfyUIs get the same files; ComfyUI 0.3.75 cannot build tiny FLUX.2 (its detection fixes
 # 48 heads), and the loader refuses them there, naming 0.33.0.
-EXTRA_MEMBERS = ("flux1-fill-dev", "flux2-dev", "flux2-klein-4b")
+# Chroma's approximator is fixed-size, so its tiny model has ~0.62 B parameters (~0.9 GB as this
+# Q8_0 file, ~1 min to write on 2 cores): written once, like the tiny FLUX.1 models.
+EXTRA_MEMBERS = ("flux1-fill-dev", "flux2-dev", "flux2-klein-4b", "chroma")
 
 
 def write_models(comfy_dir: Path, files: TinyModelFiles, missing: list[Path]) -> None:

@@ -189,6 +189,7 @@ def test_qlora_on_tiny_gguf_saves_a_lora_core_and_diffusers_load(comfy_libs, cli
     assert metadata["ss_steps"] == "3" and metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4.0"
     assert metadata["modelspec.trigger_phrase"] == "TOK" and metadata["ss_num_train_images"] == "2"
     assert metadata["ss_base_model_version"] == "flux1" and metadata["ss_resolution"] == "(64, 64)"
+    assert metadata["ss_sd_model_name"] == "flux1-dev"  # the registry's base_model of the detected member
     assert all(torch.isfinite(t).all() for t in tensors.values())
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert any(t.abs().max() > 0 for t in ups), "up matrices start at zero and must have moved"
