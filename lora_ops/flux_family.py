@@ -352,3 +352,25 @@ def lora_family_mismatch(keys: Iterable[str], model: Detection, lora_name: str =
     return (f"{lora_name} targets {double} double and {single} single blocks{belongs}; the model is "
             f"{model.label} with {model.double_blocks} + {model.single_blocks}: a LoRA for another "
             "FLUX family member.")
+
+
+# --- text encoders from llama.cpp GGUF files (FluxQLoadTextEncodersGGUF `type`) ---------------
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What one FLUX.2 encoder needs from a llama.cpp GGUF file (read by ``llm_gguf``)."""
+
+    label: str  # for messages
+    arches: tuple[str, ...]  # accepted ``general.architecture`` values
+    taps: tuple[int, ...]  # hidden states ComfyUI's encoder class concatenates (layer inputs)
+    full_layers: int  # layer count of the real model
+    qk_norm: bool  # Qwen3 normalises q and k per head
+
+
+# The taps are ComfyUI's (``Mistral3_24BModel`` layer=[10, 20, 30], ``Qwen3_4BModel`` [9, 18, 27]):
+# a file needs at least max(taps) layers, tap i being the input of layer i (i == layers: the output).
+TEXT_ENCODERS = {
+    "flux2": EncoderSpec("Mistral-Small 3.x (FLUX.2 [dev])", ("llama", "mistral3"), (10, 20, 30), 40, False),
+    "klein": EncoderSpec("Qwen3 4B/8B (FLUX.2 [klein])", ("qwen3",), (9, 18, 27), 36, True),
+}

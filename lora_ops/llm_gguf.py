@@ -18,26 +18,9 @@ import torch
 from gguf import TokenType
 from gguf.vocab import bytes_to_unicode
 
+from .flux_family import TEXT_ENCODERS
 from .gguf_file import GGUFFormatError, GGUFModel, QTensor
 
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What one FLUX.2 encoder needs from a GGUF file."""
-
-    label: str  # for messages
-    arches: tuple[str, ...]  # accepted ``general.architecture`` values
-    taps: tuple[int, ...]  # hidden states ComfyUI's encoder class concatenates (layer inputs)
-    full_layers: int  # layer count of the real model
-    qk_norm: bool  # Qwen3 normalises q and k per head
-
-
-# The taps are ComfyUI's (``Mistral3_24BModel`` layer=[10, 20, 30], ``Qwen3_4BModel`` [9, 18, 27]):
-# a file needs at least max(taps) layers, tap i being the input of layer i (i == layers: the output).
-ENCODERS = {
-    "flux2": EncoderSpec("Mistral-Small 3.x (FLUX.2 [dev])", ("llama", "mistral3"), (10, 20, 30), 40, False),
-    "klein": EncoderSpec("Qwen3 4B/8B (FLUX.2 [klein])", ("qwen3",), (9, 18, 27), 36, True),
-}
 # llama.cpp stores Q/K of these architectures in Meta's interleaved rotary layout (its converter
 # permutes HF checkpoints); ComfyUI's Llama expects HF's half-split layout. Qwen3 files are not permuted.
 PERMUTED_ARCHES = frozenset({"llama", "mistral3"})
@@ -126,7 +109,7 @@ def _meta_float(model: GGUFModel, key: str, default: float) -> float:
 
 def llm_config(model: GGUFModel, encoder: str) -> LLMConfig:
     """The file's model config, checked against what ComfyUI's ``encoder`` class can run."""
-    spec = ENCODERS[encoder]
+    spec = TEXT_ENCODERS[encoder]
     if model.arch not in spec.arches:
         found = f"a {model.arch!r} model" if model.arch else "a file without general.architecture"
         raise GGUFFormatError(
@@ -183,7 +166,7 @@ def llm_state_dict(model: GGUFModel, config: LLMConfig, encoder: str) -> dict[st
 
     Every layer must have exactly the parts ComfyUI's ``encoder`` class has: a missing tensor
     would stay uninitialised there, an extra one (q/k norms on Mistral) would be dropped silently."""
-    spec = ENCODERS[encoder]
+    spec = TEXT_ENCODERS[encoder]
     unknown = sorted(name for name in model.tensors if comfy_name(name) is None)
     if unknown:
         raise GGUFFormatError(f"{model.path}: tensors a {config.arch!r} text encoder does not have: {', '.join(unknown[:8])}"

@@ -21,7 +21,6 @@ import torch
 from ...lora_ops import flux_family
 from ...lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf_with_config
 from ...lora_ops.llm_gguf import (
-    ENCODERS,
     llm_config,
     llm_state_dict,
     tekken_from_gguf,
@@ -107,7 +106,7 @@ def _loadable(tensors: dict[str, QTensor]) -> dict:
 
 
 # The pack's text-encoder types: flux1 is CLIP-L (+ T5-XXL), chroma T5-XXL alone, the others one
-# llama.cpp GGUF language model (lora_ops.llm_gguf.ENCODERS).
+# llama.cpp GGUF language model (lora_ops.flux_family.TEXT_ENCODERS).
 TEXT_ENCODER_TYPES = ("flux1", "flux2", "klein", "chroma")
 
 
@@ -128,7 +127,7 @@ def load_text_encoders(clip_path: str, t5_path: str | None, encoder: str = "flux
     if encoder != "flux1" and t5_path is not None:
         raise TextEncoderError(f"type {encoder}: the encoder goes in clip_name alone; set t5_name to 'none' "
                                f"(got {os.path.basename(t5_path)}).")
-    if encoder in ENCODERS:
+    if encoder in flux_family.TEXT_ENCODERS:
         clip = _load_llm_encoder(clip_path, encoder)
     else:
         clip = _load_clip_t5(clip_path, t5_path, encoder)
@@ -208,17 +207,17 @@ def _load_llm_encoder(path: str, encoder: str):
         # ComfyUI 0.3.75 builds Mistral's tokenizer through transformers' MistralConverter, whose
         # signature changed in transformers 5; 0.33 has its own pure-Python BPE instead.
         raise TextEncoderError(
-            f"{name}: this ComfyUI could not build the {ENCODERS[encoder].label} tokenizer "
+            f"{name}: this ComfyUI could not build the {flux_family.TEXT_ENCODERS[encoder].label} tokenizer "
             f"({type(exc).__name__}: {exc}); ComfyUI 0.33.0 builds it without transformers.") from exc
     vocabulary = getattr(tokenizer, tokenizer.clip).tokenizer.get_vocab()
     mismatch = vocabulary_mismatch(vocabulary, model.metadata.get("tokenizer.ggml.tokens"))
     if mismatch:
-        raise TextEncoderError(f"{name}: the file's vocabulary is not the {ENCODERS[encoder].label} tokenizer's: "
+        raise TextEncoderError(f"{name}: the file's vocabulary is not the {flux_family.TEXT_ENCODERS[encoder].label} tokenizer's: "
                                f"{mismatch}.")
     highest = max(vocabulary.values())
     if highest >= config.vocab:
         raise TextEncoderError(
-            f"{name}: the {ENCODERS[encoder].label} tokenizer has token ids up to {highest}, but the file's "
+            f"{name}: the {flux_family.TEXT_ENCODERS[encoder].label} tokenizer has token ids up to {highest}, but the file's "
             f"token_embd.weight has {config.vocab} rows: vocabulary does not fit.")
     target.tokenizer = lambda embedding_directory=None, tokenizer_data=None: tokenizer  # built once
 
