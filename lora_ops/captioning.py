@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from .errors import user_facing
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -48,12 +50,14 @@ IMAGE_LONG_SIDE = 1024  # vision models see at most about this much; smaller upl
 KEY_VARIABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*_)?API_KEY$", re.IGNORECASE)
 
 
+@user_facing
 class CaptionError(RuntimeError):
     """This image could not be captioned (the per-image failure policy decides what follows)."""
 
     fatal = False
 
 
+@user_facing
 class EndpointError(CaptionError):
     """The endpoint cannot caption anything (unreachable, refused, wrong URL or model): stop."""
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from . import dataset as ds
 from .atomic import atomic_path
+from .errors import user_facing
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ KEPT, GENERATED, REUSED, TEMPLATED, FAILED, UNCAPTIONED = (
     "captions failed (left without)", "images without a caption")
 
 
+@user_facing
 class PrepareError(ValueError):
     pass
 

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -57,14 +58,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def yaml_loader():
+    """PyYAML's safe loader (a settings file never runs code) with YAML 1.2's numbers: PyYAML
+    follows YAML 1.1, where `1e-4` (no decimal point) is text, not the learning rate it means."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def read_settings(path: str, overrides: list[str]) -> dict:
-    """The file's mapping with `--set` applied. YAML through safe_load: a settings file never runs code."""
+    """The file's mapping with `--set` applied."""
     text = Path(path).read_text(encoding="utf-8")
     if path.endswith((".yaml", ".yml")):
         import yaml
 
         try:
-            settings = yaml.safe_load(text)
+            settings = yaml.load(text, Loader=yaml_loader())  # a SafeLoader: never runs code
         except yaml.YAMLError as e:
             raise SettingsError(f"{path}: not valid YAML: {e}") from None
     else:
@@ -197,6 +211,33 @@ def configure_folders(args) -> None:
         folder_paths.set_input_directory(os.path.abspath(args.input_directory))
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM do what ComfyUI's cancel does: the step in progress finishes,
+    every rank stops after it, rank 0 saves it. The trainer asks `requested()` between steps, so
+    under torchrun all ranks stop at the same step (a rank that stopped mid-step would leave the
+    others waiting in a collective). Before the loop first asks, nothing is trained yet: a signal
+    then ends the process at once. A second signal changes nothing (a terminal's Ctrl-C reaches
+    torchrun's workers twice: from the terminal and forwarded by torchrun)."""
+
+    def __init__(self):
+        self.training = False
+        self.signal: signal.Signals | None = None
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.training:
+            # os.write: print() may be in the middle of a write on this thread
+            os.write(2, f"fluxq_train: {name} before training started: stopped, nothing was saved\n".encode())
+            raise SystemExit(128 + signum)
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+            logging.info("fluxq_train: %s: stopping after the current step (it is saved)", name)
+
+    def requested(self) -> bool:
+        self.training = True
+        return self.signal is not None
+
+
 def run(args, models=None) -> str:
     """The whole script after argument parsing; `models` (model, vae, clip) skips loading them
     from files (a test's model that no file describes). Returns the saved LoRA file name."""
@@ -214,14 +255,16 @@ def run(args, models=None) -> str:
     world = world_from_env(glue.training_device(), args.timeout)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {world.rank}] %(message)s", force=True)
     logging.info("fluxq_train: rank %d of %d, pid %d", world.rank, world.size, os.getpid())
-    # Ctrl-C does what ComfyUI's cancel does: save a checkpoint after the current step, then stop.
-    signal.signal(signal.SIGINT, lambda *_: glue.request_cancel())
+    stop = StopOnSignal()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
     try:
         model, vae, clip = models if models is not None else load_models(given)
         import torch
 
         with torch.inference_mode():  # as ComfyUI's executor runs the node
-            _, lora_file, losses, _ = training.train_lora(model, vae, clip, settings, world=world)
+            _, lora_file, losses, _ = training.train_lora(model, vae, clip, settings, world=world,
+                                                          stop_requested=stop.requested)
         world.barrier()
     finally:
         if dist.is_initialized():
@@ -250,11 +293,13 @@ def main(argv=None, models=None) -> int:
     except (SettingsError, ValueError, FileNotFoundError) as e:
         print(f"fluxq_train: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if type(e).__name__ == "InterruptProcessingException":
-            print("fluxq_train: cancelled; a step checkpoint was saved", file=sys.stderr)
-            return 130
-        raise
+    except BaseException as e:  # ComfyUI 0.33's interrupt is a BaseException
+        glue = sys.modules.get(f"{PACK_NAME}.nodes.comfy_glue")
+        if glue is None or not isinstance(e, glue.TrainingCancelled):
+            raise
+        # the run's own words: the file it saved (rank 0) or that rank 0 writes it
+        print(f"fluxq_train: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,6 +17,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ...lora_ops.errors import user_facing
 from ...lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf
 from ...lora_ops.lora_runtime import (
     LoraStack,
@@ -31,6 +32,7 @@ from .quantized import (
 )
 
 
+@user_facing
 class GGUFModelError(ValueError):
     pass
 
