@@ -36,6 +36,7 @@ PACK_NAME = "comfyui_flux_qlora"
 MODEL_INPUTS = ("model", "vae", "clip")
 # come from other nodes' outputs: the file uses `dataset`, and the samples take the node's default sampler settings
 LIST_INPUTS = ("images", "captions", "dataset_name", "sample_settings")
+DECIMAL = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 
 class SettingsError(ValueError):
@@ -58,27 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def yaml_loader():
-    """PyYAML's safe loader (a settings file never runs code) with YAML 1.2's numbers: PyYAML
-    follows YAML 1.1, where `1e-4` (no decimal point) is text, not the learning rate it means."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789."))
-    return Loader
-
-
 def read_settings(path: str, overrides: list[str]) -> dict:
-    """The file's mapping with `--set` applied."""
+    """The file's mapping with `--set` applied. YAML through safe_load: a settings file never runs code."""
     text = Path(path).read_text(encoding="utf-8")
     if path.endswith((".yaml", ".yml")):
         import yaml
 
         try:
-            settings = yaml.load(text, Loader=yaml_loader())  # a SafeLoader: never runs code
+            settings = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise SettingsError(f"{path}: not valid YAML: {e}") from None
     else:
@@ -154,6 +142,8 @@ def node_settings(node_class, given: dict) -> dict:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SettingsError(f"setting {name!r} must be an integer, not {value!r}")
         elif kind == "FLOAT":
+            if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+                value = float(value)  # PyYAML follows YAML 1.1: `1e-4` (no decimal point) reads as text
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SettingsError(f"setting {name!r} must be a number, not {value!r}")
             value = float(value)
@@ -231,7 +221,7 @@ class StopOnSignal:
             raise SystemExit(128 + signum)
         if self.signal is None:
             self.signal = signal.Signals(signum)
-            logging.info("fluxq_train: %s: stopping after the current step (it is saved)", name)
+            logging.info("fluxq_train: %s: stopping after the current step", name)
 
     def requested(self) -> bool:
         self.training = True
