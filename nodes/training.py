@@ -111,6 +111,8 @@ def read_input_dataset(name: str, input_name: str) -> list[ds.Sample]:
     try:
         return ds.read_dataset(path)
     except ds.DatasetError as e:
+        if str(e).startswith(f"{input_name} "):  # already says "dataset '<name>' ..."
+            raise
         raise ds.DatasetError(f"{input_name}: {e}") from None
 
 
