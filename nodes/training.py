@@ -137,7 +137,7 @@ def samples_subfolder(name: str) -> str:
     return f"{name}_samples"
 
 
-def sample_files(name: str) -> list[str]:
+def existing_sample_images(name: str) -> list[str]:
     """The sample images of runs under `name` in output/<name>_samples."""
     folder = os.path.join(folder_paths.get_output_directory(), samples_subfolder(name))
     pattern = re.compile(rf"{re.escape(name)}_step\d{{6,}}_\d+\.png")
@@ -270,7 +270,7 @@ class TrainingRun:
         if self.replaced and not replace_existing:
             raise ValueError(name_clash_message(self.name, self.folder, self.replaced))
         # replace_existing clears an earlier run's samples too; a resumed run keeps its own
-        self.old_samples = sample_files(self.name) if replace_existing and resume == NONE else []
+        self.old_samples = existing_sample_images(self.name) if replace_existing and resume == NONE else []
         self._warn_if_no_sample_step()
 
     def _warn_if_no_sample_step(self) -> None:
