@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from .errors import user_facing
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -70,12 +72,14 @@ PROVIDER_HOSTS = {
 HOSTS_VARIABLE = "FLUXQ_CAPTION_HOSTS"
 
 
+@user_facing
 class CaptionError(RuntimeError):
     """This image could not be captioned (the per-image failure policy decides what follows)."""
 
     fatal = False
 
 
+@user_facing
 class EndpointError(CaptionError):
     """The endpoint cannot caption anything (unreachable, refused, wrong URL or model): stop."""
 

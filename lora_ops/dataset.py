@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageOps
 
+from .errors import user_facing
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -43,6 +45,7 @@ MAX_ASPECT = 4.0
 log = logging.getLogger(__name__)
 
 
+@user_facing
 class DatasetError(ValueError):
     pass
 

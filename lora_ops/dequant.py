@@ -16,9 +16,12 @@ import gguf
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from .errors import user_facing
+
 QK_K = 256  # elements per K-quant super-block
 
 
+@user_facing
 class UnsupportedQuantTypeError(ValueError):
     """A GGUF tensor type this pack cannot dequantize (IQ* other than IQ4_NL/IQ4_XS, TQ*, ... or an unknown id)."""
 

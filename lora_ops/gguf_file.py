@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VType
 
 from .dequant import SUPPORTED_QTYPES, UnsupportedQuantTypeError, as_qtype, quantized_nbytes
+from .errors import user_facing
 
 FLUX_PREFIX = "model.diffusion_model."
 
@@ -38,6 +39,7 @@ _FLOAT_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16})
 _IMAGE_ARCHES = frozenset({"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2"})
 
 
+@user_facing
 class GGUFFormatError(ValueError):
     """A file that is not a usable GGUF model; the message names the file and the problem."""
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import user_facing
 from .lora_runtime import MAX_STRENGTH
 
 MAX_CELLS = 64
@@ -21,6 +22,7 @@ MAX_GRID_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 MAX_GRID_SIDE = 65_000
 
 
+@user_facing
 class GridInputError(ValueError):
     """A strengths/seeds list or a grid size the node cannot run; raised before any sampling."""
 

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
+from .errors import user_facing
 from .flow_match import TrainState
 from .lora_formats import kohya_name, module_path_from_kohya_name
 
@@ -34,6 +35,7 @@ _STEP_SUFFIX = re.compile(r"_step(\d{6,})$")
 RUN_ID_KEY = "fluxq_run_id"
 
 
+@user_facing
 class CheckpointError(ValueError):
     pass
 

@@ -19,7 +19,10 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .errors import user_facing
 
+
+@user_facing
 class LoraFormatError(ValueError):
     """A LoRA file that cannot or must not be loaded."""
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from . import dataset as ds
 from .atomic import atomic_path
+from .errors import user_facing
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ EDITED, KEPT, GENERATED, REUSED, TEMPLATED, FAILED, UNCAPTIONED = (
     "images without a caption")
 
 
+@user_facing
 class PrepareError(ValueError):
     pass
 

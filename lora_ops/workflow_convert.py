@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import user_facing
+
 MODE_MUTED = 2  # LGraphEventMode.NEVER
 MODE_BYPASSED = 4  # LGraphEventMode.BYPASS
 VIRTUAL_NODE_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
@@ -31,6 +33,7 @@ SEED_WIDGET_NAMES = ("seed", "noise_seed")
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")  # the frontend adds an upload button widget
 
 
+@user_facing
 class WorkflowConvertError(ValueError):
     """The workflow cannot be turned into an API prompt (unknown node, bad links, widget mismatch)."""
 

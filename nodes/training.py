@@ -50,16 +50,19 @@ def dataset_options() -> list[str]:
 
 
 def train_lora(model, vae, clip, settings: dict, images=None, captions=None, node_id=None, world: World = World(),
-               dataset_name=None, sample_settings=None):
+               dataset_name=None, sample_settings=None, stop_requested=None):
     """Trains with the node's settings (its widget inputs by name); returns the model with the
     LoRA applied, the saved file name, the loss per step and the sample images saved (ComfyUI UI
     image entries). `dataset_name` (a dataset name from another node) overrides
     settings["dataset"]; `sample_settings` (FLUX_SAMPLER_SETTINGS) sets the samples' and
-    generated class images' steps and guidance."""
+    generated class images' steps and guidance; `stop_requested()` (the script's signals) stops
+    the run between steps as ComfyUI's cancel does. A cancel raises glue.TrainingCancelled once
+    the last finished step is saved."""
     settings = dict(settings)
     dataset = settings.pop("dataset")
     samples = collect_samples(dataset_name or dataset, images, captions)
-    run = TrainingRun(model, samples, node_id=node_id, world=world, sample_settings=sample_settings, **settings)
+    run = TrainingRun(model, samples, node_id=node_id, world=world, sample_settings=sample_settings,
+                      stop_requested=stop_requested, **settings)
     return run.train(vae, clip)
 
 
@@ -97,12 +100,49 @@ def collect_samples(dataset: str, images, captions) -> list[ds.Sample]:
 
 
 def read_input_dataset(name: str, input_name: str) -> list[ds.Sample]:
-    """A dataset folder or archive under input/, read with the dataset rules (no escapes, budgets)."""
+    """A dataset folder or archive under input/, read with the dataset rules (no escapes, budgets);
+    an error names the input it came from (`dataset` or `class_images`)."""
     path = os.path.join(folder_paths.get_input_directory(), name)
     input_dir = os.path.abspath(folder_paths.get_input_directory())
     if os.path.commonpath([input_dir, os.path.abspath(path)]) != input_dir:
         raise ValueError(f"{input_name} {name!r} is outside the input folder")
-    return ds.read_dataset(path)
+    if not os.path.exists(path):
+        raise ds.DatasetError(f"{input_name} {name!r}: no such folder or archive in {input_dir}")
+    try:
+        return ds.read_dataset(path)
+    except ds.DatasetError as e:
+        if str(e).startswith(f"{input_name} "):  # already says "dataset '<name>' ..."
+            raise
+        raise ds.DatasetError(f"{input_name}: {e}") from None
+
+
+def name_clash_message(name: str, folder: str, files: list[str]) -> str:
+    """Why a new run under `name` is refused: an earlier training run's checkpoints (which
+    `resume` can continue), or LoRA files with no train-state (anyone's, not resumable)."""
+    runs = [p for p in files if ckpt.run_id_of(p) and os.path.isfile(ckpt.state_path_for(p))]
+    plain = [p for p in files if p not in runs]
+    listed = ", ".join
+    parts = []
+    if runs:
+        parts.append(f"{listed(os.path.basename(p) for p in runs)} in {folder} belong to an earlier training run "
+                     "(continue it with `resume`)")
+    if plain:
+        parts.append(f"{listed(os.path.basename(p) for p in plain)} already exist(s) in {folder} (a LoRA file "
+                     f"without a {ckpt.STATE_EXTENSION}: not a training run that can be continued)")
+    return (f"lora_name {name!r}: {'; '.join(parts)}. Pick another lora_name, or turn on `replace_existing` to "
+            "delete them (and the earlier samples) once this run has saved a checkpoint of its own.")
+
+
+def samples_subfolder(name: str) -> str:
+    return f"{name}_samples"
+
+
+def existing_sample_images(name: str) -> list[str]:
+    """The sample images of runs under `name` in output/<name>_samples."""
+    folder = os.path.join(folder_paths.get_output_directory(), samples_subfolder(name))
+    pattern = re.compile(rf"{re.escape(name)}_step\d{{6,}}_\d+\.png")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if pattern.fullmatch(f)) \
+        if os.path.isdir(folder) else []
 
 
 def parse_sample_prompts(text: str) -> list[str]:
@@ -183,8 +223,9 @@ class TrainingRun:
                  layer_regex, save_every, keep_last, lora_name, resume, replace_existing=False, ema_decay=0.0,
                  lora_dropout=0.0, cache_latents_to_disk=False, sample_every=0, sample_prompts="", sample_seed=0,
                  sample_settings=None, class_prompt="", class_images=NONE, class_image_count=0,
-                 prior_loss_weight=1.0):
+                 prior_loss_weight=1.0, stop_requested=None):
         self.model, self.samples, self.node_id, self.world = model, samples, node_id, world
+        self.stop_requested = stop_requested or (lambda: False)
         self.name = checked_lora_name(lora_name)
         # The final file's name is also the LoRA's name on the returned model, as FluxQApplyLoRA
         # names it: remove, re-apply and the grid then treat it as that file.
@@ -222,14 +263,25 @@ class TrainingRun:
         # (Only rank 0 writes, so the other ranks' ids never reach a file.)
         self.run_id = resumed_run or uuid.uuid4().hex
         self.state_info["run_id"] = self.run_id
+        self.resume_name = None if resume == NONE else resume
+        self.first_step = self.state.step if self.state else 0
         self.replaced = [path for path in ckpt.other_runs_files(self.folder, self.name, self.run_id)
                          if os.path.abspath(path) != resume_path]
         if self.replaced and not replace_existing:
-            raise ValueError(
-                f"lora_name {self.name!r}: {', '.join(os.path.basename(p) for p in self.replaced)} in {self.folder} "
-                "belong to an earlier training run. Pick another lora_name, continue that run with `resume`, or turn "
-                "on `replace_existing` to delete them and start over."
-            )
+            raise ValueError(name_clash_message(self.name, self.folder, self.replaced))
+        # replace_existing clears an earlier run's samples too; a resumed run keeps its own
+        self.old_samples = existing_sample_images(self.name) if replace_existing and resume == NONE else []
+        self._warn_if_no_sample_step()
+
+    def _warn_if_no_sample_step(self) -> None:
+        if not self.sample_every:
+            return
+        first_sample = (self.first_step // self.sample_every + 1) * self.sample_every
+        if first_sample > self.settings.steps:
+            text = (f"sample_every {self.sample_every} is larger than the steps this run trains "
+                    f"({self.first_step + 1}..{self.settings.steps}): no sample will be rendered")
+            log.warning("FluxQTrainLoRA: %s", text)
+            glue.show_progress_text(text, self.node_id)
 
     def _render_settings(self, given) -> sampling.FluxSamplerSettings:
         """The connected settings' steps, guidance, sampler and shift at the training resolution
@@ -288,10 +340,6 @@ class TrainingRun:
         return [path for path, _ in self.diffusion_model.named_modules()]
 
     def train(self, vae, clip):
-        if self.world.is_main:
-            for path in self.replaced:  # the user chose replace_existing
-                ckpt.delete_checkpoint(path)
-                log.info("FluxQTrainLoRA: deleted %s of an earlier run (replace_existing)", path)
         self.vae = vae
         cache = self._latent_cache(vae, clip) if self.cache_latents_to_disk else None
         embed = self._embedder(clip, cache)
@@ -519,32 +567,70 @@ class TrainingRun:
         return patches
 
     def _loop(self, trainer: fm.FlowMatchTrainer, factors, image_count: int) -> str:
-        """The one training loop (node and script alike): progress, cancel and checkpoints."""
+        """The one training loop (node and script alike): progress, cancel and checkpoints.
+
+        ComfyUI's cancel raises `glue.Interrupted` wherever the run is (its progress hook, any
+        layer's forward, a sample's sampler); the script's signals are seen between steps, by all
+        ranks at once. Either way the optimizer has not moved past the last finished step (a step
+        counts once `trainer.run` yields it), so that step is what gets saved."""
         total = self.settings.steps
         progress = glue.progress_bar(total, self.node_id)
-        progress.update_absolute(trainer.state.step)
-        started, first_step = time.perf_counter(), trainer.state.step
+        started = time.perf_counter()
         device = next(iter(factors.values())).down.device
-        self.progress, self.sample_files = progress, []
-        for step, loss in trainer.run():
-            if self.ema is not None:
-                self.ema.update(trainer.params)
-            rate = (step - first_step) / (time.perf_counter() - started)
-            progress.update_absolute(step)
-            glue.show_progress_text(f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} it/s", self.node_id)
-            if self.node_id is None and self.world.is_main:  # run as a script: the log is the progress
-                log.info("FluxQTrainLoRA: step %d/%d  loss %.4f  %.2f it/s", step, total, loss, rate)
-            if not torch.isfinite(torch.tensor(loss)):  # the loss is averaged over the ranks: all agree
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
-            if self.world.any(glue.cancel_requested(), device):
-                self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
-                glue.request_cancel()  # the ranks that did not see it stop the same way
-                glue.raise_if_cancelled()
-            if self.save_every and step % self.save_every == 0 and step < total:
-                self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
-            if self.sample_every and step % self.sample_every == 0 and self.world.is_main:
-                self._samples(factors, step)
+        self.progress, self.sample_files, self.saved_step = progress, [], None
+        try:
+            progress.update_absolute(trainer.state.step)
+            self._stop_if_requested(device)
+            for step, loss in trainer.run():
+                if self.ema is not None:
+                    self.ema.update(trainer.params)
+                rate = (step - self.first_step) / (time.perf_counter() - started)
+                progress.update_absolute(step)
+                glue.show_progress_text(f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} it/s", self.node_id)
+                if self.node_id is None and self.world.is_main:  # run as a script: the log is the progress
+                    log.info("FluxQTrainLoRA: step %d/%d  loss %.4f  %.2f it/s", step, total, loss, rate)
+                if not torch.isfinite(torch.tensor(loss)):  # the loss is averaged over the ranks: all agree
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
+                self._stop_if_requested(device)
+                if self.save_every and step % self.save_every == 0 and step < total:
+                    self._save(trainer, factors, image_count, ckpt.step_checkpoint_name(self.name, step))
+                if self.sample_every and step % self.sample_every == 0 and self.world.is_main:
+                    self._samples(factors, step)
+        except glue.Interrupted:
+            glue.clear_cancel()  # when the trainer saw ComfyUI's cancel between steps
+            raise self._cancelled(trainer, factors, image_count) from None
         return self._save(trainer, factors, image_count, self.file_name)
+
+    def _stop_if_requested(self, device) -> None:
+        """A cancel pressed in ComfyUI, or the script's signal on any rank, stops every rank here."""
+        if self.world.any(glue.cancel_requested() or self.stop_requested(), device):
+            raise glue.TrainingCancelled("cancelled")  # completed by _cancelled
+
+    def _cancelled(self, trainer, factors, image_count: int) -> Exception:
+        """Saves the last finished step (unless already saved) and says where it is."""
+        step, total = trainer.state.step, self.settings.steps
+        saved = self.file_name if step == total else ckpt.step_checkpoint_name(self.name, step)
+        if step > self.first_step:
+            if self.saved_step != step:
+                self._save(trainer, factors, image_count, saved)
+            text = (f"cancelled after step {step}/{total}: saved {saved} in {self.folder}"
+                    + ("" if step == total else f"; continue with resume = {saved}"))
+        elif self.resume_name:
+            saved = self.resume_name
+            text = f"cancelled before step {step + 1} finished: nothing new to save, {saved} still holds step {step}"
+        else:
+            saved = None
+            text = "cancelled before the first step finished: nothing was saved"
+        if self.world.is_main:
+            if saved is None and self.replaced:
+                text += " (the earlier run's files under this lora_name were kept)"
+            log.warning("FluxQTrainLoRA: %s", text)
+            glue.show_progress_text(text, self.node_id)
+        else:  # only rank 0 writes: the other ranks say so rather than claim the file
+            text = f"rank {self.world.rank}: cancelled after step {step}/{total}" + (
+                f"; rank 0 writes {saved}" if step > self.first_step else "; no new step to save")
+            log.info("FluxQTrainLoRA: %s", text)
+        return glue.TrainingCancelled(text, saved, step)
 
     def _samples(self, factors, step: int) -> None:
         """Renders every sample prompt with the LoRA as it is now (the average with EMA: what the
@@ -553,7 +639,7 @@ class TrainingRun:
         adapters = {path: (LowRankAdapter(f.down.detach().clone(), f.up.detach().clone(), self.alpha / self.rank),)
                     for path, f in self._saved_factors(factors).items()}
         model = glue.with_lora_stack(self.model, self.base_stack.with_lora(LoraEntry(self.file_name, 1.0, adapters)))
-        subfolder = f"{self.name}_samples"
+        subfolder = samples_subfolder(self.name)
         folder = os.path.join(folder_paths.get_output_directory(), subfolder)
         os.makedirs(folder, exist_ok=True)
         for index, cond in enumerate(self.sample_conds):
@@ -576,6 +662,7 @@ class TrainingRun:
             rank=self.rank, alpha=self.alpha, steps=trainer.state.step, trigger_word=self.trigger_word,
             image_count=image_count, resolution=self.resolution, run_id=self.run_id,
         )
+        self.saved_step = trainer.state.step
         if not self.world.is_main:
             return file_name
         raw = {} if self.ema is None else {f"{RAW}{path}.{part}": getattr(f, part)
@@ -584,8 +671,29 @@ class TrainingRun:
         ckpt.save_checkpoint(os.path.join(self.folder, file_name), self._saved_factors(factors), self.alpha, metadata,
                              state, self.state_info)
         ckpt.prune_step_checkpoints(self.folder, self.name, self.keep_last, self.run_id)
+        self._delete_replaced()
         log.info("FluxQTrainLoRA: saved %s at step %d", file_name, trainer.state.step)
         glue.show_progress_text(f"saved {file_name} in {self.folder} at step {trainer.state.step}", self.node_id)
         return file_name
+
+    def _delete_replaced(self) -> None:
+        """replace_existing: the earlier run's files go once this run has a checkpoint of its own
+        (so a run cancelled before its first save leaves them), files it overwrote by name
+        excepted."""
+        if not (self.replaced or self.old_samples):
+            return
+        still_other = set(ckpt.other_runs_files(self.folder, self.name, self.run_id))
+        for path in self.replaced:
+            if path in still_other:
+                ckpt.delete_checkpoint(path)
+                log.info("FluxQTrainLoRA: deleted %s of an earlier run (replace_existing)", path)
+        written = {entry["filename"] for entry in self.sample_files}
+        for path in self.old_samples:
+            if os.path.basename(path) not in written and os.path.exists(path):
+                os.remove(path)
+        if self.old_samples:
+            log.info("FluxQTrainLoRA: deleted %d sample image(s) of an earlier run (replace_existing)",
+                     len(self.old_samples))
+        self.replaced, self.old_samples = [], []
 
 

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ PACK_NAME = "comfyui_flux_qlora"
 MODEL_INPUTS = ("model", "vae", "clip")
 # come from other nodes' outputs: the file uses `dataset`, and the samples take the node's default sampler settings
 LIST_INPUTS = ("images", "captions", "dataset_name", "sample_settings")
+DECIMAL = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 
 class SettingsError(ValueError):
@@ -140,6 +142,8 @@ def node_settings(node_class, given: dict) -> dict:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SettingsError(f"setting {name!r} must be an integer, not {value!r}")
         elif kind == "FLOAT":
+            if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+                value = float(value)  # PyYAML follows YAML 1.1: `1e-4` (no decimal point) reads as text
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SettingsError(f"setting {name!r} must be a number, not {value!r}")
             value = float(value)
@@ -197,6 +201,33 @@ def configure_folders(args) -> None:
         folder_paths.set_input_directory(os.path.abspath(args.input_directory))
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM do what ComfyUI's cancel does: the step in progress finishes,
+    every rank stops after it, rank 0 saves it. The trainer asks `requested()` between steps, so
+    under torchrun all ranks stop at the same step (a rank that stopped mid-step would leave the
+    others waiting in a collective). Before the loop first asks, nothing is trained yet: a signal
+    then ends the process at once. A second signal changes nothing (a terminal's Ctrl-C reaches
+    torchrun's workers twice: from the terminal and forwarded by torchrun)."""
+
+    def __init__(self):
+        self.training = False
+        self.signal: signal.Signals | None = None
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.training:
+            # os.write: print() may be in the middle of a write on this thread
+            os.write(2, f"fluxq_train: {name} before training started: stopped, nothing was saved\n".encode())
+            raise SystemExit(128 + signum)
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+            logging.info("fluxq_train: %s: stopping after the current step", name)
+
+    def requested(self) -> bool:
+        self.training = True
+        return self.signal is not None
+
+
 def run(args, models=None) -> str:
     """The whole script after argument parsing; `models` (model, vae, clip) skips loading them
     from files (a test's model that no file describes). Returns the saved LoRA file name."""
@@ -214,14 +245,16 @@ def run(args, models=None) -> str:
     world = world_from_env(glue.training_device(), args.timeout)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {world.rank}] %(message)s", force=True)
     logging.info("fluxq_train: rank %d of %d, pid %d", world.rank, world.size, os.getpid())
-    # Ctrl-C does what ComfyUI's cancel does: save a checkpoint after the current step, then stop.
-    signal.signal(signal.SIGINT, lambda *_: glue.request_cancel())
+    stop = StopOnSignal()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop.handle)
     try:
         model, vae, clip = models if models is not None else load_models(given)
         import torch
 
         with torch.inference_mode():  # as ComfyUI's executor runs the node
-            _, lora_file, losses, _ = training.train_lora(model, vae, clip, settings, world=world)
+            _, lora_file, losses, _ = training.train_lora(model, vae, clip, settings, world=world,
+                                                          stop_requested=stop.requested)
         world.barrier()
     finally:
         if dist.is_initialized():
@@ -250,11 +283,13 @@ def main(argv=None, models=None) -> int:
     except (SettingsError, ValueError, FileNotFoundError) as e:
         print(f"fluxq_train: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if type(e).__name__ == "InterruptProcessingException":
-            print("fluxq_train: cancelled; a step checkpoint was saved", file=sys.stderr)
-            return 130
-        raise
+    except BaseException as e:  # ComfyUI 0.33's interrupt is a BaseException
+        glue = sys.modules.get(f"{PACK_NAME}.nodes.comfy_glue")
+        if glue is None or not isinstance(e, glue.TrainingCancelled):
+            raise
+        # the run's own words: the file it saved (rank 0) or that rank 0 writes it
+        print(f"fluxq_train: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -19,6 +19,7 @@ import folder_paths
 import torch
 
 from ...lora_ops import flux_family
+from ...lora_ops.errors import user_facing
 from ...lora_ops.gguf_file import QTensor, read_gguf, read_text_encoder_gguf_with_config
 from ...lora_ops.llm_gguf import (
     llm_config,
@@ -41,6 +42,7 @@ from .quantized import (
 log = logging.getLogger("fluxq")
 
 
+@user_facing
 class GGUFModelError(ValueError):
     pass
 

@@ -17,6 +17,7 @@ import folder_paths
 import torch
 
 from ...lora_ops import flux_family
+from ...lora_ops.errors import user_facing
 from ...lora_ops.lora_formats import (
     LoraFormatError,
     describe_format,
@@ -150,6 +151,7 @@ def with_clip_lora(clip, name: str, clip_patches: dict, strength: float):
     return out
 
 
+@user_facing
 class LoraMatchError(ValueError):
     pass
 

@@ -12,6 +12,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
+from ...lora_ops.errors import user_facing
 from .loading import load_flux_gguf
 
 # --- training --------------------------------------------------------------------------
@@ -40,14 +41,30 @@ def cancel_requested() -> bool:
     return comfy.model_management.processing_interrupted()
 
 
-def request_cancel() -> None:
-    """What ComfyUI's cancel button does; the trainer saves after the step and stops."""
-    comfy.model_management.interrupt_current_processing(True)
+def clear_cancel() -> None:
+    """Consumes a cancel the trainer saw between steps (ComfyUI clears it when it raises)."""
+    comfy.model_management.interrupt_current_processing(False)
 
 
 def raise_if_cancelled() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
+
+# ComfyUI's cancel arrives as this exception from wherever the run is: its progress hook, every
+# layer's forward (`comfy.ops.run_every_op`), a sampler. (An Exception in 0.3.75, a BaseException
+# since 0.33 so that `except Exception` does not swallow it.)
+Interrupted = comfy.model_management.InterruptProcessingException
+
+
+@user_facing
+class TrainingCancelled(Interrupted):
+    """A cancelled training run, after it kept what it had trained: ComfyUI's executor reports it
+    as the interrupt it is, and the training script tells the user which file to resume from.
+    `saved` is the checkpoint holding the last finished step (None: no step finished)."""
+
+    def __init__(self, message: str, saved: str | None = None, step: int = 0):
+        super().__init__(message)
+        self.saved, self.step = saved, step
 
 def load_diffusion_model(path: str):
     """A FLUX transformer as ComfyUI loads it: .gguf through this pack, anything else through core."""

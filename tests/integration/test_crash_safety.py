@@ -1,5 +1,6 @@
 """Crash safety of training files: a real ComfyUI server training on the tiny GGUF is killed with
-SIGKILL during a step, during a step checkpoint's write and during the final save. After each kill
+SIGKILL during a step, during a step checkpoint's write and during the final save, and cancelled
+with ComfyUI's own cancel (`POST /interrupt`) in the middle of a step. After each kill
 every LoRA / train state under models/loras reads in full, a LoRA beside a newer state is refused
 for resuming, and resuming from the last complete checkpoint reproduces the loss curve (and the
 LoRA) of an uninterrupted run.
@@ -12,6 +13,8 @@ Kills at random moments inside the writes themselves are tests/unit/test_checkpo
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import time
@@ -54,8 +57,8 @@ os.replace = _replace_unless_armed
 '''
 
 
-def training_prompt(name: str, resume: str = "[none]") -> dict:
-    return {
+def training_prompt(name: str, resume: str = "[none]", **inputs) -> dict:
+    prompt = {
         "model": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY_DEV_Q8, "dequant_dtype": "auto"}},
         "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": TINY_CLIP_L, "type": "stable_diffusion"}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
@@ -67,6 +70,8 @@ def training_prompt(name: str, resume: str = "[none]") -> dict:
             "layer_regex": r"^single_blocks\.0\.linear2$", "save_every": 1, "keep_last": 0, "lora_name": name,
             "resume": resume}},
     }
+    prompt["train"]["inputs"].update(inputs)
+    return prompt
 
 
 class Lab:
@@ -134,6 +139,34 @@ class Lab:
             raise TimeoutError(f"the armed kill did not happen in {timeout}s\n{self.server.log_tail()}") from None
         assert code == -signal.SIGKILL, f"exit code {code}\n{self.server.log_tail()}"
         self._gone()
+
+
+def queue_and_wait_for_step(server: ComfyServer, prompt: dict, step: int, timeout: float = 300) -> tuple[str, int]:
+    """Queues `prompt` as the browser does (its client id on ComfyUI's websocket) and returns once
+    the node "train" reports `step` on its progress bar: (prompt id, the step reported)."""
+    import aiohttp
+
+    async def watch():
+        client_id = uuid.uuid4().hex
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+            async with session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                event = json.loads(message.data)
+                data = event.get("data", {})
+                if event["type"] == "execution_error":
+                    raise AssertionError(f"training failed: {data}")
+                if event["type"] == "progress" and data.get("node") == "train" and data["value"] >= step:
+                    return body["prompt_id"], data["value"]
+            raise AssertionError("the websocket closed before the step was reported")
+
+    try:
+        return asyncio.run(asyncio.wait_for(watch(), timeout))
+    except TimeoutError:
+        raise TimeoutError(f"step {step} not reported in {timeout}s\n{server.log_tail()}") from None
 
 
 def visible_checkpoints(loras: Path, prefix: str) -> tuple[dict[str, int], set[str]]:
@@ -220,3 +253,53 @@ def test_sigkill_never_leaves_a_partial_lora_and_resume_reproduces_the_run(tmp_p
     finally:
         if lab.server is not None:
             lab.server.stop()
+
+
+def test_cancel_in_the_server_saves_the_last_finished_step_and_replaces_the_earlier_run_only_then(tmp_path, models_dir):
+    """What a user does: train under a name an earlier run used (replace_existing on), press
+    cancel while step 2 runs (ComfyUI raises the interrupt inside a layer's forward, or in its
+    progress hook if the step just ended), then resume from the file the node named. First, on the
+    same server: ComfyUI titles its error dialog with `exception_type`, which for the pack's errors
+    used to be the pack's folder path with `.lora_ops.dataset.DatasetError` appended."""
+    lab = Lab(models_dir.parent, tmp_path)
+    lab.env["PYTHONUNBUFFERED"] = "1"  # the server's log is read below
+    try:
+        server = lab.start()
+        (server.input_dir / "no_images").mkdir()  # a choice ComfyUI 0.33 validates, holding nothing
+        status, body = server.post_prompt(training_prompt("x", class_prompt="a square", class_images="no_images"))
+        assert status == 200, body
+        entry = server.wait(body["prompt_id"])
+        error, = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert error["exception_type"] == "fluxq.DatasetError"
+        assert error["exception_message"].startswith("class_images: dataset 'no_images' holds no images")
+
+        server.run(training_prompt("cut", steps=1))  # the earlier run: cut.safetensors
+        earlier = load_file(str(lab.loras / "cut.safetensors"))
+
+        prompt_id, seen = queue_and_wait_for_step(
+            server, training_prompt("cut", steps=50, save_every=0, replace_existing=True), step=1)
+        # step 1 is done and saved nowhere yet: the earlier run's files are still there
+        assert sorted(os.listdir(lab.loras)) == ["cut.safetensors", "cut.trainstate"]
+        server.post("/interrupt", {})
+        entry = server.wait(prompt_id)
+        kinds = [m[0] for m in entry["status"]["messages"]]
+        assert "execution_interrupted" in kinds and "execution_error" not in kinds, entry["status"]
+
+        steps, refused = visible_checkpoints(lab.loras, "cut")
+        assert not refused and len(steps) == 1, steps
+        (saved, step), = steps.items()
+        # the last step that finished before the cancel took effect: the one reported, or the
+        # next if it ended between the report and the press
+        assert saved == f"cut_step{step:06d}.safetensors" and step in (seen, seen + 1), (saved, seen)
+        assert f"cancelled after step {step}/50: saved {saved}" in server.log_tail(200)
+        assert not (lab.loras / "cut.safetensors").exists(), "the earlier run was replaced once this one saved"
+        assert load_file(str(lab.loras / saved)).keys() == earlier.keys()
+
+        history = load_train_state(str(lab.loras / saved))[0].loss_history
+        server.run(training_prompt("cut", resume=saved, steps=step + 1, save_every=0))
+        resumed = load_train_state(str(lab.loras / "cut.safetensors"))[0].loss_history
+        assert len(resumed) == step + 1 and resumed[:step] == history
+    finally:
+        if lab.server is not None:
+            lab.server.stop()
+

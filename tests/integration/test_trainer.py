@@ -345,16 +345,20 @@ def test_images_and_captions_from_core_dataset_nodes(comfy_libs, clip_vae, folde
 @contextlib.contextmanager
 def cancel_at_step(step: int):
     """Presses ComfyUI's cancel at the progress report of `step` (the trainer reports after each
-    step) and yields the list that receives the step it was pressed at."""
+    step) and yields the list that receives the step it was pressed at. The hook then raises the
+    interrupt as the server's own progress hook does (ComfyUI's main.py), so the trainer meets the
+    cancel as an exception, not as a flag it polls; a cancel in the middle of a step is
+    tests/integration/test_crash_safety.py's, through a real server."""
     import comfy.model_management
     import comfy.utils
 
     pressed_at = []
 
-    def hook(value, total, preview, node_id=None):
+    def hook(value, total, preview, node_id=None, **_):
         if value >= step and not pressed_at:
             pressed_at.append(value)
             comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
 
     # ComfyUI 0.33's bar reports at most every ~100 ms / 0.5 %: unthrottled here, so the cancel
     # lands at `step` (what a user sees of the throttled bar is tested in test_sampling.py).
@@ -386,6 +390,50 @@ def test_cancel_saves_a_checkpoint_after_the_current_step(comfy_libs, clip_vae, 
     assert sorted(os.listdir(loras)) == [f"trained_step{step:06d}.safetensors", f"trained_step{step:06d}.trainstate"]
 
 
+def test_replace_existing_keeps_the_earlier_run_until_the_new_one_saves_then_clears_its_files_and_samples(
+        comfy_libs, clip_vae, work_folders, pack, caplog):
+    """A plain LoRA file under the name is described as a file, not a run to resume; a new run
+    cancelled before its first step finished leaves the earlier run's LoRA and samples; once it
+    saves, both are gone. A sample_every no step reaches warns."""
+    clip, vae = clip_vae
+    inputs, loras, output, _ = work_folders
+    write_dataset(inputs, ["red"])
+    args = node_args(narrow_flux(), clip, vae, steps=1, sample_every=1, sample_prompts="TOK")
+    train(comfy_libs, {**args, "sample_settings": [render_settings(pack, steps=1)]})
+    assert os.listdir(output / "trained_samples") == ["trained_step000001_0.png"]
+
+    (loras / "plain.safetensors").write_bytes((loras / "trained.safetensors").read_bytes())
+    with pytest.raises(ValueError) as refused:
+        train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="plain"))
+    assert "plain.safetensors already exist(s)" in str(refused.value) and "`resume`" not in str(refused.value)
+
+    def run(**overrides):
+        return train(comfy_libs, node_args(narrow_flux(), clip, vae, replace_existing=True, steps=3, sample_every=5,
+                                           sample_prompts="TOK", **overrides))
+
+    with caplog.at_level("WARNING", logger="fluxq"), cancel_at_step(0), \
+            pytest.raises(comfy_libs.glue.TrainingCancelled, match="nothing was saved"):
+        run()
+    assert "sample_every 5 is larger than the steps this run trains (1..3)" in caplog.text
+    assert sorted(os.listdir(loras)) == ["plain.safetensors", "trained.safetensors", "trained.trainstate"]
+    assert os.listdir(output / "trained_samples") == ["trained_step000001_0.png"]
+
+    with cancel_at_step(2), pytest.raises(comfy_libs.glue.TrainingCancelled):
+        run()
+    assert sorted(os.listdir(loras)) == ["plain.safetensors", "trained_step000002.safetensors",
+                                         "trained_step000002.trainstate"]
+    assert os.listdir(output / "trained_samples") == []
+
+
+def test_a_missing_class_images_folder_is_named_by_its_input(comfy_libs, clip_vae, folders):
+    clip, vae = clip_vae
+    inputs, loras = folders
+    write_dataset(inputs, ["red"])
+    with pytest.raises(ValueError, match="^class_images 'gone': no such folder or archive in "):
+        train(comfy_libs, node_args(narrow_flux(), clip, vae, class_prompt="a square", class_images="gone"))
+    assert os.listdir(loras) == []
+
+
 def test_a_new_run_under_a_used_name_is_refused_unless_replacing_and_then_keeps_its_own_checkpoint(
         comfy_libs, clip_vae, folders):
     """Run 1 (6 steps, save every 2, keep 2) leaves steps 2 and 4; run 2 under the same name,
@@ -404,9 +452,12 @@ def test_a_new_run_under_a_used_name_is_refused_unless_replacing_and_then_keeps_
         train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=6, save_every=2, keep_last=2))
     assert sorted(os.listdir(loras)) == first_run
 
-    with cancel_at_step(1), pytest.raises(comfy.model_management.InterruptProcessingException):
+    with cancel_at_step(1) as pressed_at, pytest.raises(comfy_libs.glue.TrainingCancelled) as cancelled:
         train(comfy_libs, node_args(narrow_flux(), clip, vae, steps=6, save_every=2, keep_last=2,
                                     replace_existing=True))
+    assert pressed_at == [1] and cancelled.value.saved == "trained_step000001.safetensors"
+    assert "continue with resume = trained_step000001.safetensors" in str(cancelled.value)
+    # the earlier run's files went only because this run had saved one of its own
     assert sorted(os.listdir(loras)) == ["trained_step000001.safetensors", "trained_step000001.trainstate"]
 
     # and that checkpoint resumes, under the same name, without asking to replace anything

@@ -135,6 +135,74 @@ def test_a_killed_rank_fails_the_run_without_a_partial_checkpoint(folders, tmp_p
         assert len(factors) == 13
 
 
+def start_and_signal_after(command: list[str], log_path: Path, step: int, signum: int, group: bool = False):
+    """Starts the script, sends `signum` once its log shows `step` (to its whole process group with
+    `group`, as a terminal's Ctrl-C does) and returns (exit code, log)."""
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(command, env=script_env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=group)
+    try:
+        deadline = time.monotonic() + 600
+        while f"step {step}/" not in log_path.read_text(errors="replace"):
+            assert run.poll() is None, log_path.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, f"training did not reach step {step}"
+            time.sleep(0.2)
+        os.killpg(run.pid, signum) if group else run.send_signal(signum)
+        code = run.wait(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    return code, log_path.read_text(errors="replace")
+
+
+def last_logged_step(log: str) -> int:
+    return int(re.findall(r"step (\d+)/500", log)[-1])
+
+
+def test_sigint_and_sigterm_save_the_last_finished_step_and_resume_continues(folders, tmp_path):
+    """Ctrl-C, then SIGTERM on the resumed run: each stops after the step in progress, saves it,
+    names the file, and exits 130 (on ComfyUI 0.33 the interrupt used to end in a traceback)."""
+    from lora_ops.lora_checkpoint import load_train_state
+
+    inputs, loras = folders
+    write_dataset(inputs, ["red", "blue"])
+    settings = dict(SETTINGS, steps=500, batch_size=1, save_every=0, lora_name="sig", gradient_checkpointing=False)
+    code, log = start_and_signal_after(script_command(NARROW_SCRIPT, settings, tmp_path, inputs, loras),
+                                       tmp_path / "sigint.log", 2, signal.SIGINT)
+    step = last_logged_step(log)
+    saved = f"sig_step{step:06d}.safetensors"
+    assert code == 130, log[-4000:]
+    assert f"fluxq_train: cancelled after step {step}/500: saved {saved}" in log and "Traceback" not in log
+    assert sorted(os.listdir(loras)) == [saved, saved.replace(".safetensors", ".trainstate")]
+    first = load_train_state(str(loras / saved))[0].loss_history
+    assert len(first) == step
+
+    resumed = dict(settings, resume=saved)
+    code, log = start_and_signal_after(script_command(NARROW_SCRIPT, resumed, tmp_path, inputs, loras),
+                                       tmp_path / "sigterm.log", step + 2, signal.SIGTERM)
+    later = last_logged_step(log)
+    assert code == 130 and later >= step + 2, log[-4000:]
+    assert f"saved sig_step{later:06d}.safetensors" in log and "Traceback" not in log
+    continued = load_train_state(str(loras / f"sig_step{later:06d}.safetensors"))[0].loss_history
+    assert len(continued) == later and continued[:step] == first
+
+
+def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_step_and_rank_0_saves_it_once(folders, tmp_path):
+    inputs, loras = folders
+    write_dataset(inputs, ["red", "blue"])
+    settings = dict(SETTINGS, steps=500, batch_size=1, save_every=0, lora_name="ddp", gradient_checkpointing=False)
+    _, log = start_and_signal_after(script_command(NARROW_SCRIPT, settings, tmp_path, inputs, loras, ranks=2),
+                                    tmp_path / "torchrun.log", 2, signal.SIGINT, group=True)
+    step = last_logged_step(log)
+    saved = f"ddp_step{step:06d}.safetensors"
+    assert sorted(os.listdir(loras)) == [saved, saved.replace(".safetensors", ".trainstate")], log[-4000:]
+    assert log.count("FluxQTrainLoRA: saved ") == 1
+    assert f"fluxq_train: cancelled after step {step}/500: saved {saved}" in log
+    assert f"fluxq_train: rank 1: cancelled after step {step}/500; rank 0 writes {saved}" in log
+    rank1 = [line for line in log.splitlines() if "rank 1" in line]
+    assert not [line for line in rank1 if "saved" in line], rank1
+
+
 def narrow_module_paths() -> list[str]:
     return [path for path, _ in narrow_flux().model.diffusion_model.named_modules()]
 
@@ -198,6 +266,15 @@ def test_settings_are_checked_against_the_node_schema(comfy_libs, given, message
     with pytest.raises(fluxq_train.SettingsError, match=re.escape(message)):
         fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, given)
     defaults = fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, {"steps": 7})
+    # PyYAML reads `learning_rate: 1e-4` as the text "1e-4" (YAML 1.1 wants a decimal point)
+    import yaml
+
+    given_lr = yaml.safe_load("learning_rate: 1e-4\nalpha: 2E+1\n")
+    assert given_lr == {"learning_rate": "1e-4", "alpha": "2E+1"}
+    read = fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, given_lr)
+    assert (read["learning_rate"], read["alpha"]) == (1e-4, 20.0)
+    with pytest.raises(fluxq_train.SettingsError, match="'learning_rate' must be a number, not 'nan'"):
+        fluxq_train.node_settings(comfy_libs.train.FluxQTrainLoRA, {"learning_rate": "nan"})
     assert defaults["steps"] == 7 and defaults["rank"] == 16 and defaults["resume"] == "[none]"
     # the trainer's optional additions take their off defaults; sample_settings is not a setting
     assert {k: defaults[k] for k in ("ema_decay", "lora_dropout", "cache_latents_to_disk", "sample_every",
