@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from .errors import user_facing
+
 # Generations: LoRAs are compatible only within one (same block layout and module names).
 FLUX1, FLUX2, CHROMA = "FLUX.1", "FLUX.2", "Chroma"
 BASE_MODEL_VERSIONS = MappingProxyType({FLUX1: "flux1", FLUX2: "flux2", CHROMA: "chroma"})
@@ -211,6 +213,7 @@ BY_ID: Mapping[str, Member] = MappingProxyType({m.id: m for m in MEMBERS})
 ALLOWED_COMFY_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(m.comfy_class for m in MEMBERS))
 
 
+@user_facing
 class FamilyError(ValueError):
     """A model or LoRA that is not (or not this) FLUX family member."""
 

@@ -19,6 +19,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
+from .errors import user_facing
+
 NUMPY_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_0, QType.Q4_1)
 K_QUANT_TYPES = (QType.Q6_K, QType.Q5_K, QType.Q4_K, QType.Q3_K, QType.Q2_K)
 # What a user may ask for as the main type of a file (F32 only as a policy's high-precision type).
@@ -26,6 +28,7 @@ TARGET_TYPES = (QType.F16, QType.BF16, QType.Q8_0, QType.Q5_1, QType.Q5_0, QType
 TARGET_NAMES = tuple(t.name for t in TARGET_TYPES)
 
 
+@user_facing
 class QuantizeError(ValueError):
     """A type that cannot be written, or a quantizer that is not available."""
 

@@ -33,6 +33,9 @@ _K_QUANT_SCALE_FIELDS: dict[QType, tuple[int, int | None]] = {
     QType.Q4_K: (0, 2),
     QType.Q5_K: (0, 2),
     QType.Q6_K: (208, None),
+    # IQ4 (text-encoder files): no quantizer in gguf or libggml-python either, so synthesized alike
+    QType.IQ4_NL: (0, None),
+    QType.IQ4_XS: (0, None),
 }
 
 # Blocks dequantized to estimate the synthetic tensor's statistics; enough for a stable estimate,
@@ -50,7 +53,7 @@ def encode(array: np.ndarray, qtype: int | QType, rng: np.random.Generator | Non
     `array` is in torch order (rows first). F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are
     real quantizations (gguf.quants.quantize).
 
-    K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) are NOT a quantization of `array`: the blocks are
+    K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL / IQ4_XS are NOT a quantization of `array`: the blocks are
     random bytes with finite fp16 scale fields, scaled so the dequantized tensor has about the
     RMS of `array` and a mean near zero. Only the shape and the scale of `array` survive. Use it
     for demo and test models, never to convert a real model. `rng` drives that randomness

@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 from .atomic import atomic_path
+from .errors import user_facing
 from .lora_formats import kohya_name
 from .lora_runtime import Adapter, LowRankAdapter
 from .model_weights import WeightSource
@@ -32,6 +33,7 @@ LowRank = tuple[torch.Tensor, torch.Tensor]  # (down: rank x in, up: out x rank)
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@user_facing
 class LoraToolError(ValueError):
     """Inputs the workbench cannot turn into a LoRA; the message names the layer or tensor."""
 

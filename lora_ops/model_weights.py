@@ -14,9 +14,11 @@ import safetensors
 import torch
 
 from .dequant import dequantize
+from .errors import user_facing
 from .gguf_file import FLUX_PREFIX, GGUFFormatError, QTensor, read_gguf
 
 
+@user_facing
 class ModelWeightsError(ValueError):
     """A model file that cannot be read as weights; the message names the file."""
 

@@ -112,6 +112,7 @@ def _loadable(tensors: dict[str, QTensor]) -> dict:
 TEXT_ENCODER_TYPES = ("flux1", "flux2", "klein", "chroma")
 
 
+@user_facing
 class TextEncoderError(ValueError):
     pass
 
