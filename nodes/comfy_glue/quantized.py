@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import comfy.lora
@@ -106,8 +107,13 @@ class _QuantizedWeightMixin:
         return bias
 
 
+@functools.cache
 def make_ops(dequant_dtype: torch.dtype | None):
-    """Operations for ``model_options['custom_operations']``: ComfyUI's manual_cast plus GGUF layers."""
+    """Operations for ``model_options['custom_operations']``: ComfyUI's manual_cast plus GGUF layers.
+
+    One set of classes per dequant dtype, not per load: torch.compile guards on each layer's
+    class, so a model loaded again (another ``resident`` mode, a reload after unloading) with new
+    classes would recompile everything."""
 
     class FluxQOps(comfy.ops.manual_cast):
         class Linear(_QuantizedWeightMixin, comfy.ops.manual_cast.Linear):

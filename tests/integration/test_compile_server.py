@@ -9,11 +9,10 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from comfy_server import ComfyServer
 from conftest import COMFY_DIR, REPO_ROOT
 from fluxq_testing import TINY
+from safetensors.torch import load_file, save_file
 
 RECOMPILE = re.compile(r"Recompiling function (\S+) in (\S+)")
 # The pack's code as dynamo reports it (ComfyUI imports the pack through a symlink; dynamo prints

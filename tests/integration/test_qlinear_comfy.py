@@ -161,7 +161,8 @@ def test_one_flux_block_compiles_as_one_graph_with_0_1_and_3_loras_of_mixed_kind
     diffusion_model = model.model.diffusion_model
     entries = _mixed_kinds(diffusion_model, seed=4)
     install_hooks(diffusion_model, LoraStack(entries).module_paths(), layer_base_weight)
-    dtype, device = args[0].dtype, args[0].device
+    img = args[0] if args else kwargs["img"]  # ComfyUI passes the block's inputs by name
+    dtype, device = img.dtype, img.device
     stacks = {"no LoRA": LoraStack(), "one LoRA": LoraStack(entries[:1]), "three kinds": LoraStack(entries),
               "three kinds, new strengths": LoraStack([dataclasses.replace(e, strength=-e.strength) for e in entries])}
     torch._dynamo.reset()
