@@ -11,7 +11,7 @@ import time
 
 PACK = os.environ.get("PACK", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [PACK + "/tests", PACK]
-import conftest
+import conftest  # ComfyUI as a library, in CPU mode (importing it does that)
 
 spec = importlib.util.spec_from_file_location("comfyui_flux_qlora", PACK + "/__init__.py",
                                               submodule_search_locations=[PACK])
