@@ -9,20 +9,26 @@ Every adapter kind offers the same two views of its update:
 - `dense_delta(base_rows)`: the full ΔW to ADD to those rows (its own scale and any row transform
   included, not the strength), in base_rows' dtype and device, for paths that form the weight.
 A layer that forms its weight on every call anyway (the quantized linears, `lora_ops/qlinear.py`)
-sets `applies_lora_itself` and takes the active adapters from `active_adapters` instead: it folds
-them into that weight (`dense_delta`) or runs the separate path (`add_updates`).
+sets `applies_lora_itself` and takes its `LayerLoras` from `active_loras` instead: it folds them
+into that weight or runs the separate path.
 
-Strengths travel as 0-dim tensors, never as Python floats: under `torch.compile` a float would be
-baked into the graph (a recompile per strength), a tensor is a graph input.
+What a layer applies is resolved when a stack is activated, outside any compiled graph: `activate`
+sets on every hooked module a `LayerLoras` (tensors in the compute dtype and device, strengths
+included). The forward reads that attribute and nothing else: no path, no context variable, no
+dict. Under `torch.compile` (ComfyUI's TorchCompileModel) a strength change, a second low-rank LoRA
+of another rank, a removal or a re-application are new values and sizes of the same tensors (the
+group's rank is a dynamic dimension), never a recompile; only a new set of adapted layers, or a
+LoKr/DoRA adapter coming or going (each is its own term of the graph), traces again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +40,13 @@ MAX_STRENGTH = 10.0
 
 # Attribute marking a hooked module with its path (makes install idempotent).
 _HOOK_ATTR = "_fluxq_lora_hook"
-
-_active_stack: ContextVar[LoraStack | None] = ContextVar("fluxq_active_lora_stack", default=None)
+# Attribute holding a hooked module's `LayerLoras` while a stack is active (None otherwise).
+_LORAS_ATTR = "fluxq_loras"
+# Every hooked module (weakly: a dropped model leaves nothing behind); `activate` sets their state.
+_hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# The fewest rank rows a layer's low-rank group has (zero-padded): dynamo specializes sizes 0 and 1,
+# so a group of rank 1 or 0 (an emptied stack) would be a new graph.
+_MIN_GROUP_RANK = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,8 +66,6 @@ class LowRankAdapter:
     # LoRA dropout while training (as PEFT: on the low-rank path's input), only where gradients
     # are being recorded for trainable factors; sampling and inference never drop.
     dropout: float = 0.0
-    # Casts of down/up for one (device, dtype), made on first use.
-    _casts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     needs_base_rows = False
 
     def __post_init__(self):
@@ -93,18 +102,9 @@ class LowRankAdapter:
         return torch.mm(up, down).mul_(self.scale)
 
     def factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) in x's device and dtype."""
-        if self.down.requires_grad or self.up.requires_grad:
-            # Trainable masters: cast on every call so gradients flow back to them.
-            return self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
-        # No inference-mode query on this path: torch.compile cannot trace one (a graph break in
-        # every hooked layer); the casts are made usable in and out of inference mode instead.
-        key = (x.device, x.dtype)
-        factors = self._casts.get(key)
-        if factors is None:
-            factors = tuple(_cast(t, x.device, x.dtype) for t in (self.down, self.up))
-            self._casts[key] = factors
-        return factors
+        """(down, up) in x's device and dtype, cast on every call (trainable masters get their
+        gradients through it; frozen adapters reach layers as a `LayerLoras`, cast once)."""
+        return self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
 
     def output(self, x: torch.Tensor, strength: torch.Tensor, base_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The separate path: `strength * scale * up(down(x))`, the update of the targeted features."""
@@ -201,13 +201,27 @@ def _on(strength: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return strength.to(x.device, non_blocking=True)
 
 
-def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _usable_by_autograd(t: torch.Tensor) -> torch.Tensor:
     # ComfyUI loads files under inference_mode; such tensors cannot be saved for backward, which
     # a frozen LoRA active during training needs. A copy made outside inference mode can, and
-    # inference uses it just as well.
+    # inference uses it just as well. Called when a stack is activated, never in a forward:
+    # torch.compile cannot trace the inference-mode query.
+    if not t.is_inference():
+        return t
     with torch.inference_mode(False):
-        out = t.to(device, dtype)
-        return out.clone() if out.is_inference() else out
+        return t.clone()
+
+
+def _frozen_copy(adapter: Adapter) -> Adapter:
+    """`adapter` with every tensor usable by autograd (the same object when they all are)."""
+    if isinstance(adapter, DoRAAdapter):
+        inner, magnitude = _frozen_copy(adapter.inner), _usable_by_autograd(adapter.magnitude)
+        same = inner is adapter.inner and magnitude is adapter.magnitude
+        return adapter if same else dataclasses.replace(adapter, inner=inner, magnitude=magnitude)
+    names = ("w1", "w2") if isinstance(adapter, KroneckerAdapter) else ("down", "up")
+    tensors = {n: _usable_by_autograd(getattr(adapter, n)) for n in names}
+    same = all(t is getattr(adapter, n) for n, t in tensors.items())
+    return adapter if same else dataclasses.replace(adapter, **tensors)
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,13 +245,142 @@ class LoraEntry:
         object.__setattr__(self, "adapters", {path: tuple(a) for path, a in self.adapters.items()})
 
 
+def fold_key(pairs: Iterable[tuple[torch.Tensor, Adapter]]) -> tuple:
+    """What a folded weight holds: which adapters (compared by identity; held, so an id is never
+    reused while a key names it) at which strengths (host values; eager only)."""
+    return tuple((adapter, float(strength)) for strength, adapter in pairs)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerLoras:
+    """Everything one layer applies for one stack, resolved outside traced code (`layer_loras`).
+
+    The frozen low-rank adapters (LoRA, LoHa) form ONE group: their factors concatenated along
+    the rank, each adapter's B placed on its `out_slice` rows (zeros elsewhere), one coefficient
+    (strength x scale) per rank row. Adding, removing or re-weighting them changes the values and
+    the rank (a dynamic dimension), never the code a compiler traces. `active` selects the base
+    exactly (bits, signed zeros included) when every group strength is 0. LoKr, DoRA and trainable
+    adapters stay one term each (`frozen_others`, `trainable_others`), applied as before.
+    """
+
+    down: torch.Tensor  # (R, in) float32, R >= _MIN_GROUP_RANK
+    up: torch.Tensor  # (out, R) float32
+    # The same factors in the compute dtype (the separate path's; `down`/`up` when that is float32).
+    down_c: torch.Tensor
+    up_c: torch.Tensor
+    coef: torch.Tensor  # (R,) float32, 0 on padding rows
+    active: torch.Tensor  # 0-dim bool
+    frozen_others: tuple[tuple[torch.Tensor, Adapter], ...]
+    trainable_others: tuple[tuple[torch.Tensor, Adapter], ...]
+    # Host-side facts, read only outside compiled code (or structural: fixed for a set of kinds).
+    key: tuple  # fold_key of the frozen adapters: what a resident copy must hold
+    group_idle: bool  # every group strength is 0: eager calls skip the group (the same bits)
+    reads_base: bool  # some adapter reads the layer's base rows (DoRA)
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.trainable_others)
+
+    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) on like's device, in like's dtype, from the cast made at activation when it fits."""
+        down, up = (self.down_c, self.up_c) if self.down_c.dtype == like.dtype else (self.down, self.up)
+        return down.to(like.device, like.dtype), up.to(like.device, like.dtype)
+
+    def _skip_group(self) -> bool:
+        # Eager calls skip a group whose strengths are all 0; compiled code always runs it (a
+        # host flag read there would be baked in: a recompile between 0 and another strength).
+        return not torch.compiler.is_compiling() and self.group_idle
+
+    def fold_(self, weight: torch.Tensor, group: bool = True) -> torch.Tensor:
+        """Adds the group (when `group`) and the frozen others to `weight` in place, in weight's
+        dtype; rows stay exactly as they were where strengths are 0. Adapters that read the base
+        rows (DoRA) get the weight as it came in, in float32 (core takes its norms in float32)."""
+        base = weight.to(torch.float32, copy=True) if self.reads_base else None
+        if group and not self._skip_group():
+            down, up = self._factors(weight)
+            up = up * self.coef.to(weight.device, weight.dtype)
+            if torch.compiler.is_compiling():
+                weight.copy_(torch.where(self.active.to(weight.device), weight + torch.mm(up, down), weight))
+            else:
+                # Eager calls skipped an all-zero group above: one in-place pass over the weight
+                # (a resident rebuild on a strength change is mostly this and the dequantization).
+                weight.addmm_(up, down)
+        for strength, adapter in self.frozen_others:
+            rows = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
+            if adapter.needs_base_rows:
+                base_rows = base if adapter.out_slice is None else base.narrow(0, *adapter.out_slice)
+                delta = adapter.dense_delta(base_rows).to(rows.dtype)
+            else:
+                delta = adapter.dense_delta(rows)
+            rows.copy_(scaled(rows, delta, strength))
+        return weight
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, base_weight: Callable[[], torch.Tensor] | None = None,
+               group: bool = True, frozen: bool = True) -> torch.Tensor:
+        """The separate path: `output` plus the group's update (when `group`), the frozen others'
+        (when `frozen`) and the trainable ones' (always); exactly `output` where strengths are 0."""
+        if group and not self._skip_group():
+            down, up = self._factors(x)
+            hidden = nn.functional.linear(x, down) * self.coef.to(x.device, x.dtype)
+            output = torch.where(self.active.to(x.device), output + nn.functional.linear(hidden, up), output)
+        others = (self.frozen_others + self.trainable_others) if frozen else self.trainable_others
+        return add_updates(output, x, others, base_weight) if others else output
+
+
+def layer_loras(pairs: Iterable[tuple[torch.Tensor, Adapter]], out_features: int, in_features: int,
+                device: torch.device | None = None, dtype: torch.dtype | None = None,
+                factors: tuple[torch.Tensor, ...] | None = None) -> LayerLoras:
+    """A layer's `LayerLoras` for (strength, adapter) pairs: factors on `device` (default: where
+    the adapters are) in float32 and `dtype`; `factors` reuses the group factors of the same
+    adapters (a strength change). Made outside inference mode, so training can use them too."""
+    pairs = tuple(pairs)
+    grouped = tuple(p for p in pairs if isinstance(p[1], LowRankAdapter) and not p[1].trainable)
+    frozen = tuple((_usable_by_autograd(s), _frozen_copy(a)) for s, a in pairs
+                   if not isinstance(a, LowRankAdapter) and not a.trainable)
+    trainable = tuple(p for p in pairs if p[1].trainable)
+    if device is None:
+        device = grouped[0][1].down.device if grouped else torch.device("cpu")
+    rank = max(sum(a.rank for _, a in grouped), _MIN_GROUP_RANK)
+    with torch.inference_mode(False), torch.no_grad():
+        if factors is None:
+            down = torch.zeros(rank, in_features, device=device)
+            up = torch.zeros(out_features, rank, device=device)
+            row = 0
+            for _, adapter in grouped:
+                down[row:row + adapter.rank].copy_(adapter.down)
+                rows = up if adapter.out_slice is None else up.narrow(0, *adapter.out_slice)
+                rows[:, row:row + adapter.rank].copy_(adapter.up)
+                row += adapter.rank
+            cast = dtype is not None and dtype != torch.float32
+            factors = (down, up, down.to(dtype) if cast else down, up.to(dtype) if cast else up)
+        coef = torch.zeros(rank)
+        row = 0
+        for strength, adapter in grouped:
+            coef[row:row + adapter.rank] = float(strength) * adapter.scale
+            row += adapter.rank
+        coef = coef.to(device)
+        any_active = any(float(s) != 0 for s, _ in grouped)
+        active = torch.tensor(any_active, device=device)
+    for tensor, dim in zip((*factors, coef), (0, 1, 0, 1, 0)):
+        # The rank is a size the user changes (a second LoRA, a removal): traced as a symbol.
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return LayerLoras(*factors, coef=coef, active=active, frozen_others=frozen, trainable_others=trainable,
+                      key=fold_key(p for p in pairs if not p[1].trainable), group_idle=not any_active,
+                      reads_base=any(a.needs_base_rows for _, a in pairs))
+
+
 class LoraStack:
     """An immutable, ordered set of applied LoRAs, indexed by module path for the hooks."""
 
-    __slots__ = ("_by_module", "_entries", "_module_paths")
+    __slots__ = ("_by_module", "_entries", "_factors", "_layers", "_module_paths")
 
-    def __init__(self, entries: Iterable[LoraEntry] = ()):
+    def __init__(self, entries: Iterable[LoraEntry] = (), _factors: dict | None = None):
         self._entries = tuple(entries)
+        # Per (module path, shape, device, dtype): this stack's LayerLoras, and the group factors,
+        # which a strength change shares (`with_strength`). Built outside traced code, freed with
+        # the stack.
+        self._layers: dict[tuple, LayerLoras] = {}
+        self._factors: dict[tuple, tuple[torch.Tensor, ...]] = {} if _factors is None else _factors
         names = self.names()
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate LoRA names in {names}")
@@ -269,6 +412,18 @@ class LoraStack:
         """(strength as a 0-dim fp32 tensor, adapter) pairs for one module, in stack order."""
         return self._by_module.get(module_path, ())
 
+    def layer_loras(self, module_path: str, out_features: int, in_features: int,
+                    device: torch.device | None = None, dtype: torch.dtype | None = None) -> LayerLoras:
+        """What the module at `module_path` applies for this stack (an idle group when nothing)."""
+        key = (module_path, out_features, in_features, device, dtype)
+        loras = self._layers.get(key)
+        if loras is None:
+            loras = layer_loras(self.adapters_for(module_path), out_features, in_features, device, dtype,
+                                self._factors.get(key))
+            self._layers[key] = loras
+            self._factors[key] = (loras.down, loras.up, loras.down_c, loras.up_c)
+        return loras
+
     def with_lora(self, entry: LoraEntry) -> LoraStack:
         """Adds `entry`; an entry of the same name is replaced in place."""
         if entry.name in self.names():
@@ -285,7 +440,8 @@ class LoraStack:
     def with_strength(self, name: str, strength: float) -> LoraStack:
         self._check_applied(name)
         return LoraStack(
-            dataclasses.replace(e, strength=strength) if e.name == name else e for e in self._entries
+            (dataclasses.replace(e, strength=strength) if e.name == name else e for e in self._entries),
+            _factors=self._factors,  # the same adapters: the same group factors
         )
 
     def _check_applied(self, name: str) -> None:
@@ -302,13 +458,26 @@ class LoraStack:
 
 
 @contextlib.contextmanager
-def activate(stack: LoraStack | None) -> Iterator[None]:
-    """Makes `stack` the one the hooks apply (None: no LoRA) for the duration of the block."""
-    token = _active_stack.set(stack)
+def activate(stack: LoraStack | None, device: torch.device | None = None,
+             dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Makes `stack` the one the hooked modules apply (None: no LoRA) for the duration of the block:
+    each gets its `LayerLoras` (cast to `dtype` on `device` when given, else cast per call) as an
+    attribute, set here, outside any compiled graph; the previous ones come back on exit."""
+    modules = list(_hooked)
+    previous = [module.__dict__.get(_LORAS_ATTR) for module in modules]
     try:
+        for module in modules:
+            module.__dict__[_LORAS_ATTR] = None if stack is None else stack.layer_loras(
+                getattr(module, _HOOK_ATTR), module.out_features, module.in_features, device, dtype)
         yield
     finally:
-        _active_stack.reset(token)
+        for module, loras in zip(modules, previous):
+            module.__dict__[_LORAS_ATTR] = loras
+
+
+def active_loras(module: nn.Module) -> LayerLoras | None:
+    """The `LayerLoras` the active stack set on a hooked module; None when none is active."""
+    return getattr(module, _LORAS_ATTR, None)
 
 
 BaseWeight = Callable[[nn.Module, torch.dtype, torch.device], torch.Tensor]
@@ -329,27 +498,20 @@ def install_hooks(root: nn.Module, module_paths: Iterable[str], base_weight: Bas
         if getattr(module, _HOOK_ATTR, None) is None:
             module.register_forward_hook(_make_hook(base_weight))
             setattr(module, _HOOK_ATTR, path)
+            _hooked.add(module)
 
 
-def active_adapters(module: nn.Module) -> tuple[tuple[torch.Tensor, Adapter], ...]:
-    """(strength, adapter) pairs the active stack holds for a hooked module; () when none."""
-    stack = _active_stack.get()
-    path = getattr(module, _HOOK_ATTR, None)
-    if stack is None or path is None:
-        return ()
-    return stack.adapters_for(path)
-
-
+@functools.cache
 def _make_hook(base_weight: BaseWeight):
+    # One hook object per base_weight function, shared by every module: compiled code guarded on a
+    # module's hooks then matches every block of a model (a closure per module would not).
     def lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor):
-        if getattr(module, "applies_lora_itself", False):
-            return None
-        pairs = active_adapters(module)
-        if not pairs:
+        loras = active_loras(module)
+        if loras is None or getattr(module, "applies_lora_itself", False):
             return None
         x = args[0]
         # Norms in fp32, as core.
-        return add_updates(output, x, pairs, lambda: base_weight(module, torch.float32, x.device))
+        return loras.add_to(output, x, lambda: base_weight(module, torch.float32, x.device))
 
     return lora_forward_hook
 

@@ -13,7 +13,9 @@ holds:
   tensor ops with no host sync, so under ``torch.compile`` inductor fuses dequantize + fold into
   one pointwise kernel that writes the buffer the matmul reads. Plain low-rank adapters are
   folded only where that is the cheaper work (``folds_low_rank``: enough tokens); with fewer
-  tokens (small images, the text stream) they stay the separate path.
+  tokens (small images, the text stream) they stay the separate path. They come as one group
+  (``lora_runtime.LayerLoras``: factors concatenated along a dynamic rank), so the traced code does
+  not depend on how many there are, their ranks or strengths.
 - ``RESIDENT``: a kept dequantized copy with the frozen LoRAs folded in (``Resident``): the layer
   runs exactly like a native float layer.
 Adapters that train (gradients must reach A and B) always take the separate path.
@@ -34,7 +36,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from .dequant import as_qtype, dequantize
-from .lora_runtime import Adapter, LowRankAdapter, add_updates, scaled
+from .lora_runtime import Adapter, LayerLoras, layer_loras
 
 GEMV, DEQUANT, RESIDENT = "gemv", "dequant", "resident"
 PLANS = (GEMV, DEQUANT, RESIDENT)
@@ -48,6 +50,14 @@ _Q8_0_GROUP = 32
 GEMV_COLUMNS = 512
 
 Pairs = Sequence[tuple[torch.Tensor, Adapter]]
+
+
+def as_layer_loras(loras: LayerLoras | Pairs | None, shape: tuple[int, ...]) -> LayerLoras | None:
+    """A layer's LoRAs as `LayerLoras` (the form layers get from `activate`); None for none.
+    (strength, adapter) pairs are resolved here, cast per call: direct callers and tests."""
+    if loras is None or isinstance(loras, LayerLoras):
+        return loras
+    return layer_loras(loras, math.prod(shape[:-1]), shape[-1]) if loras else None
 
 
 def repack(raw: torch.Tensor, qtype: int | QType) -> tuple[torch.Tensor, str]:
@@ -122,34 +132,22 @@ def gemv(x: torch.Tensor, data: torch.Tensor, qtype: int | QType, shape: tuple[i
     return y.reshape(*x.shape[:-1], rows).to(x.dtype)
 
 
-def fold_(weight: torch.Tensor, pairs: Pairs) -> torch.Tensor:
-    """Adds ``s·Δ`` of each (frozen) adapter to its rows of ``weight``, in place and in weight's
-    dtype (callers pass a weight they own); rows stay exactly as they were at strength 0.
-    Adapters that read the base rows (DoRA) get the weight as it came in, in float32 (core takes
-    its norms in float32), not with the earlier adapters folded."""
-    base = weight.to(torch.float32, copy=True) if any(a.needs_base_rows for _, a in pairs) else None
-    for strength, adapter in pairs:
-        rows = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
-        if adapter.needs_base_rows:
-            base_rows = base if adapter.out_slice is None else base.narrow(0, *adapter.out_slice)
-            delta = adapter.dense_delta(base_rows).to(rows.dtype)
-        else:
-            delta = adapter.dense_delta(rows)
-        rows.copy_(scaled(rows, delta, strength))
-    return weight
+def fold_(weight: torch.Tensor, loras: LayerLoras | Pairs | None) -> torch.Tensor:
+    """Adds ``s·Δ`` of each frozen adapter to its rows of ``weight``, in place and in weight's
+    dtype (callers pass a weight they own); rows stay exactly as they were at strength 0
+    (``LayerLoras.fold_``)."""
+    loras = as_layer_loras(loras, tuple(weight.shape))
+    return weight if loras is None else loras.fold_(weight)
 
 
-def folded_weight(data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...], layout: str, pairs: Pairs,
-                  dtype: torch.dtype, arith_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``dequant(q) + Σ s·Δ`` in dtype; dequantization and fold computed in ``arith_dtype`` (default dtype)."""
+def folded_weight(data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...], layout: str,
+                  loras: LayerLoras | Pairs | None, dtype: torch.dtype, arith_dtype: torch.dtype | None = None,
+                  group: bool = True) -> torch.Tensor:
+    """``dequant(q) + Σ s·Δ`` in dtype; dequantization and fold computed in ``arith_dtype`` (default
+    dtype); ``group=False`` leaves the low-rank group out (it runs as the separate path)."""
     weight = dequantize_weight(data, qtype, shape, layout, arith_dtype or dtype)
-    return fold_(weight, pairs).to(dtype) if pairs else weight.to(dtype)
-
-
-def fold_key(pairs: Pairs) -> tuple:
-    """What a resident copy holds: which adapters (compared by identity; held, so an id is never
-    reused while a copy names it) at which strengths (host values; eager only)."""
-    return tuple((adapter, float(strength)) for strength, adapter in pairs)
+    loras = as_layer_loras(loras, shape)
+    return weight.to(dtype) if loras is None else loras.fold_(weight, group).to(dtype)
 
 
 @dataclass(eq=False)
@@ -165,14 +163,16 @@ class Resident:
 
 
 def build_resident(previous: Resident | None, data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...],
-                   layout: str, pairs: Pairs, dtype: torch.dtype, arith_dtype: torch.dtype | None = None) -> Resident:
-    """The resident copy for ``pairs`` (frozen adapters), rebuilt from the quantized bytes, so an
-    emptied stack gives back exactly the base. Reuses ``previous``'s storage when it fits: a
+                   layout: str, loras: LayerLoras | Pairs | None, dtype: torch.dtype,
+                   arith_dtype: torch.dtype | None = None) -> Resident:
+    """The resident copy for ``loras`` (their frozen adapters), rebuilt from the quantized bytes,
+    so an emptied stack gives back exactly the base. Reuses ``previous``'s storage when it fits: a
     compiled graph reading it sees the same tensor, only new values."""
-    key = fold_key(pairs)
+    loras = as_layer_loras(loras, shape)
+    key = () if loras is None else loras.key
     if previous is not None and previous.key == key and previous.weight.dtype == dtype:
         return previous
-    weight = folded_weight(data, qtype, shape, layout, pairs, dtype, arith_dtype)
+    weight = folded_weight(data, qtype, shape, layout, loras, dtype, arith_dtype)
     if previous is not None and previous.weight.shape == weight.shape and previous.weight.dtype == dtype \
             and previous.weight.device == weight.device:
         previous.weight.copy_(weight)
@@ -209,39 +209,37 @@ def quantized_linear(
     shape: tuple[int, ...],
     layout: str,
     bias: torch.Tensor | None,
-    pairs: Pairs = (),
+    pairs: LayerLoras | Pairs | None = (),
     resident: Resident | None = None,
     weight_patches: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
     arith_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``x·W_effᵀ + b`` by the selected plan; ``data`` on x's device; ``pairs`` the active
-    (strength, adapter) pairs; ``weight_patches`` functions applied to the dequantized weight."""
-    frozen = tuple(p for p in pairs if not p[1].trainable)
-    trainable = tuple(p for p in pairs if p[1].trainable)
+    """``x·W_effᵀ + b`` by the selected plan; ``data`` on x's device; ``pairs`` the layer's LoRAs
+    (its ``LayerLoras``, or (strength, adapter) pairs); ``weight_patches`` functions applied to the
+    dequantized weight. Reads no dict and no host value that a strength change alters: under
+    torch.compile the same graph serves every strength and every stack of the same layers."""
+    loras = as_layer_loras(pairs, shape)
     resident_usable = (
         resident is not None and resident.weight.dtype == x.dtype and resident.weight.device == x.device
         # Under torch.compile the caller keeps the copy in sync before the call (reading host
         # strength values here would bake them into the graph).
-        and (torch.compiler.is_compiling() or resident.key == fold_key(frozen))
+        and (torch.compiler.is_compiling() or resident.key == (() if loras is None else loras.key))
     )
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(trainable))
-    reads_base = any(adapter.needs_base_rows for _, adapter in pairs)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (loras is not None and loras.trainable))
+    reads_base = loras is not None and loras.reads_base
     tokens = x.numel() // x.shape[-1]
     plan = select_plan(tokens, resident_usable, bool(weight_patches), needs_grad, reads_base)
     if plan == GEMV:
         y = gemv(x, data, qtype, shape, layout)
         if bias is not None:
             y = y + bias
-        return add_updates(y, x, pairs)
-    separate = trainable
+        return y if loras is None else loras.add_to(y, x)
     if plan == RESIDENT:
-        weight = resident.weight
-    else:
-        if not folds_low_rank(tokens, shape):
-            separate = trainable + tuple(p for p in frozen if isinstance(p[1], LowRankAdapter))
-            frozen = tuple(p for p in frozen if not isinstance(p[1], LowRankAdapter))
-        weight = folded_weight(data, qtype, shape, layout, frozen, x.dtype, arith_dtype)
-        for patch in weight_patches:
-            weight = patch(weight)
+        y = torch.nn.functional.linear(x, resident.weight, bias)
+        return y if loras is None else loras.add_to(y, x, group=False, frozen=False)
+    fold_group = folds_low_rank(tokens, shape)
+    weight = folded_weight(data, qtype, shape, layout, loras, x.dtype, arith_dtype, group=fold_group)
+    for patch in weight_patches:
+        weight = patch(weight)
     y = torch.nn.functional.linear(x, weight, bias)
-    return add_updates(y, x, separate)
+    return y if loras is None else loras.add_to(y, x, group=not fold_group, frozen=False)

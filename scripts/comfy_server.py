@@ -32,7 +32,8 @@ class ComfyServer:
     """A real ComfyUI server process with the pack, driven over HTTP."""
 
     def __init__(self, comfy_dir: Path, workdir: Path, extra_model_root: Path | None = None, cpu: bool = True,
-                 extra_models_first: bool = False, port: int | None = None, env: dict[str, str] | None = None):
+                 extra_models_first: bool = False, port: int | None = None, env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.comfy_dir = comfy_dir
         self.port = port or free_port()  # a given port: a server restarted where a client expects it
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +45,7 @@ class ComfyServer:
                    "--port", str(self.port), "--disable-auto-launch", "--output-directory", str(self.output_dir),
                    "--input-directory", str(self.input_dir),
                    # ComfyUI empties its temp folder at start: a private one per server
-                   "--temp-directory", str(workdir / "temp")]
+                   "--temp-directory", str(workdir / "temp"), *extra_args]
         if extra_model_root is not None:
             extra = workdir / "extra_model_paths.yaml"
             extra.write_text(

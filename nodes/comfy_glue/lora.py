@@ -38,7 +38,7 @@ from ...lora_ops.lora_runtime import (
     install_hooks,
 )
 from .common import model_family
-from .quantized import sync_resident_layers
+from .quantized import compute_dtype, lora_target, sync_resident_layers
 
 log = logging.getLogger("fluxq")
 
@@ -61,9 +61,11 @@ class LoraStackWrapper:
 
     def __call__(self, executor, *args, **kwargs):
         base_model = executor.class_obj
-        install_hooks(base_model.diffusion_model, self.stack.module_paths(), layer_base_weight)
+        install_hooks(lora_target(base_model), self.stack.module_paths(), layer_base_weight)
         sync_resident_layers(base_model, self.stack, args[0])
-        with activate(self.stack):
+        # Each layer's LoRAs resolved here, cast once to the compute dtype on the input's device,
+        # outside the compiled graph (TorchCompileModel compiles the diffusion model inside).
+        with activate(self.stack, args[0].device, compute_dtype(base_model)):
             return executor(*args, **kwargs)
 
 

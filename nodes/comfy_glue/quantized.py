@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import comfy.lora
@@ -18,7 +19,7 @@ from ...lora_ops.dequant import dequantize
 from ...lora_ops.gguf_file import QTensor
 from ...lora_ops.lora_runtime import (
     LoraStack,
-    active_adapters,
+    active_loras,
 )
 from ...lora_ops.qlinear import (
     GGUF_LAYOUT,
@@ -76,7 +77,7 @@ class _QuantizedWeightMixin:
         raw = self.weight.to(device, non_blocking=comfy.model_management.device_supports_non_blocking(device))
         return quantized_linear(
             x, raw, self.qtype, self.qshape, self.qlayout, self._cast_bias(x.dtype, device),
-            pairs=active_adapters(self), resident=self.resident, weight_patches=self._weight_patches(),
+            pairs=active_loras(self), resident=self.resident, weight_patches=self._weight_patches(),
             arith_dtype=self.dequant_dtype,
         )
 
@@ -106,8 +107,13 @@ class _QuantizedWeightMixin:
         return bias
 
 
+@functools.cache
 def make_ops(dequant_dtype: torch.dtype | None):
-    """Operations for ``model_options['custom_operations']``: ComfyUI's manual_cast plus GGUF layers."""
+    """Operations for ``model_options['custom_operations']``: ComfyUI's manual_cast plus GGUF layers.
+
+    One set of classes per dequant dtype, not per load: torch.compile guards on each layer's
+    class, so a model loaded again (another ``resident`` mode, a reload after unloading) with new
+    classes would recompile everything."""
 
     class FluxQOps(comfy.ops.manual_cast):
         class Linear(_QuantizedWeightMixin, comfy.ops.manual_cast.Linear):
@@ -212,14 +218,25 @@ def resident_budget(mode: str, base_model, x: torch.Tensor) -> float:
     return mm.get_free_memory(x.device) - reserve
 
 
+def lora_target(base_model) -> torch.nn.Module:
+    """The diffusion model whose layers the LoRAs adapt: core's TorchCompileModel may have swapped
+    in its compiled wrapper (``OptimizedModule``, whose module names start with ``_orig_mod.``)."""
+    diffusion_model = base_model.diffusion_model
+    return getattr(diffusion_model, "_orig_mod", diffusion_model)
+
+
+def compute_dtype(base_model) -> torch.dtype:
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
 def sync_resident_layers(base_model, stack: LoraStack, x: torch.Tensor) -> None:
     """Before a model call (outside any compiled graph): make quantized layers resident while the
     budget allows, and rebuild the copies whose folded LoRAs changed, from the quantized bytes."""
-    diffusion_model = base_model.diffusion_model
+    diffusion_model = lora_target(base_model)
     mode = getattr(diffusion_model, "fluxq_resident", "off")
     if mode == "off":
         return
-    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    dtype = compute_dtype(base_model)
     budget = None  # asked of ComfyUI only when a new copy is considered
     with torch.inference_mode(False), torch.no_grad():  # usable by the trainer's autograd too
         for path, module in diffusion_model.named_modules():
@@ -234,9 +251,9 @@ def sync_resident_layers(base_model, stack: LoraStack, x: torch.Tensor) -> None:
                 if need > budget:
                     continue
                 budget -= need
-            frozen = tuple(p for p in stack.adapters_for(path) if not p[1].trainable)
+            loras = stack.layer_loras(path, module.out_features, module.in_features, x.device, dtype)
             module.resident = build_resident(module.resident, module.weight, module.qtype, module.qshape,
-                                             module.qlayout, frozen, dtype, module.dequant_dtype)
+                                             module.qlayout, loras, dtype, module.dequant_dtype)
 
 
 def drop_resident_layers(patcher) -> None:

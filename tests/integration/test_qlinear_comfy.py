@@ -103,3 +103,90 @@ def test_core_torch_compile_on_fluxq_blocks_with_lora_no_recompile_on_strength_c
     with torch._dynamo.config.patch(error_on_recompile=True):
         restrengthened = with_lora_stack(with_lora, LoraStack([entry]).with_strength(entry.name, -0.3))
         torch.testing.assert_close(_denoise(restrengthened), eager[-0.3], rtol=1e-4, atol=1e-4)
+
+
+def _block_inputs(model):
+    """The arguments the sampler's model call passes to double_blocks.0, captured from one call."""
+    block = model.model.diffusion_model.double_blocks[0]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        _denoise(model)
+    finally:
+        handle.remove()
+    return block, captured["args"], captured["kwargs"]
+
+
+def _mixed_kinds(diffusion_model, seed):
+    """A LoRA, a LoHa and a LoKr entry on the layers of double_blocks.0."""
+    from comfyui_flux_qlora.lora_ops.lora_runtime import (
+        KroneckerAdapter,
+        LoraEntry,
+        LowRankAdapter,
+        hadamard_as_low_rank,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    paths = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mod.lin", "double_blocks.0.txt_mlp.0")
+    loha, lokr = {}, {}
+    for path in paths:
+        layer = diffusion_model.get_submodule(path)
+        out, inp = layer.out_features, layer.in_features
+        factors = (torch.randn(*s, generator=g) * 0.02 for s in ((out, 2), (2, inp), (out, 3), (3, inp)))
+        down, up = hadamard_as_low_rank(*factors)
+        loha[path] = (LowRankAdapter(down, up, scale=0.5),)
+        lokr[path] = (KroneckerAdapter(torch.randn(out // 64, 4, generator=g) * 0.05,
+                                       torch.randn(64, inp // 4, generator=g) * 0.05, scale=0.5),)
+    lora = _entry(diffusion_model, name="lora", seed=seed)
+    return [lora, LoraEntry("loha", 0.6, loha), LoraEntry("lokr", -0.4, lokr)]
+
+
+def test_one_flux_block_compiles_as_one_graph_with_0_1_and_3_loras_of_mixed_kinds(pack, models_dir, monkeypatch):
+    """torch.compile(fullgraph=True) of a whole FLUX double block (fused qkv, MLP, one-token
+    modulation; ComfyUI's attention included) with quantized layers: no LoRA, one, and a LoRA +
+    LoHa + LoKr; each equals eager, and a strength change on all three is not a recompile."""
+    import dataclasses
+
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention
+    import torch._dynamo
+
+    # ComfyUI's PyTorch attention, what --use-pytorch-cross-attention (and every GPU) selects: its
+    # CPU default reads the free memory (psutil opens a file), which no fullgraph trace allows.
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+
+    from comfyui_flux_qlora.lora_ops.lora_runtime import LoraStack, activate, install_hooks
+    from comfyui_flux_qlora.nodes.comfy_glue import layer_base_weight
+
+    model = _fresh_model(models_dir)
+    block, args, kwargs = _block_inputs(model)
+    diffusion_model = model.model.diffusion_model
+    entries = _mixed_kinds(diffusion_model, seed=4)
+    install_hooks(diffusion_model, LoraStack(entries).module_paths(), layer_base_weight)
+    img = args[0] if args else kwargs["img"]  # ComfyUI passes the block's inputs by name
+    dtype, device = img.dtype, img.device
+    stacks = {"no LoRA": LoraStack(), "one LoRA": LoraStack(entries[:1]), "three kinds": LoraStack(entries),
+              "three kinds, new strengths": LoraStack([dataclasses.replace(e, strength=-e.strength) for e in entries])}
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="inductor")
+
+    def fresh(values):
+        return [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
+
+    outputs = {}
+    with torch.inference_mode():
+        for label, stack in stacks.items():
+            with activate(stack, device, dtype), \
+                    torch._dynamo.config.patch(error_on_recompile=label == "three kinds, new strengths"):
+                # Fresh inputs per call: the block adds its residuals into img and txt in place.
+                eager, ours = (run(*fresh(args), **dict(zip(kwargs, fresh(kwargs.values()))))
+                               for run in (block, compiled))
+            for got, want in zip(ours, eager):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=label)
+            outputs[label] = ours
+    # The LoHa and LoKr terms were applied (small, but not nothing), under compile too.
+    assert not torch.equal(outputs["three kinds"][0], outputs["one LoRA"][0])

@@ -1,7 +1,7 @@
 """Memory the pack holds outside ComfyUI's view: the per-(device, dtype) casts of LoRA factors
-(LowRankAdapter._casts) live only as long as the LoRA that owns them. Hooks stay on the modules
-but hold only a module path; the active stack is a context variable reset after each call. So
-applying, using and dropping N different LoRAs leaves nothing behind."""
+(a stack's LayerLoras) live only as long as the stack that owns them. Hooks stay on the modules
+but hold only a module path; the LayerLoras `activate` sets on a module are taken off after each
+call. So applying, using and dropping N different LoRAs leaves nothing behind."""
 
 import gc
 import weakref
@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, active_loras, install_hooks
 
 
 def test_casts_of_dropped_loras_are_freed():
@@ -26,10 +26,10 @@ def test_casts_of_dropped_loras_are_freed():
         entry = LoraEntry(f"lora{n}", 1.0, adapters)
         stack = LoraStack([entry])
         install_hooks(model, stack.module_paths())
-        with activate(stack):
+        with activate(stack, x.device, x.dtype):
             assert not torch.equal(model(x), baseline)
-        casts = [t for a in adapters.values() for adapter in a for pair in adapter._casts.values() for t in pair]
-        assert len(casts) == 4  # down and up of both layers, in bf16
+            casts = [t for m in model for t in (active_loras(m).down_c, active_loras(m).up_c)]
+        assert len(casts) == 4 and all(t.dtype == torch.bfloat16 for t in casts)  # down and up of both layers
         cast_refs += [weakref.ref(t) for t in casts]
         entry_refs.append(weakref.ref(entry))
         del stack, entry, adapters, casts

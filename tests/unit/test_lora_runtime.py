@@ -111,16 +111,24 @@ def test_out_slice_only_changes_its_rows_of_a_fused_qkv(model, x):
     assert torch.equal(got[..., 2 * OUT :], plain[..., 2 * OUT :])
 
 
-def test_computes_in_input_dtype_and_caches_the_cast(model, x):
+def test_computes_in_input_dtype_and_casts_once_per_stack(model, x):
+    from lora_ops.lora_runtime import active_loras
+
     model.to(torch.bfloat16)
     entry = _entry("a", 1.0)
-    adapter = entry.adapters["blocks.0.proj"][0]
-    with torch.no_grad(), activate(LoraStack([entry])):
-        y = model.blocks[0].proj(x.bfloat16())
-        cached = adapter.factors_for(x.bfloat16())
-        assert y.dtype == torch.bfloat16
-        assert cached[0] is adapter.factors_for(x.bfloat16())[0]
-    assert adapter.down.dtype == torch.float32  # the master stays fp32
+    stack = LoraStack([entry])
+    proj = model.blocks[0].proj
+    with torch.no_grad(), activate(stack, x.device, torch.bfloat16):
+        y = proj(x.bfloat16())
+        loras = active_loras(proj)
+        assert y.dtype == torch.bfloat16 and loras.down_c.dtype == torch.bfloat16
+    with activate(stack, x.device, torch.bfloat16):
+        assert active_loras(proj) is loras  # made once per stack, device and dtype, not per call
+    # A strength change keeps the factors (only the coefficients are new).
+    with activate(stack.with_strength("a", 0.5), x.device, torch.bfloat16):
+        assert active_loras(proj).down_c is loras.down_c and active_loras(proj).coef is not loras.coef
+    assert active_loras(proj) is None  # leaving the block deactivates
+    assert entry.adapters["blocks.0.proj"][0].down.dtype == torch.float32  # the master stays fp32
 
 
 def test_gradients_reach_adapters_not_frozen_weight(model, x):

@@ -1,6 +1,8 @@
 """Oracle tests for the quantized-linear plans: every plan, every quant type, against
 ``gguf.quants.dequantize`` + ``F.linear``; folded LoRAs against the separate low-rank path."""
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from gguf import GGMLQuantizationType as QType
 
 from lora_ops.dequant import SUPPORTED_QTYPES
 from lora_ops.gguf_write import encode
-from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, add_updates, install_hooks
+from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks, layer_loras
 from lora_ops.qlinear import (
     DEQUANT,
     GEMV,
@@ -158,7 +160,8 @@ def test_folded_lora_equals_separate_path(qtype, tokens, x_one, x_few, x_many):
     if tokens != "one":
         streamed = quantized_linear(x, data, qtype, (ROWS, COLS), layout, None, pairs=pairs)
         folded = F.linear(x, fold_(reference.clone(), pairs))
-        assert torch.equal(streamed, folded if tokens == "many" else add_updates(F.linear(x, reference), x, pairs))
+        separate = layer_loras(pairs, ROWS, COLS).add_to(F.linear(x, reference), x)
+        assert torch.equal(streamed, folded if tokens == "many" else separate)
 
 
 @pytest.mark.parametrize("tokens", ["one", "many"])
@@ -237,44 +240,100 @@ def test_core_weight_patches_run_on_the_dequantized_weight(x_one):
     assert torch.equal(ours, F.linear(x_one, reference * 2))  # not GEMV: the patch needs the weight
 
 
-class _TwoLayers(torch.nn.Module):
-    """A modulation-like one-token layer and a many-token layer on the same quantized weight."""
+class _QuantizedLayer(torch.nn.Module):
+    """As the pack's quantized Linear: its forward reads its own LayerLoras attribute, nothing else."""
 
     def __init__(self, data, layout):
         super().__init__()
         self.data, self.layout = data, layout
-        self.mod, self.proj = torch.nn.Identity(), torch.nn.Identity()
-        self.resident = None
+        self.in_features, self.out_features = COLS, ROWS
 
-    def forward(self, vec, tokens):
-        from lora_ops.lora_runtime import active_adapters
+    def forward(self, x):
+        from lora_ops.lora_runtime import active_loras
 
-        a = quantized_linear(vec, self.data, QType.Q8_0, (ROWS, COLS), self.layout, None, pairs=active_adapters(self.mod))
-        b = quantized_linear(tokens, self.data, QType.Q8_0, (ROWS, COLS), self.layout, None,
-                             pairs=active_adapters(self.proj), resident=self.resident)
-        return a, b
+        return quantized_linear(x, self.data, QType.Q8_0, (ROWS, COLS), self.layout, None, pairs=active_loras(self))
 
 
-def test_compiles_as_one_graph_and_strength_changes_do_not_recompile(x_one, x_many):
-    """torch.compile (inductor): the plans with LoRAs trace fully; new strengths are new inputs."""
+class _ThreeLayers(torch.nn.Module):
+    """A modulation-like one-token layer (GEMV), a few-token one (separate path) and a many-token
+    one (folded) on the same quantized weight."""
+
+    def __init__(self, data, layout):
+        super().__init__()
+        self.mod, self.txt, self.img = (_QuantizedLayer(data, layout) for _ in range(3))
+
+    def forward(self, vec, few, many):
+        return self.mod(vec), self.txt(few), self.img(many)
+
+
+def _kinds(seed):
+    """A LoRA, a LoHa (low-rank of rank r1·r2) and a LoKr on the three layers."""
+    from lora_ops.lora_runtime import KroneckerAdapter, hadamard_as_low_rank
+
+    g = torch.Generator().manual_seed(seed)
+    down, up = hadamard_as_low_rank(*(0.1 * torch.randn(*s, generator=g) for s in ((ROWS, 2), (2, COLS), (ROWS, 3), (3, COLS))))
+    lokr = KroneckerAdapter(0.1 * torch.randn(5, 10, generator=g), 0.1 * torch.randn(8, 128, generator=g), scale=0.5)
+    return {"lora": _adapter(seed, rows=16, out_slice=(8, 16)), "loha": LowRankAdapter(down, up, 0.5), "lokr": lokr}
+
+
+def _on_all(adapter):
+    return {"mod": (adapter,), "txt": (adapter,), "img": (adapter,)}
+
+
+def test_compiles_as_one_graph_and_what_users_change_does_not_recompile(x_one, x_few, x_many):
+    """torch.compile (inductor, fullgraph): every plan with LoRAs traces as one graph, and what a
+    user changes between prompts on the same layers (a strength, a second low-rank LoRA of another
+    rank, a removal, a re-application, strength 0) is new values, not a recompile."""
     import torch._dynamo
 
     data, layout, _ = _quantized(QType.Q8_0)
-    model = _TwoLayers(data, layout)
-    install_hooks(model, ["mod", "proj"])
-    adapters = {"mod": (_adapter(1),), "proj": (_adapter(2, rows=16, out_slice=(8, 16)),)}
-    stacks = [LoraStack([LoraEntry("a", s, adapters)]) for s in (1.0, 0.25, 0.0)]
+    model = _ThreeLayers(data, layout)
+    install_hooks(model, ["mod", "txt", "img"])
+    a, b = _on_all(_adapter(1)), _on_all(_kinds(2)["loha"])  # ranks 4 and 6
+    stacks = {
+        "one LoRA": LoraStack([LoraEntry("a", 1.0, a)]),
+        "strength": LoraStack([LoraEntry("a", 0.25, a)]),
+        "second of another rank": LoraStack([LoraEntry("a", 0.25, a), LoraEntry("b", -0.5, b)]),
+        "first removed": LoraStack([LoraEntry("b", -0.5, b)]),
+        "re-applied": LoraStack([LoraEntry("a", 1.0, _on_all(_adapter(1)))]),
+        "strength 0": LoraStack([LoraEntry("a", 0.0, a)]),
+        "all removed": LoraStack(),
+    }
+    inputs = (x_one, x_few, x_many)
+    with torch.no_grad():
+        with activate(None):
+            base = model(*inputs)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        for change, stack in stacks.items():
+            # The first stack compiles; every later change must not.
+            with torch._dynamo.config.patch(error_on_recompile=change != "one LoRA"), activate(stack):
+                eager, ours = model(*inputs), compiled(*inputs)
+            for got, want in zip(ours, eager):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=change)
+            if change in ("strength 0", "all removed"):  # the base, bit for bit, under compile too
+                assert all(torch.equal(o, b) for o, b in zip(ours, base)), change
+            else:
+                assert not torch.allclose(ours[2], base[2]), change
+
+
+def test_three_loras_of_mixed_kinds_compile_as_one_graph(x_one, x_few, x_many):
+    """LoRA + LoHa + LoKr on every plan: one graph (fullgraph), equal to eager; a LoKr is its own
+    term of the graph (a structural change), its strength a value."""
+    import torch._dynamo
+
+    data, layout, _ = _quantized(QType.Q8_0)
+    model = _ThreeLayers(data, layout)
+    install_hooks(model, ["mod", "txt", "img"])
+    kinds = _kinds(3)
+    entries = [LoraEntry(name, 0.7, _on_all(adapter)) for name, adapter in kinds.items()]
+    inputs = (x_one, x_few, x_many)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for stack in stacks:
-            with activate(stack):
-                eager = model(x_one, x_many)
-                ours = compiled(x_one, x_many)
+    with torch.no_grad():
+        for strength in (0.7, -1.3):  # the second strength must not recompile
+            stack = LoraStack([dataclasses.replace(e, strength=strength) for e in entries])
+            with torch._dynamo.config.patch(error_on_recompile=strength != 0.7), activate(stack):
+                eager, ours = model(*inputs), compiled(*inputs)
             for got, want in zip(ours, eager):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        with activate(LoraStack()):
-            base = model(x_one, x_many)
-        with activate(stacks[2]):
-            zero = compiled(x_one, x_many)
-        assert all(torch.equal(z, b) for z, b in zip(zero, base))  # strength 0 under compile: the base
