@@ -86,12 +86,18 @@ WS_HEARTBEAT_SECONDS = 30.0
 
 
 def _load_workflow_convert():
-    # Loaded by path so the client needs neither the pack on sys.path nor lora_ops' torch imports.
-    path = Path(__file__).resolve().parent.parent / "lora_ops" / "workflow_convert.py"
-    spec = importlib.util.spec_from_file_location("fluxq_workflow_convert", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Loaded by path so the client needs neither the pack on sys.path nor lora_ops' torch imports:
+    # lora_ops as a package of its own name (its __init__ imports nothing), then only this module
+    # and what it imports relatively (errors.py).
+    package_dir = Path(__file__).resolve().parent.parent / "lora_ops"
+    package = "fluxq_client_lora_ops"
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            package, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.workflow_convert")
 
 
 workflow_convert = _load_workflow_convert()
