@@ -44,6 +44,9 @@ _HOOK_ATTR = "_fluxq_lora_hook"
 _LORAS_ATTR = "fluxq_loras"
 # Every hooked module (weakly: a dropped model leaves nothing behind); `activate` sets their state.
 _hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# The hooked modules under each root `install_hooks` was given: two loaded models share layer paths
+# (and their layers may differ in shape: FLUX.1 and FLUX.2), so a model's call activates its own.
+_hooked_under: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[nn.Module]] = weakref.WeakKeyDictionary()
 # The fewest rank rows a layer's low-rank group has (zero-padded): dynamo specializes sizes 0 and 1,
 # so a group of rank 1 or 0 (an emptied stack) would be a new graph.
 _MIN_GROUP_RANK = 2
@@ -459,11 +462,12 @@ class LoraStack:
 
 @contextlib.contextmanager
 def activate(stack: LoraStack | None, device: torch.device | None = None,
-             dtype: torch.dtype | None = None) -> Iterator[None]:
+             dtype: torch.dtype | None = None, root: nn.Module | None = None) -> Iterator[None]:
     """Makes `stack` the one the hooked modules apply (None: no LoRA) for the duration of the block:
     each gets its `LayerLoras` (cast to `dtype` on `device` when given, else cast per call) as an
-    attribute, set here, outside any compiled graph; the previous ones come back on exit."""
-    modules = list(_hooked)
+    attribute, set here, outside any compiled graph; the previous ones come back on exit. With
+    `root` (the root given to `install_hooks`), only that model's hooked modules, else all."""
+    modules = list(_hooked if root is None else _hooked_under.get(root, ()))
     previous = [module.__dict__.get(_LORAS_ATTR) for module in modules]
     try:
         for module in modules:
@@ -499,6 +503,7 @@ def install_hooks(root: nn.Module, module_paths: Iterable[str], base_weight: Bas
             module.register_forward_hook(_make_hook(base_weight))
             setattr(module, _HOOK_ATTR, path)
             _hooked.add(module)
+            _hooked_under.setdefault(root, weakref.WeakSet()).add(module)
 
 
 @functools.cache

@@ -523,7 +523,7 @@ class TrainingRun:
             # FLUX dev is trained with its distilled guidance fixed at 1.0 (kohya's advice for dev).
             guidance = torch.ones_like(t) if guidance_embed else None
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
-            with activate(stack), autocast:
+            with activate(stack, root=diffusion_model), autocast:
                 return diffusion_model(x_t.to(dtype), t.float(), context=context.to(dtype), y=pooled.to(dtype),
                                        guidance=guidance, transformer_options=dict(options))
 
@@ -538,7 +538,7 @@ class TrainingRun:
 
         def double(block):
             def run(img, txt, vec, pe, attn_mask, options):
-                with activate(stack):
+                with activate(stack, root=self.diffusion_model):
                     return block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
 
             def replace(args, extra):
@@ -551,7 +551,7 @@ class TrainingRun:
 
         def single(block):
             def run(img, vec, pe, attn_mask, options):
-                with activate(stack):
+                with activate(stack, root=self.diffusion_model):
                     return block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=options)
 
             def replace(args, extra):

@@ -61,11 +61,12 @@ class LoraStackWrapper:
 
     def __call__(self, executor, *args, **kwargs):
         base_model = executor.class_obj
-        install_hooks(lora_target(base_model), self.stack.module_paths(), layer_base_weight)
+        target = lora_target(base_model)
+        install_hooks(target, self.stack.module_paths(), layer_base_weight)
         sync_resident_layers(base_model, self.stack, args[0])
         # Each layer's LoRAs resolved here, cast once to the compute dtype on the input's device,
         # outside the compiled graph (TorchCompileModel compiles the diffusion model inside).
-        with activate(self.stack, args[0].device, compute_dtype(base_model)):
+        with activate(self.stack, args[0].device, compute_dtype(base_model), root=target):
             return executor(*args, **kwargs)
 
 

@@ -95,7 +95,7 @@ def test_quantized_linear_with_lora_compiles_as_one_graph(pack, tmp_path):
     install_hooks(model, ["layer"])
     stack = LoraStack([LoraEntry("a", 0.5, {"layer": (LowRankAdapter(torch.randn(4, 64), torch.randn(96, 4), 1.0),)})])
     x = torch.randn(3, 64, generator=g)
-    with torch.no_grad(), activate(stack):
+    with torch.no_grad(), activate(stack, root=model):
         eager = model.layer(x)
         compiled = torch.compile(model.layer, fullgraph=True)(x)
     assert model.layer.weight.dtype == torch.uint8

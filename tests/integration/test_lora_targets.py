@@ -87,7 +87,7 @@ def _runtime_update(model, adapters, module_path, weight, probe, strength=1.0):
     stack = LoraStack([LoraEntry("walk", strength, {module_path: tuple(adapters)})])
     with torch.inference_mode():
         plain = module(probe)
-        with activate(stack):
+        with activate(stack, root=model.model.diffusion_model):
             hooked = module(probe)
     return dense, hooked - plain
 

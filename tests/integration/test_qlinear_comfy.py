@@ -180,7 +180,7 @@ def test_one_flux_block_compiles_as_one_graph_with_0_1_and_3_loras_of_mixed_kind
     outputs = {}
     with torch.inference_mode():
         for label, stack in stacks.items():
-            with activate(stack, device, dtype), \
+            with activate(stack, device, dtype, root=diffusion_model), \
                     torch._dynamo.config.patch(error_on_recompile=label == "three kinds, new strengths"):
                 # Fresh inputs per call: the block adds its residuals into img and txt in place.
                 eager, ours = (run(*fresh(args), **dict(zip(kwargs, fresh(kwargs.values()))))
