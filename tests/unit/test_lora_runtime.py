@@ -280,3 +280,22 @@ def test_lora_dropout_drops_the_low_rank_input_only_while_training():
     torch.testing.assert_close(frozen.output(x, strength), plain.output(x, strength).detach())
     with pytest.raises(ValueError, match="dropout"):
         LowRankAdapter(down, up, 0.5, dropout=1.0)
+
+
+def test_activate_with_a_root_sets_only_that_models_layers(model, x):
+    """Two loaded models share layer paths and may differ in shape (FLUX.1 beside FLUX.2): a stack
+    built for one is activated on the model being run only (without `root`, building it for the
+    other model's layer fails on the shapes)."""
+    other = nn.Module()
+    other.blocks = nn.ModuleList([nn.Module()])
+    other.blocks[0].proj = nn.Linear(2 * IN, 2 * OUT)  # same path, other shape
+    install_hooks(other, ["blocks.0.proj"])
+    entry = _entry("a", 1.0)
+    stack = LoraStack([entry])
+    with torch.no_grad():
+        plain = model.blocks[0].proj(x)
+        with activate(stack, root=model):
+            adapted = model.blocks[0].proj(x)
+            assert other.blocks[0].proj.__dict__.get("fluxq_loras") is None
+    adapter = entry.adapters["blocks.0.proj"][0]
+    torch.testing.assert_close(adapted - plain, _delta(adapter, x), rtol=1e-4, atol=1e-5)
