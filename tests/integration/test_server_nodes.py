@@ -40,8 +40,10 @@ def gguf_loader(name, node_id="gguf"):
 def q8_reference(scratch_models, models_dir):
     """The Q8_0 file dequantized by the gguf package, as a .safetensors for core's UNETLoader."""
     name = "fluxq-tiny-dev-Q8_0-dequantized.safetensors"
-    save_file(dequantized_state_dict(tiny_gguf_path(models_dir, "Q8_0")), str(scratch_models / "diffusion_models" / name))
-    return name
+    path = scratch_models / "diffusion_models" / name
+    save_file(dequantized_state_dict(tiny_gguf_path(models_dir, "Q8_0")), str(path))
+    yield name
+    path.unlink()  # 2 GB of float32
 
 
 def test_every_node_is_registered_under_the_pack_category(comfy_server):
