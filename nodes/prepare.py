@@ -8,8 +8,6 @@ import hashlib
 import logging
 import os
 
-import comfy.model_management
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 from PIL import Image
@@ -17,7 +15,7 @@ from PIL import Image
 from ..lora_ops import captioning as cap
 from ..lora_ops import dataset as ds
 from ..lora_ops import prepare as prep
-from .comfy_glue import show_progress_text
+from .comfy_glue import progress_bar, raise_if_cancelled, show_progress_text
 from .training import NONE, dataset_options
 
 CATEGORY = "Flux QLoRA Lab/training"
@@ -182,12 +180,12 @@ class FluxQPrepareDataset(io.ComfyNode):
                                                               max_tokens, timeout), api_key_env)
 
         report = prep.Report()
-        check_cancel = comfy.model_management.throw_exception_if_processing_interrupted
+        check_cancel = raise_if_cancelled
         images = prep.build_prepared_set(
             source_path, out_dir, prep.PrepareOptions(min_side, max_side, background), report, check_cancel,
             on_image=lambda done: show_progress_text(f"converted {done} image(s)", node_id))
 
-        progress = comfy.utils.ProgressBar(len(images), node_id=node_id)
+        progress = progress_bar(len(images), node_id)
 
         def on_caption(done: int, total: int) -> None:
             progress.update_absolute(done, total)

@@ -11,25 +11,15 @@ import random
 import time
 from dataclasses import dataclass
 
-import comfy.model_base
-import comfy.model_management
-import comfy.model_sampling
-import comfy.sample
-import comfy.samplers
-import comfy.utils
 import folder_paths
-import latent_preview
-import node_helpers
 import torch
 from comfy_api.latest import io, ui
-from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
 from ..lora_ops import flux_family, grid
-from ..lora_ops.flow_match import (  # ModelSamplingFlux's / BFL's mu line
-    BASE_SHIFT,
-    MAX_SHIFT,
-)
+from ..lora_ops.flow_match import MAX_SHIFT  # the fixed shift's default: BFL's e^1.15
 from .comfy_glue import (
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
     CORE_DEFAULT_GUIDANCE,
     check_file_choice,
     core_patch_count,
@@ -38,10 +28,17 @@ from .comfy_glue import (
     get_lora_stack,
     has_guidance_input,
     latent_geometry,
+    latent_previewer,
     load_lora_entry,
+    patch_flow_shift,
+    preview_callback,
+    progress_bar,
+    raise_if_cancelled,
     sample_with_scheduler,
     sample_with_sigmas,
+    shift_factor,
     show_progress_text,
+    with_guidance,
     with_lora_stack,
     with_reference,
     without_core_patches,
@@ -88,40 +85,18 @@ def shift_mode_for(settings: FluxSamplerSettings, model) -> str:
     return flux_family.auto_shift_mode(detection) if detection else "auto"
 
 
-def patch_flow_shift(model, settings: FluxSamplerSettings, width: int, height: int):
-    """The model with the sigma shift `settings` ask for, patched by core's own nodes. "flux2"
-    (Flux2Scheduler's sigmas, made at sampling) and "model" leave the model's own sampling alone."""
+def shifted_model(model, settings: FluxSamplerSettings, width: int, height: int):
+    """The model with the sigma shift `settings` ask for. "flux2" (Flux2Scheduler's sigmas, made at
+    sampling) and "model" leave the model's own sampling alone."""
     if shift_mode_for(settings, model) in ("flux2", "model"):
         return model
-    if model.model.model_type == comfy.model_base.ModelType.FLUX:  # guidance-distilled (dev)
-        if settings.shift_mode == "auto":
-            return ModelSamplingFlux().patch(model, MAX_SHIFT, BASE_SHIFT, width, height)[0]
-        mu = math.log(settings.shift)
-        # A flat line (base = max = mu) makes core's node use mu whatever the size.
-        return ModelSamplingFlux().patch(model, mu, mu, width, height)[0]
-    # schnell is a plain flow model (ModelType.FLOW) that BFL samples unshifted: never give it
-    # ModelSamplingFlux; a fixed shift other than its own goes through core's ModelSamplingSD3.
-    native = model.get_model_object("model_sampling")
-    if settings.shift_mode == "auto" or settings.shift == native.shift:
-        return model
-    return ModelSamplingSD3().patch(model, settings.shift, multiplier=native.multiplier)[0]
-
-
-def shift_factor(model) -> float:
-    """The s = e^mu the model samples with (ModelSamplingFlux stores mu, the flow samplers s)."""
-    sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, comfy.model_sampling.ModelSamplingFlux):
-        return math.exp(sampling.shift)
-    return float(sampling.shift)
+    return patch_flow_shift(model, settings.shift_mode, settings.shift, width, height)
 
 
 def empty_latent(settings: FluxSamplerSettings, model=None) -> dict:
     """The empty start latent of the settings' size: with the model's channels and downscale (as
     core's EmptySD3LatentImage / EmptyFlux2LatentImage); without a model FLUX.1's 16 at 1/8."""
-    if model is not None:
-        return model_empty_latent(model, settings.width, settings.height)
-    shape = [1, 16, settings.height // 8, settings.width // 8]
-    return {"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())}
+    return model_empty_latent(model, settings.width, settings.height)
 
 
 def pixel_size(model, latent: dict) -> tuple[int, int]:
@@ -134,11 +109,11 @@ def prepare(model, positive, settings: FluxSamplerSettings, latent: dict, refere
     """(model with the shift, conditioning with the guidance and reference), as ModelSamplingFlux +
     FluxGuidance + ReferenceLatent."""
     width, height = pixel_size(model, latent)
-    model = patch_flow_shift(model, settings, width, height)
+    model = shifted_model(model, settings, width, height)
     if reference_latent is not None:
         positive = with_reference(positive, reference_latent)
     if settings.guidance is not None:
-        positive = node_helpers.conditioning_set_values(positive, {"guidance": settings.guidance})
+        positive = with_guidance(positive, settings.guidance)
     return model, positive
 
 
@@ -258,9 +233,9 @@ class FluxQSamplerSettings(io.ComfyNode):
                 io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1,
                                tooltip="custom only. FLUX-dev's distilled guidance, as FluxGuidance sets it; "
                                        "3.5 is the default of BFL, diffusers and ComfyUI. CFG stays 1.0."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                io.Combo.Input("sampler_name", options=SAMPLER_NAMES, default="euler",
                                tooltip="custom only. euler matches BFL's reference sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                io.Combo.Input("scheduler", options=SCHEDULER_NAMES, default="simple",
                                tooltip="custom only. simple spaces the shifted sigmas like BFL's schedule."),
                 io.Combo.Input("shift_mode", options=SHIFT_MODES, default="auto",
                                tooltip="custom only. auto: the model's family rule: FLUX.1 dev, mu from width x "
@@ -342,7 +317,7 @@ class FluxQSampler(io.ComfyNode):
         model, positive = prepare(model, positive, settings, latent, reference_latent)
         negative = prepare_negative(negative, reference_latent)
         warn_on_node(settings, model, cls.hidden.unique_id if cls.hidden else None, positive)
-        callback = latent_preview.prepare_callback(model, settings.steps)
+        callback = preview_callback(model, settings.steps)
         return io.NodeOutput(sample_latent(model, positive, settings, seed, latent, callback, negative))
 
 
@@ -510,12 +485,12 @@ def start_latent(settings: FluxSamplerSettings, latent_image: dict | None, model
 
 def render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells) -> torch.Tensor:
     """Samples and decodes each cell in turn; the model stays loaded and only the LoRA stack changes."""
-    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-    progress = comfy.utils.ProgressBar(len(cells) * settings.steps)
+    previewer = latent_previewer(model)
+    progress = progress_bar(len(cells) * settings.steps)
     images = []
     started = time.perf_counter()
     for index, (row, seed) in enumerate(cells):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise_if_cancelled()
         show_progress_text(f"cell {index + 1}/{len(cells)}: {row.label}, seed {seed}", node_id)
 
         def callback(step, x0, x, total_steps, index=index):

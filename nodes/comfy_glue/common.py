@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
 import torch
 
@@ -30,6 +32,16 @@ def show_progress_text(text: str, node_id) -> None:
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
     if server is not None and node_id is not None:
         server.send_progress_text(text, node_id)
+
+
+def progress_bar(total: int, node_id=None):
+    """ComfyUI's progress bar (shown on the node in a server; a no-op as a library)."""
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def raise_if_cancelled() -> None:
+    """Raises ComfyUI's interrupt when the user pressed Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 # What core's FLUX model uses when the conditioning carries no guidance (comfy.model_base.Flux.extra_conds).

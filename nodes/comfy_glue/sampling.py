@@ -4,16 +4,26 @@ SamplerCustomAdvanced runs)."""
 
 from __future__ import annotations
 
+import math
+
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import latent_preview
 import node_helpers
 import torch
 from comfy_extras.nodes_flux import get_schedule
+from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
 from ...lora_ops import flux_family
+from ...lora_ops.flow_match import BASE_SHIFT, MAX_SHIFT  # ModelSamplingFlux's / BFL's mu line
 from .common import model_family
+
+SAMPLER_NAMES = comfy.samplers.KSampler.SAMPLERS
+SCHEDULER_NAMES = comfy.samplers.KSampler.SCHEDULERS
 
 
 def detected_member(model) -> flux_family.Detection | None:
@@ -38,10 +48,51 @@ def latent_geometry(model) -> tuple[int, int]:
 
 
 def empty_latent(model, width: int, height: int) -> dict:
-    """As core's EmptySD3LatentImage / EmptyFlux2LatentImage for this model: zeros of its channels."""
-    channels, downscale = latent_geometry(model)
+    """As core's EmptySD3LatentImage / EmptyFlux2LatentImage for this model: zeros of its channels;
+    without a model FLUX.1's 16 channels at 1/8."""
+    channels, downscale = latent_geometry(model) if model is not None else (16, 8)
     shape = [1, channels, height // downscale, width // downscale]
     return {"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())}
+
+
+def with_guidance(conditioning, guidance: float):
+    """What core's FluxGuidance does."""
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+
+
+def patch_flow_shift(model, shift_mode: str, shift: float, width: int, height: int):
+    """The model with a sigma shift, patched by core's own nodes: "auto" from the image size (BFL's
+    line, ModelSamplingFlux) or a fixed factor ``shift``."""
+    if model.model.model_type == comfy.model_base.ModelType.FLUX:  # guidance-distilled (dev)
+        if shift_mode == "auto":
+            return ModelSamplingFlux().patch(model, MAX_SHIFT, BASE_SHIFT, width, height)[0]
+        mu = math.log(shift)
+        # A flat line (base = max = mu) makes core's node use mu whatever the size.
+        return ModelSamplingFlux().patch(model, mu, mu, width, height)[0]
+    # schnell is a plain flow model (ModelType.FLOW) that BFL samples unshifted: never give it
+    # ModelSamplingFlux; a fixed shift other than its own goes through core's ModelSamplingSD3.
+    native = model.get_model_object("model_sampling")
+    if shift_mode == "auto" or shift == native.shift:
+        return model
+    return ModelSamplingSD3().patch(model, shift, multiplier=native.multiplier)[0]
+
+
+def shift_factor(model) -> float:
+    """The s = e^mu the model samples with (ModelSamplingFlux stores mu, the flow samplers s)."""
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingFlux):
+        return math.exp(sampling.shift)
+    return float(sampling.shift)
+
+
+def preview_callback(model, steps: int):
+    """The sampler callback core's samplers use: progress and latent previews on the node."""
+    return latent_preview.prepare_callback(model, steps)
+
+
+def latent_previewer(model):
+    """Core's latent previewer for the model (None when previews are off)."""
+    return latent_preview.get_previewer(model.load_device, model.model.latent_format)
 
 
 def with_reference(conditioning, latent: dict):

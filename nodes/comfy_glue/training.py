@@ -32,11 +32,6 @@ def set_module_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor, 
         comfy.utils.set_attr(module, name, tensor)
 
 
-def progress_bar(total: int, node_id):
-    """ComfyUI's progress bar (shown on the node in a server; a no-op as a library)."""
-    return comfy.utils.ProgressBar(total, node_id=node_id)
-
-
 def cancel_requested() -> bool:
     return comfy.model_management.processing_interrupted()
 
@@ -44,10 +39,6 @@ def cancel_requested() -> bool:
 def clear_cancel() -> None:
     """Consumes a cancel the trainer saw between steps (ComfyUI clears it when it raises)."""
     comfy.model_management.interrupt_current_processing(False)
-
-
-def raise_if_cancelled() -> None:
-    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 # ComfyUI's cancel arrives as this exception from wherever the run is: its progress hook, every

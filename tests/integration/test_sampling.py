@@ -100,15 +100,15 @@ def test_schnell_never_gets_model_sampling_flux_and_dev_gets_core_mu(sampling, d
 
     schnell = loaders.FluxQLoadGGUF.execute(TINY["schnell_gguf"], "auto").result[0]
     for mode in ("auto", "fixed"):
-        patched = sampling.patch_flow_shift(schnell, settings_for(sampling, shift_mode=mode), 1024, 1024)
+        patched = sampling.shifted_model(schnell, settings_for(sampling, shift_mode=mode), 1024, 1024)
         assert not isinstance(patched.get_model_object("model_sampling"), comfy.model_sampling.ModelSamplingFlux)
-    shifted = sampling.patch_flow_shift(schnell, settings_for(sampling, shift_mode="fixed", shift=3.0), 1024, 1024)
+    shifted = sampling.shifted_model(schnell, settings_for(sampling, shift_mode="fixed", shift=3.0), 1024, 1024)
     assert shifted.get_model_object("model_sampling").shift == 3.0
 
     core = ModelSamplingFlux().patch(dev_model, 1.15, 0.5, 768, 1280)[0].get_model_object("model_sampling")
-    ours = sampling.patch_flow_shift(dev_model, settings_for(sampling), 768, 1280).get_model_object("model_sampling")
+    ours = sampling.shifted_model(dev_model, settings_for(sampling), 768, 1280).get_model_object("model_sampling")
     assert ours.shift == core.shift and torch.equal(ours.sigmas, core.sigmas)
-    fixed = sampling.patch_flow_shift(dev_model, settings_for(sampling, shift_mode="fixed", shift=3.1582), 64, 64)
+    fixed = sampling.shifted_model(dev_model, settings_for(sampling, shift_mode="fixed", shift=3.1582), 64, 64)
     assert sampling.shift_factor(fixed) == pytest.approx(3.1582)
 
 

@@ -162,3 +162,25 @@ def test_architecture_doc_lists_every_comfy_internal(references):
     assert not leaves - listed, f"docs/ARCHITECTURE.md does not list: {sorted(leaves - listed)}"
     unused = listed - used - set(METHODS)
     assert not unused, f"docs/ARCHITECTURE.md lists what the pack no longer uses: {sorted(unused)}"
+
+
+# ComfyUI's internals (its model code and its server-side helper modules); the node files may use
+# the V3 node API (comfy_api) and folder_paths, everything else goes through the glue.
+INTERNAL_ROOTS = ("comfy", "comfy_extras", "latent_preview", "node_helpers", "nodes", "server", "execution")
+
+
+def test_only_the_glue_imports_comfyui_internals():
+    offenders = []
+    for path in PACK_SOURCES:
+        if "comfy_glue" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            else:
+                continue
+            offenders += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} imports {m}" for m in modules
+                          if m.split(".")[0] in INTERNAL_ROOTS]
+    assert not offenders, "only nodes/comfy_glue/ may import ComfyUI internals:\n" + "\n".join(offenders)
