@@ -27,6 +27,9 @@ Measures (see bench/README.md):
            of the unchanged LoRA model is timed just before as the control: switch first step minus
            control = weight work done by the switch (should be ~0).
 
+--arch picks the family member (FLUX.1 [dev] by default; FLUX.2 [dev], klein 4B / 9B: their
+architectures from the family registry; bench/README.md says what each needs on a GPU).
+
 Run on this machine (CPU, tiny depth-1/1 model: a plumbing check):
     .harness/venv/bin/python bench/bench_flux_gguf.py --size tiny --res 256 --warmup 1 --steps 5
 
@@ -35,7 +38,7 @@ architecture (19 double + 38 single blocks, 11.9B params, random bf16 N(0, 0.02)
 1024x1024, context 1x512x4096, pooled 768. The GPU machine has torch but lacks ComfyUI, ``gguf``,
 ``torchsde`` (+ ``trampoline``); ``av`` is missing too, which is why this script never imports
 ComfyUI's top-level ``nodes`` nor the pack's ``__init__`` (``comfy_api.latest`` imports ``av``):
-it imports ``nodes/comfy_glue.py`` under stub parent packages. Prepare once, in the repo root here:
+it imports ``nodes/comfy_glue/`` under stub parent packages. Prepare once, in the repo root here:
     echo /.comfy/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
     mkdir -p .comfy && tar -C .harness/ComfyUI --exclude=./models --exclude=./output --exclude=./input \\
           --exclude=./user --exclude='./tests*' --exclude=__pycache__ -cf - . | tar -C .comfy -xf -
@@ -85,18 +88,22 @@ LORA_NAME = "fluxq-bench-rank32.safetensors"
 MAX_LORAS = 3
 LORA_NAMES = [LORA_NAME] + [f"fluxq-bench-rank32-{i}.safetensors" for i in range(2, MAX_LORAS + 1)]
 LORA_RANK = 32
-GUIDANCE = 3.5
 
-SIZES = {
-    # FLUX.1-dev: ComfyUI's detector recovers this config from the keys.
-    "full": dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-                 mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
-                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
-    # The tests' tiny model: hidden 3072 (fixed by the detector) but one block of each kind.
-    "tiny": dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072,
-                 mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
-                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
-}
+SIZES = ("full", "tiny")
+# Family members the benchmark builds (ComfyUI's Flux class): the registry gives their
+# architectures. full: the released sizes; tiny: the tests' models (FLUX.1 3072 wide with one block
+# of each kind, FLUX.2 128 wide, which only ComfyUI 0.33+ builds).
+ARCHS = ("flux1-dev", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b")
+GUIDANCE_BY_VERSION = {"flux1": 3.5, "flux2": 4.0}  # the flux-dev / flux2-dev presets
+
+
+def arch_params(arch: str, size: str) -> dict:
+    flux_family = importlib.import_module(PACK_NAME + ".lora_ops.flux_family")
+    member = flux_family.BY_ID[arch]
+    if size == "full":
+        return member.full_params()
+    tiny = member.tiny or {**flux_family.BY_ID["flux2-klein-4b"].tiny}  # klein 9B: the klein tiny model
+    return dict(tiny)
 # tiny: 77 context tokens (CLIP-L-shaped, as the tests use): 512 would make a CPU step ~3x longer.
 DEFAULTS = {"full": dict(res=1024, warmup=3, steps=5, txt_tokens=512, micro_token_divisor=1),
             "tiny": dict(res=256, warmup=1, steps=3, txt_tokens=77, micro_token_divisor=64)}
@@ -112,7 +119,10 @@ FLUX_LINEARS = {
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", choices=sorted(SIZES), required=True)
+    p.add_argument("--size", choices=SIZES, required=True)
+    p.add_argument("--arch", choices=ARCHS, default="flux1-dev",
+                   help="family member (FLUX.2 at full size: dev 32B needs ~64 GB for native bf16 alone; "
+                        "klein needs ComfyUI 0.33+)")
     p.add_argument("--res", type=int, help="image side in pixels (full: 1024, tiny: 256)")
     p.add_argument("--warmup", type=int, help="callback gaps dropped before the median (full: 3, tiny: 1)")
     p.add_argument("--steps", type=int, help="timed steps after the warm-up (full: 5, tiny: 3)")
@@ -182,10 +192,11 @@ def random_flux_state_dict(params: dict, device, seed: int):
     import comfy.ops
     import torch
 
-    from make_tiny_models import flux_params
+    from make_tiny_models import model_params
 
     with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **flux_params(**params))
+        model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init,
+                                          **model_params(comfy.ldm.flux.model.FluxParams, params))
     g = torch.Generator(device=device).manual_seed(seed)
     return {
         name: (torch.randn(t.shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02)
@@ -245,13 +256,18 @@ class Timer:
         return time.perf_counter()
 
 
-def conditioning(params: dict, txt_tokens: int, seed: int):
+def conditioning(params: dict, txt_tokens: int, seed: int, guidance: float):
+    """Random text conditioning of the model's context width; a CLIP pooled vector (FLUX.1) and the
+    distilled guidance (dev) only where the model has those inputs."""
     import torch
 
     g = torch.Generator().manual_seed(seed + 2)
-    context = torch.randn(1, txt_tokens, params["context_in_dim"], generator=g)
-    pooled = torch.randn(1, params["vec_in_dim"], generator=g)
-    return [[context, {"pooled_output": pooled, "guidance": GUIDANCE}]]
+    extra = {}
+    if params.get("vec_in_dim"):
+        extra["pooled_output"] = torch.randn(1, params["vec_in_dim"], generator=g)
+    if params.get("guidance_embed"):
+        extra["guidance"] = guidance
+    return [[torch.randn(1, txt_tokens, params["context_in_dim"], generator=g), extra]]
 
 
 def sample_gaps(model, steps: int, latent_shape, positive, timer: Timer, seed: int) -> list[float]:
@@ -489,6 +505,11 @@ def atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def run_name(args) -> str:
+    """FLUX.1 keeps the names of the earlier results (full-<gpu>.json); other members are prefixed."""
+    return args.size if args.arch == "flux1-dev" else f"{args.arch}-{args.size}"
+
+
 def device_slug(cuda: bool) -> str:
     import torch
 
@@ -513,7 +534,7 @@ def run(args) -> int:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
     glue, cuda = setup_comfy(args)
     if args.size == "full" and not cuda:
-        sys.exit("--size full needs a CUDA GPU (11.9B params); use --size tiny on CPU")
+        sys.exit("--size full needs a CUDA GPU (FLUX.1-dev 11.9B params, FLUX.2 [dev] 32B); use --size tiny on CPU")
     import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
@@ -523,7 +544,10 @@ def run(args) -> int:
 
     gguf_write = importlib.import_module(PACK_NAME + ".lora_ops.gguf_write")
     device = mm.get_torch_device()
-    params = dict(SIZES[args.size])
+    params = arch_params(args.arch, args.size)
+    flux_family = importlib.import_module(PACK_NAME + ".lora_ops.flux_family")
+    member = flux_family.BY_ID[args.arch]
+    guidance = GUIDANCE_BY_VERSION[member.base_model_version]
     work_dir = args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "loras").mkdir(exist_ok=True)
@@ -531,14 +555,16 @@ def run(args) -> int:
 
     ctx = types.SimpleNamespace(
         cuda=cuda, warmup=args.warmup, steps=args.steps, seed=args.seed, timer=Timer(cuda),
-        latent_shape=(1, 16, args.res // 8, args.res // 8),
-        positive=conditioning(params, args.txt_tokens, args.seed),
+        latent_shape=(1, member.latent_channels, args.res // member.latent_downscale,
+                      args.res // member.latent_downscale),
+        positive=conditioning(params, args.txt_tokens, args.seed, guidance),
     )
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "size": args.size, "res": args.res, "txt_tokens": args.txt_tokens, "warmup_gaps": args.warmup,
-        "timed_steps": args.steps, "sampler": "euler/simple, cfg 1.0, guidance 3.5", "seed": args.seed,
+        "arch": args.arch, "size": args.size, "res": args.res, "txt_tokens": args.txt_tokens, "warmup_gaps": args.warmup,
+        "timed_steps": args.steps, "seed": args.seed,
+        "sampler": "euler/simple, cfg 1.0" + (f", guidance {guidance:g}" if member.guidance else ""),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, "
                                                              f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(),
@@ -557,7 +583,7 @@ def run(args) -> int:
     sd = random_flux_state_dict(params, device, args.seed)
     meta["params"] = sum(t.numel() for t in sd.values())
     meta["lora_layers"] = len(block_linears(sd))
-    print(f"[bench] {args.size}: {meta['params'] / 1e9:.2f}B params on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"[bench] {args.arch} {args.size}: {meta['params'] / 1e9:.2f}B params on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
 
     meta["lora_params"] = sum(LORA_RANK * sum(sd[n].shape) for n in block_linears(sd))
     lora_path = work_dir / "loras" / LORA_NAME
@@ -566,7 +592,7 @@ def run(args) -> int:
             write_kohya_lora(work_dir / "loras" / name, sd, args.seed + 10 * i)
 
     # GGUFs from the same weights, written in parallel threads (numpy quantization releases the GIL).
-    gguf_paths = {q: work_dir / f"fluxq-bench-{args.size}-s{args.seed}-{q}.gguf" for q in args.quants}
+    gguf_paths = {q: work_dir / f"fluxq-bench-{run_name(args)}-s{args.seed}-{q}.gguf" for q in args.quants}
 
     def write(q):
         path = gguf_paths[q]
@@ -666,7 +692,7 @@ def run(args) -> int:
     result = {"meta": meta, "rows": rows, "micro": result_micro}
     table = markdown_table(result)
     result["table_markdown"] = table
-    out = REPO_ROOT / "bench" / "results" / f"{args.size}-{device_slug(cuda)}.json"
+    out = REPO_ROOT / "bench" / "results" / f"{run_name(args)}-{device_slug(cuda)}.json"
     atomic_write_json(out, result)
     if args.json_out:
         atomic_write_json(args.json_out, result)

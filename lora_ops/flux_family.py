@@ -43,6 +43,7 @@ class Member:
     single_blocks: int
     latent_channels: int
     latent_downscale: int
+    context_dim: int  # width of the text encoder's output the model reads (txt_in)
     guidance: bool  # a distilled-guidance embedding (guidance_in)
     pooled_vector: bool  # a CLIP-L pooled vector input (vector_in)
     base_model: str  # written as ss_sd_model_name / modelspec.architecture into saved LoRAs
@@ -54,6 +55,15 @@ class Member:
     # ComfyUI's module class the tiny model is built from (named, never imported here)
     comfy_model: str = "comfy.ldm.flux.model.Flux"
     presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # sampler presets
+
+    def full_params(self) -> dict:
+        """ComfyUI model-class parameters of the released model: the tiny config's architecture
+        switches (patch size, activations, biases, rope axes) at the released sizes."""
+        tiny = self.tiny or next(m.tiny for m in MEMBERS if m.generation == self.generation and m.tiny
+                                 and m.guidance == self.guidance)
+        return {**tiny, "hidden_size": self.hidden_size, "num_heads": self.hidden_size // 128,
+                "depth": self.double_blocks, "depth_single_blocks": self.single_blocks,
+                "context_in_dim": self.context_dim, "guidance_embed": self.guidance}
 
     @property
     def base_model_version(self) -> str:
@@ -87,7 +97,7 @@ _TINY_CHROMA = {"in_channels": 64, "out_channels": 64, "context_in_dim": 768, "h
                 "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5}
 
 _FLUX1_COMMON = {"generation": FLUX1, "hidden_size": 3072, "double_blocks": 19, "single_blocks": 38, "latent_channels": 16,
-                 "latent_downscale": 8, "pooled_vector": True}
+                 "latent_downscale": 8, "pooled_vector": True, "context_dim": 4096}  # T5-XXL
 _FLUX2_COMMON = {"generation": FLUX2, "comfy_class": "Flux2", "latent_channels": 128, "latent_downscale": 16,
                  "pooled_vector": False}
 _DEV_GROUP = ("flux1-dev", "flux1-kontext-dev", "flux1-krea-dev")
@@ -112,19 +122,23 @@ MEMBERS: tuple[Member, ...] = (
            requires=_frozen({"in_channels": 96}), guidance=True, base_model="flux1-fill-dev",
            tiny=_frozen({**_TINY_FLUX1, "in_channels": 96, "guidance_embed": True, "hidden_size": 128,
                          "num_heads": 1}), **_FLUX1_COMMON),
+    # context: three hidden-state taps of the text encoder side by side (Mistral-Small 5120, Qwen3-4B
+    # 2560, Qwen3-8B 4096; ../shared/FLUX_FAMILY.md)
     Member(id="flux2-dev", label="FLUX.2 [dev]", requires=_frozen({"guidance_embed": True}), hidden_size=6144,
-           double_blocks=8, single_blocks=48, guidance=True, base_model="flux2-dev",
+           double_blocks=8, single_blocks=48, context_dim=15360, guidance=True, base_model="flux2-dev",
            tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON),
     Member(id="flux2-klein-4b", label="FLUX.2 [klein] 4B", requires=_frozen({"guidance_embed": False}),
-           hidden_size=3072, double_blocks=5, single_blocks=20, guidance=False, base_model="flux2-klein-4b",
+           hidden_size=3072, double_blocks=5, single_blocks=20, context_dim=7680, guidance=False,
+           base_model="flux2-klein-4b",
            variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0),
            tiny=_frozen({**_TINY_FLUX2, "guidance_embed": False}), **_FLUX2_COMMON),
     Member(id="flux2-klein-9b", label="FLUX.2 [klein] 9B", requires=_frozen({"guidance_embed": False}),
-           hidden_size=4096, double_blocks=8, single_blocks=24, guidance=False, base_model="flux2-klein-9b",
+           hidden_size=4096, double_blocks=8, single_blocks=24, context_dim=12288, guidance=False,
+           base_model="flux2-klein-9b",
            variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0), **_FLUX2_COMMON),
     Member(id="chroma", label="Chroma", generation=CHROMA, comfy_class="Chroma", requires=_frozen({}),
            hidden_size=3072, double_blocks=19, single_blocks=38, latent_channels=16, latent_downscale=8,
-           guidance=False, pooled_vector=False, base_model="chroma",
+           context_dim=4096, guidance=False, pooled_vector=False, base_model="chroma",
            tiny=_frozen(_TINY_CHROMA), comfy_model="comfy.ldm.chroma.model.Chroma"),
 )
 

@@ -15,8 +15,6 @@ import comfy.utils
 import latent_preview
 import node_helpers
 import torch
-from comfy_extras.nodes_flux import get_schedule
-from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
 from ...lora_ops import flux_family
 from ...lora_ops.flow_match import BASE_SHIFT, MAX_SHIFT  # ModelSamplingFlux's / BFL's mu line
@@ -63,6 +61,10 @@ def with_guidance(conditioning, guidance: float):
 def patch_flow_shift(model, shift_mode: str, shift: float, width: int, height: int):
     """The model with a sigma shift, patched by core's own nodes: "auto" from the image size (BFL's
     line, ModelSamplingFlux) or a fixed factor ``shift``."""
+    # comfy_extras' node modules import ComfyUI's top-level `nodes` (and `av` through comfy_api):
+    # imported when called, so the glue loads without them (bench/bench_flux_gguf.py on a GPU box).
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+
     if model.model.model_type == comfy.model_base.ModelType.FLUX:  # guidance-distilled (dev)
         if shift_mode == "auto":
             return ModelSamplingFlux().patch(model, MAX_SHIFT, BASE_SHIFT, width, height)[0]
@@ -103,6 +105,8 @@ def with_reference(conditioning, latent: dict):
 def flux2_sigmas(steps: int, width: int, height: int, denoise: float = 1.0):
     """Flux2Scheduler's sigmas (mu from the image's 16x16 cells and the step count); below denoise
     1.0 the tail of a longer schedule, as core's BasicScheduler does."""
+    from comfy_extras.nodes_flux import get_schedule  # when called: see patch_flow_shift
+
     total = steps if denoise >= 1.0 else int(steps / denoise)
     return get_schedule(total, round(width * height / (16 * 16)))[-(steps + 1):]
 
