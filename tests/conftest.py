@@ -59,6 +59,27 @@ def scratch_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip_lora(scratch_models, models_dir) -> str:
+    """The tiny FLUX LoRA plus a CLIP-L part (lora_te1_ keys on the first attention layer), in the
+    scratch loras folder; returns its file name."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fluxq_testing import TINY
+
+    tensors = load_file(str(models_dir / "loras" / TINY["lora"]))
+    generator = torch.Generator().manual_seed(5)
+    for proj in ("q_proj", "v_proj"):
+        base = f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"
+        tensors[f"{base}.lora_down.weight"] = torch.randn(4, 768, generator=generator) / 768 ** 0.5
+        tensors[f"{base}.lora_up.weight"] = torch.randn(768, 4, generator=generator)
+        tensors[f"{base}.alpha"] = torch.tensor(4.0)
+    name = "fluxq-tiny-lora-with-clip.safetensors"
+    save_file(tensors, str(scratch_models / "loras" / name))
+    return name
+
+
+@pytest.fixture(scope="session")
 def pack(scratch_models):
     """The pack imported in-process as ComfyUI would, with the scratch folders registered."""
     _require_harness()

@@ -101,5 +101,18 @@ def load_latent(path: Path):
     return load_file(str(path))["latent_tensor"]
 
 
+def expect_error(server, prompt, *fragments) -> str:
+    """Runs ``prompt`` on the real server, expecting its execution_error to hold every fragment."""
+    import pytest
+    from comfy_server import ExecutionFailed
+
+    with pytest.raises(ExecutionFailed) as failure:
+        server.run(prompt)
+    message = str(failure.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
 def saved_latent(server, history: dict, node_id: str):
     return load_latent(server.output_file(history["outputs"][node_id]["latents"][0]))

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_server import ExecutionFailed
-from fluxq_testing import TINY, dequantized_state_dict, saved_latent
+from fluxq_testing import TINY, dequantized_state_dict, expect_error, saved_latent
 
 MEMBERS = {
     # member id -> (latent node, its channels, guidance or None, steps, label on the node)
@@ -58,15 +57,6 @@ def sample_graph(model_ref, prefix, latent_node, guidance, steps):
 
 def loader(name, node_id="gguf"):
     return {node_id: {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": name, "dequant_dtype": "auto"}}}
-
-
-def expect_error(server, prompt, *fragments):
-    with pytest.raises(ExecutionFailed) as failure:
-        server.run(prompt)
-    message = str(failure.value)
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 @pytest.mark.parametrize("member_id", MEMBERS)

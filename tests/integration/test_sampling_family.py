@@ -149,23 +149,6 @@ def test_every_member_has_its_presets_and_the_sources_are_the_registry(pack):
     assert sampling.PRESETS["flux2-dev"]["shift_mode"] == "flux2" and sampling.PRESETS["flux2-dev"]["guidance"] == 4.0
 
 
-@pytest.fixture(scope="module")
-def clip_lora(scratch_models, models_dir):
-    """The tiny FLUX LoRA plus a CLIP-L part (lora_te1_ keys on the first attention layer)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(models_dir / "loras" / TINY["lora"]))
-    generator = torch.Generator().manual_seed(5)
-    for proj in ("q_proj", "v_proj"):
-        base = f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"
-        tensors[f"{base}.lora_down.weight"] = torch.randn(4, 768, generator=generator) / 768 ** 0.5
-        tensors[f"{base}.lora_up.weight"] = torch.randn(768, 4, generator=generator)
-        tensors[f"{base}.alpha"] = torch.tensor(4.0)
-    name = "fluxq-tiny-lora-with-clip-grid.safetensors"
-    save_file(tensors, str(scratch_models / "loras" / name))
-    return name
-
-
 @pytest.mark.server
 def test_grid_header_is_truthful_about_the_clip_and_a_missing_zero_row(comfy_server, clip_lora):
     """Issue 21 item 4: a prompt encoded by the CLIP carrying the LoRA's text-encoder part used to be

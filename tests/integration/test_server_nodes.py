@@ -6,8 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_server import ExecutionFailed
-from fluxq_testing import TINY, dequantized_state_dict, saved_latent, tiny_gguf_path
+from fluxq_testing import TINY, dequantized_state_dict, expect_error, saved_latent, tiny_gguf_path
 
 FLUXQ_NODES = {"FluxQLoadGGUF", "FluxQLoadTextEncodersGGUF", "FluxQApplyLoRA", "FluxQRemoveLoRA"}
 
@@ -82,15 +81,6 @@ def test_gguf_and_lora_nodes_match_core_nodes_in_one_graph(comfy_server, q8_refe
     assert "0 keys unmatched" in history["outputs"]["ours_lora"]["text"][0]
 
 
-def _expect_error(server, prompt, *fragments):
-    with pytest.raises(ExecutionFailed) as failure:
-        server.run(prompt)
-    message = str(failure.value)
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
 def _lora_graph(lora_name):
     return {**gguf_loader(TINY["dev_gguf"]["Q8_0"]),
             "apply": {"class_type": "FluxQApplyLoRA", "inputs": {"model": ["gguf", 0], "lora_name": lora_name, "strength_model": 1.0, "strength_clip": 1.0}},
@@ -100,11 +90,11 @@ def _lora_graph(lora_name):
 def test_bad_gguf_files_fail_clearly_and_the_server_keeps_serving(comfy_server, scratch_models, models_dir):
     source = tiny_gguf_path(models_dir, "Q8_0").read_bytes()[:4096]
     (scratch_models / "diffusion_models" / "truncated.gguf").write_bytes(source)
-    _expect_error(comfy_server, {**gguf_loader("truncated.gguf"), **text_encoder(), **txt2img(["gguf", 0], "t")},
+    expect_error(comfy_server, {**gguf_loader("truncated.gguf"), **text_encoder(), **txt2img(["gguf", 0], "t")},
                   "truncated.gguf")
 
     (scratch_models / "diffusion_models" / "garbage.gguf").write_bytes(b"not a gguf file at all" * 100)
-    _expect_error(comfy_server, {**gguf_loader("garbage.gguf"), **text_encoder(), **txt2img(["gguf", 0], "g")},
+    expect_error(comfy_server, {**gguf_loader("garbage.gguf"), **text_encoder(), **txt2img(["gguf", 0], "g")},
                   "garbage.gguf")
 
     # a missing model is ComfyUI's normal validation error (HTTP 400), not a crash
@@ -122,43 +112,26 @@ def test_bad_gguf_files_fail_clearly_and_the_server_keeps_serving(comfy_server, 
 def test_bad_lora_files_fail_clearly(comfy_server, scratch_models):
     loras = scratch_models / "loras"
     (loras / "pickled.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
-    _expect_error(comfy_server, _lora_graph("pickled.safetensors"), "pickled.safetensors")
+    expect_error(comfy_server, _lora_graph("pickled.safetensors"), "pickled.safetensors")
 
     nan = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.full((4, 3072), math.nan),
            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4)}
     save_file(nan, str(loras / "nan.safetensors"))
-    _expect_error(comfy_server, _lora_graph("nan.safetensors"), "nan.safetensors", "lora_down")
+    expect_error(comfy_server, _lora_graph("nan.safetensors"), "nan.safetensors", "lora_down")
 
     wrong_shape = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 100),
                    "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4)}
     save_file(wrong_shape, str(loras / "wrong-shape.safetensors"))
-    _expect_error(comfy_server, _lora_graph("wrong-shape.safetensors"), "double_blocks.0.img_attn.qkv")
+    expect_error(comfy_server, _lora_graph("wrong-shape.safetensors"), "double_blocks.0.img_attn.qkv")
 
     sdxl = {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 320),
             "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(320, 4)}
     save_file(sdxl, str(loras / "sdxl-style.safetensors"))
-    _expect_error(comfy_server, _lora_graph("sdxl-style.safetensors"), "matched no layer", "SDXL")
+    expect_error(comfy_server, _lora_graph("sdxl-style.safetensors"), "matched no layer", "SDXL")
 
     # names from a prompt never leave the loras folder: ComfyUI rejects values not in the list
     status, body = comfy_server.post_prompt(_lora_graph("../../../etc/passwd"))
     assert status == 400
-
-
-@pytest.fixture(scope="module")
-def clip_lora(scratch_models, models_dir):
-    """The tiny FLUX LoRA plus a CLIP-L part (lora_te1_ keys on the first attention layer)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(models_dir / "loras" / TINY["lora"]))
-    generator = torch.Generator().manual_seed(5)
-    for proj in ("q_proj", "v_proj"):
-        base = f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"
-        tensors[f"{base}.lora_down.weight"] = torch.randn(4, 768, generator=generator) / 768 ** 0.5
-        tensors[f"{base}.lora_up.weight"] = torch.randn(768, 4, generator=generator)
-        tensors[f"{base}.alpha"] = torch.tensor(4.0)
-    name = "fluxq-tiny-lora-with-clip.safetensors"
-    save_file(tensors, str(scratch_models / "loras" / name))
-    return name
 
 
 def test_applying_a_file_twice_and_removing_it_treat_model_and_clip_alike(comfy_server, clip_lora):
