@@ -356,8 +356,11 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     lora_sd, metadata = read_lora_file_with_metadata(path)  # refuses pickles; checks header, NaN/Inf, dtypes
     fmt = detect_format(lora_sd.keys())
+    raw_keys = set(lora_sd)
     lora_sd = normalize_flux_lora(lora_sd)
-    refuse_other_family(model, lora_sd.keys(), lora_name)
+    # the file's own names too: normalising FLUX.2's diffusers names (ff.linear_in) to BFL ones
+    # (img_mlp.0, as FLUX.1's) must not hide which generation the file is for
+    refuse_other_family(model, raw_keys | set(lora_sd), lora_name)
     adapters, matched, sources = runtime_adapters(model, lora_sd, lora_name, header_scale(metadata, lora_name))
 
     clip_out, clip_strength = None, None
