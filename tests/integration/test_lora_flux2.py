@@ -213,3 +213,45 @@ def test_diffusers_saved_lora_on_every_linear_equals_peft(flux2, scratch_models)
     assert set(ours_diffusers) == set(expected)
     for name, delta in expected.items():
         check(ours_diffusers[name], STRENGTH * delta, name)
+
+
+def lokr_file(model, seed):
+    """LoKr as ai-toolkit writes it for klein (`diffusion_model.` + BFL names; w1 whole, w2 whole or
+    factorised with an alpha), the image q/k/v as SimpleTuner's LyCORIS names them (diffusers
+    modules with underscores: row slices of the fused qkv)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.1):
+        return scale * torch.randn(*shape, generator=g)
+
+    sd = {}
+    for i, path in enumerate(p for p in linear_paths(model) if p != "double_blocks.0.img_attn.qkv"):
+        layer = model.model.diffusion_model.get_submodule(path)
+        name, (out2, in2) = f"diffusion_model.{path}", (layer.out_features // 4, layer.in_features // 4)
+        sd[f"{name}.lokr_w1"] = rnd(4, 4, scale=1.0)
+        if i % 2:
+            sd |= {f"{name}.lokr_w2_a": rnd(out2, 2), f"{name}.lokr_w2_b": rnd(2, in2), f"{name}.alpha": torch.tensor(3.0)}
+        else:
+            sd[f"{name}.lokr_w2"] = rnd(out2, in2)
+    for part in ("to_q", "to_k", "to_v"):
+        sd |= {f"lycoris_transformer_blocks_0_attn_{part}.lokr_w1": rnd(4, 4, scale=1.0),
+               f"lycoris_transformer_blocks_0_attn_{part}.lokr_w2": rnd(32, 32)}
+    return sd
+
+
+@pytest.mark.parametrize("flux2", ["flux2-klein-4b"], indirect=True)
+def test_lokr_on_klein_equals_core(flux2, scratch_models):
+    member_id, model, tensors = flux2
+    lora_sd = lokr_file(model, seed=11)
+    lora_path = scratch_models / "loras" / f"lokr-{member_id}.safetensors"
+    save_file(lora_sd, str(lora_path))
+
+    ours, report = pack_updates(model, tensors, lora_path.name)
+    assert f"{len(linear_paths(model))} modules matched, 0 keys unmatched" in report, report
+    assert "LoKr with unfactorised matrices" in report and "scale alpha/rank" in report
+    expected = core_updates(model, tensors, lora_sd)
+    assert set(expected) == set(ours)
+    for path, delta in expected.items():
+        dense, probe, separate = ours[path]
+        check(dense, delta, path)
+        torch.testing.assert_close(separate, probe @ delta.T, rtol=1e-3, atol=1e-4, msg=lambda m: f"{path}: {m}")
