@@ -118,7 +118,7 @@ def klein_loras(tensors, seed=4):
 def test_klein_peft_and_lokr_loras_sample_like_core(comfy_server, models_dir, scratch_models):
     """The user path: FluxQApplyLoRA twice on the quantized klein against core's UNETLoader +
     LoraLoaderModelOnly twice on the dequantized copy (core reads the PEFT file's ai-toolkit twin);
-    the per-layer oracles for every format are in test_lora_flux2.py."""
+    the per-layer oracles for every format are in test_lora_family.py."""
     needs_0_33(comfy_server)
     klein = models_dir / "diffusion_models" / tiny_member("flux2-klein-4b")
     tensors = dequantized_state_dict(klein)

@@ -1,5 +1,5 @@
-"""FLUX.2 LoRA files as trainers write them, applied on the quantized tiny FLUX.2 [dev] and [klein]
-models, against two oracles per layer:
+"""LoRA files of the FLUX family as trainers write them, applied on the quantized tiny models, per
+layer against oracles. FLUX.2 ([dev], [klein], klein's LoKr) against two:
 
 - core ComfyUI: `comfy.lora.load_lora` with core's own key map reads the file as it is (no help
   from the pack), `calculate_weight` merges it onto the gguf package's dequantization of the layer;
@@ -11,6 +11,7 @@ Each format is checked against every oracle that reads it; together they cover e
 The pack's update is taken both ways: `dense_delta` (what a fold adds) and the quantized layer's
 forward with the LoRA active (the separate path), which must equal the dequantized weight plus the
 oracle's update. ComfyUI 0.3.75 cannot build a 128-wide FLUX.2 (its detection fixes 48 heads).
+Kontext's hosted-trainer PEFT files and Chroma's ai-toolkit files against core.
 """
 
 import pytest
@@ -112,6 +113,19 @@ def core_updates(model, tensors, lora_sd):
         weight = tensors[f"{module_path}.weight"]
         updates[module_path] = comfy.lora.calculate_weight(patches, weight.clone(), key) - weight
     return updates
+
+
+class ZeroWeights:
+    """Each layer's weight as zeros, made when asked: a LoRA's or LoKr's update does not depend on
+    the weight (core merges onto it, the pack never reads it), and the 3072-wide models' float
+    copies would cost GBs."""
+
+    def __init__(self, model):
+        self.diffusion_model = model.model.diffusion_model
+
+    def __getitem__(self, key):
+        layer = self.diffusion_model.get_submodule(key[: -len(".weight")])
+        return torch.zeros(layer.out_features, layer.in_features)
 
 
 def pack_updates(model, tensors, lora_name):
@@ -255,3 +269,55 @@ def test_lokr_on_klein_equals_core(flux2, scratch_models):
         dense, probe, separate = ours[path]
         check(dense, delta, path)
         torch.testing.assert_close(separate, probe @ delta.T, rtol=1e-3, atol=1e-4, msg=lambda m: f"{path}: {m}")
+
+
+# --- FLUX.1 Kontext and Chroma -------------------------------------------------------------------
+
+
+def test_kontext_peft_file_on_every_linear_equals_core(pack, models_dir, scratch_models):
+    """fal's Kontext trainer: PEFT with BFL names under `base_model.model.` (core reads none of them)
+    on every linear layer (modulation, vector_in, guidance_in, the final layer's [shift; scale] rows);
+    core reads the file's ai-toolkit twin. Kontext [dev] is FLUX.1 [dev]'s architecture: the 128-wide
+    tiny Fill (FLUX.1 [dev] with a wider img_in) stands in for it at a fraction of the 3072-wide
+    tiny dev's cost, so like it this needs ComfyUI 0.33."""
+    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
+
+    if not comfyui_is_0_33():
+        pytest.skip("ComfyUI 0.3.75 cannot build the 128-wide tiny FLUX.1 (its detection fixes 24 heads)")
+    model = load_flux_gguf(str(models_dir / "diffusion_models" / "fluxq-tiny-flux1-fill-dev-Q8_0.gguf"))
+    factors = random_factors(model, seed=5)
+    assert {"double_blocks.0.img_mod.lin", "vector_in.in_layer", "guidance_in.out_layer",
+            "final_layer.adaLN_modulation.1"} <= set(factors)
+    save_file(bfl_file(factors, "base_model.model."), str(scratch_models / "loras" / "kontext-peft.safetensors"))
+    weights = ZeroWeights(model)
+    ours, report = pack_updates(model, weights, "kontext-peft.safetensors")
+    assert f"{len(factors)} modules matched, 0 keys unmatched" in report, report
+    expected = core_updates(model, weights, bfl_file(factors, "diffusion_model."))
+    assert set(expected) == set(ours) == set(factors)
+    for path, delta in expected.items():
+        dense, probe, separate = ours[path]
+        check(dense, delta, path)
+        torch.testing.assert_close(separate, probe @ delta.T, rtol=1e-3, atol=1e-4, msg=lambda m: f"{path}: {m}")
+
+
+def test_chroma_ai_toolkit_file_equals_core(pack, models_dir, scratch_models):
+    """ai-toolkit's Chroma LoRAs: `diffusion_model.` + BFL names on the blocks (Chroma's have no
+    modulation layers) and its approximator (distilled_guidance_layer); core reads the same file.
+    The tiny Chroma is 3072 wide (its approximator's size is fixed): a few of the smaller layers."""
+    from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
+
+    model = load_flux_gguf(str(models_dir / "diffusion_models" / "fluxq-tiny-chroma-Q8_0.gguf"))
+    paths = ("double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj", "distilled_guidance_layer.in_proj",
+             "distilled_guidance_layer.out_proj")
+    factors = {path: f for path, f in random_factors(model, seed=6).items() if path in paths}
+    lora_sd = bfl_file(factors, "diffusion_model.")
+    save_file(lora_sd, str(scratch_models / "loras" / "chroma-ai-toolkit.safetensors"))
+    weights = ZeroWeights(model)
+    ours, report = pack_updates(model, weights, "chroma-ai-toolkit.safetensors")
+    assert "(bfl): 4 modules matched, 0 keys unmatched" in report, report
+    expected = core_updates(model, weights, lora_sd)
+    assert set(expected) == set(ours) == set(paths)
+    for path, delta in expected.items():
+        dense, probe, separate = ours[path]
+        check(dense, delta, path)
+        torch.testing.assert_close(separate, probe @ delta.T, rtol=1e-3, atol=1e-3, msg=lambda m: f"{path}: {m}")
