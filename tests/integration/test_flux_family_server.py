@@ -230,3 +230,26 @@ def test_a_flux2_lora_on_flux1_is_refused_naming_both(comfy_server, scratch_mode
     save_file(flux2_lora, str(scratch_models / "loras" / "flux2-modulation.safetensors"))
     expect_error(comfy_server, apply_graph(TINY["dev_gguf"]["Q8_0"], "flux2-modulation.safetensors", "EmptySD3LatentImage"),
                  "flux2-modulation.safetensors is a FLUX.2 LoRA", "FLUX.1 [dev]")
+
+
+def test_a_lora_within_the_models_blocks_but_of_the_other_generations_shapes_is_refused(comfy_server, scratch_models):
+    """Only the double blocks' attention is shaped alike in FLUX.1 and FLUX.2 at one width: a LoRA that
+    stays within the model's blocks and names no generation-only layer, but whose MLP and single-block
+    layers have the other generation's proportions, is refused naming both (not applied, nor a shape error)."""
+    (scratch_models / "loras").mkdir(exist_ok=True)
+
+    def block_zero(h, mlp_in_rows, linear1_rows, linear2_cols):
+        return kohya_lora({"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.0.img_mlp.0": (mlp_in_rows, h),
+                           "single_blocks.0.linear1": (linear1_rows, h), "single_blocks.0.linear2": (h, linear2_cols)})
+
+    # klein's proportions (SwiGLU MLP 3h, gate and value fused) at the tiny dev's width
+    save_file(block_zero(3072, 6 * 3072, 9 * 3072, 4 * 3072), str(scratch_models / "loras" / "klein-shaped.safetensors"))
+    expect_error(comfy_server, apply_graph(TINY["dev_gguf"]["Q8_0"], "klein-shaped.safetensors", "EmptySD3LatentImage"),
+                 "klein-shaped.safetensors is a FLUX.2 LoRA", "FLUX.2's shapes", "FLUX.1 [dev]")
+    if comfyui_version(comfy_server) < (0, 33, 0):
+        return  # the tiny klein needs 0.33 (tested above)
+    # FLUX.1's proportions (GELU MLP 4h) at the tiny klein's width
+    save_file(block_zero(128, 4 * 128, 7 * 128, 5 * 128), str(scratch_models / "loras" / "flux1-shaped.safetensors"))
+    expect_error(comfy_server, apply_graph(tiny_member("flux2-klein-4b"), "flux1-shaped.safetensors",
+                                           "EmptyFlux2LatentImage"),
+                 "flux1-shaped.safetensors is a FLUX.1 LoRA", "FLUX.2 [klein]")
