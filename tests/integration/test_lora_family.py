@@ -31,11 +31,12 @@ def comfyui_is_0_33():
 
 
 @pytest.fixture(scope="module")
-def flux2(request, pack, models_dir):
+def flux2(request, models_dir):
     """(member id, the pack's quantized model, the dequantized float tensors)."""
     if not comfyui_is_0_33():
         pytest.skip("ComfyUI 0.3.75 cannot build the 128-wide tiny FLUX.2 (its detection fixes 48 heads); "
                     "the refusal is tested in test_flux_family_server.py")
+    request.getfixturevalue("pack")  # imported only where it runs
     from comfyui_flux_qlora.nodes.comfy_glue import load_flux_gguf
 
     path = models_dir / "diffusion_models" / f"fluxq-tiny-{request.param}-Q8_0.gguf"
