@@ -243,7 +243,8 @@ def test_a_lora_within_the_models_blocks_but_of_the_other_generations_shapes_is_
                            "single_blocks.0.linear1": (linear1_rows, h), "single_blocks.0.linear2": (h, linear2_cols)})
 
     # klein's proportions (SwiGLU MLP 3h, gate and value fused) at the tiny dev's width
-    save_file(block_zero(3072, 6 * 3072, 9 * 3072, 4 * 3072), str(scratch_models / "loras" / "klein-shaped.safetensors"))
+    save_file(block_zero(3072, 6 * 3072, 9 * 3072, 4 * 3072),
+              str(scratch_models / "loras" / "klein-shaped.safetensors"))
     expect_error(comfy_server, apply_graph(TINY["dev_gguf"]["Q8_0"], "klein-shaped.safetensors", "EmptySD3LatentImage"),
                  "klein-shaped.safetensors is a FLUX.2 LoRA", "FLUX.2's shapes", "FLUX.1 [dev]")
     if comfyui_version(comfy_server) < (0, 33, 0):

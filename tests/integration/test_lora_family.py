@@ -245,7 +245,8 @@ def lokr_file(model, seed):
         name, (out2, in2) = f"diffusion_model.{path}", (layer.out_features // 4, layer.in_features // 4)
         sd[f"{name}.lokr_w1"] = rnd(4, 4, scale=1.0)
         if i % 2:
-            sd |= {f"{name}.lokr_w2_a": rnd(out2, 2), f"{name}.lokr_w2_b": rnd(2, in2), f"{name}.alpha": torch.tensor(3.0)}
+            sd |= {f"{name}.lokr_w2_a": rnd(out2, 2), f"{name}.lokr_w2_b": rnd(2, in2),
+                   f"{name}.alpha": torch.tensor(3.0)}
         else:
             sd[f"{name}.lokr_w2"] = rnd(out2, in2)
     for part in ("to_q", "to_k", "to_v"):
