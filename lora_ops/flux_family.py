@@ -329,9 +329,44 @@ _BLOCK_INDEX = {
 }
 
 
-def lora_evidence(keys: Iterable[str]) -> tuple[set[str], int, int]:
-    """(generations named by generation-only module names, double blocks, single blocks touched)."""
-    generations: set[str] = set()
+# Block layers whose shape tells the generation at any width h, read from a plain LoRA's factors
+# (A/down: (rank, in), B/up: (out, rank)). FLUX.1 (and Chroma): GELU MLP of 4h, single blocks'
+# linear1 = qkv + MLP in (7h out), linear2 = attention + MLP out (5h in). FLUX.2: SwiGLU MLP of 3h
+# with gate and value fused (6h out, 3h in), linear1 9h out, linear2 4h in. Attention layers (h to
+# 3h, h to h) are the same in both: a LoRA on the double blocks' attention alone, within the
+# blocks both have, carries nothing that tells them apart, and is applied as its names say.
+_SHAPE_RATIOS: tuple[tuple[re.Pattern, str, Mapping[int, str]], ...] = (
+    (re.compile(r"(?:^|[._])double_blocks[._]\d+[._](?:img|txt)_mlp[._]0$"), "out/in", {4: FLUX1, 6: FLUX2}),
+    (re.compile(r"(?:^|[._])double_blocks[._]\d+[._](?:img|txt)_mlp[._]2$"), "in/out", {4: FLUX1, 3: FLUX2}),
+    (re.compile(r"(?:^|[._])single_blocks[._]\d+[._]linear1$"), "out/in", {7: FLUX1, 9: FLUX2}),
+    (re.compile(r"(?:^|[._])single_blocks[._]\d+[._]linear2$"), "in/out", {5: FLUX1, 4: FLUX2}),
+)
+_LORA_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<side>lora_A|lora_down|lora_B|lora_up)\.weight$")
+
+
+def _generations_by_shape(shapes: Mapping[str, tuple[int, ...]]) -> set[str]:
+    """Generations the shapes of plain-LoRA factors on the MLP / linear1 / linear2 layers name."""
+    sizes: dict[str, dict[str, int]] = {}
+    for key, shape in shapes.items():
+        factor = _LORA_FACTOR.match(key)
+        if factor and len(shape) == 2:
+            down = factor["side"] in ("lora_A", "lora_down")
+            sizes.setdefault(factor["module"], {})["in" if down else "out"] = shape[1] if down else shape[0]
+    found = set()
+    for module, size in sizes.items():
+        for pattern, ratio, generation_of in _SHAPE_RATIOS:
+            if pattern.search(module) and len(size) == 2:
+                numerator, denominator = (size["out"], size["in"]) if ratio == "out/in" else (size["in"], size["out"])
+                if denominator and numerator % denominator == 0 and numerator // denominator in generation_of:
+                    found.add(generation_of[numerator // denominator])
+    return found
+
+
+def lora_evidence(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | None = None
+                  ) -> tuple[set[str], int, int]:
+    """(generations named by generation-only module names or by layer shapes (``shapes``: key ->
+    tensor shape), double blocks, single blocks touched)."""
+    generations: set[str] = _generations_by_shape(shapes or {})
     blocks = {"double": 0, "single": 0}
     for key in keys:
         for generation, pattern in _GENERATION_MARKERS.items():
@@ -345,20 +380,24 @@ def lora_evidence(keys: Iterable[str]) -> tuple[set[str], int, int]:
     return generations, blocks["double"], blocks["single"]
 
 
-def lora_family_mismatch(keys: Iterable[str], model: Detection, lora_name: str = "the LoRA") -> str | None:
+def lora_family_mismatch(keys: Iterable[str], model: Detection, lora_name: str = "the LoRA",
+                         shapes: Mapping[str, tuple[int, ...]] | None = None) -> str | None:
     """Why a LoRA's keys belong to another family member than ``model``, else None.
 
-    Decided by key set and block count, not by shape: a FLUX.1 LoRA's double-block shapes fit
-    FLUX.2 [klein] 4B (both 3072 wide). A LoRA reaching past the model's blocks is refused, except
-    on a model of no released size (pruned, tiny) when a released member of its own generation has
-    those blocks: a FLUX.1 [dev] LoRA on a pruned FLUX.1 applies where the blocks exist."""
-    generations, double, single = lora_evidence(keys)
+    Decided by key set, layer shapes (``shapes``: key -> tensor shape) and block count, not by a
+    shape fitting: a FLUX.1 LoRA's double-block shapes fit FLUX.2 [klein] 4B (both 3072 wide), but
+    its MLP and single-block layers have FLUX.1's proportions. A LoRA reaching past the model's
+    blocks is refused, except on a model of no released size (pruned, tiny) when a released member
+    of its own generation has those blocks: a FLUX.1 [dev] LoRA on a pruned FLUX.1 applies where
+    the blocks exist."""
+    generations, double, single = lora_evidence(keys, shapes)
     family = model.member.generation
     accepted = ACCEPTS_LORAS_OF[family]
     foreign = generations - accepted
     if foreign and not generations & accepted:
-        return (f"{lora_name} is a {' / '.join(sorted(foreign))} LoRA (its keys name "
-                f"{'/'.join(sorted(foreign))}-only layers); the model is {model.label} ({family}).")
+        named = "/".join(sorted(foreign))
+        return (f"{lora_name} is a {' / '.join(sorted(foreign))} LoRA (its keys name {named}-only layers, "
+                f"or its layers have {named}'s shapes); the model is {model.label} ({family}).")
     if double <= model.double_blocks and single <= model.single_blocks:
         return None
     owners = [m for m in MEMBERS if m.double_blocks >= double and m.single_blocks >= single

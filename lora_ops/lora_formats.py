@@ -1,9 +1,12 @@
-"""Recognising FLUX.1 LoRA files in the wild and rewriting the few layouts ComfyUI cannot read.
+"""Recognising FLUX family LoRA files in the wild and rewriting the few layouts ComfyUI cannot read.
 
-ComfyUI's `comfy.lora.model_lora_keys_unet` already maps kohya `lora_unet_*`, diffusers
-`transformer.*` (q/k/v and proj_mlp as slices of the fused layers), OneTrainer
-`lora_transformer_*`, SimpleTuner `lycoris_*` and `diffusion_model.*` BFL names, with LoRA, LoHa
-and LoKr weights. `normalize_flux_lora` only rewrites what falls outside that map.
+ComfyUI's `comfy.lora.model_lora_keys_unet` already maps kohya / musubi-tuner `lora_unet_*`,
+diffusers `transformer.*` (q/k/v and proj_mlp as slices of the fused layers; 0.33 also FLUX.2's
+`ff.linear_in`, `attn.to_qkv_mlp_proj`, `attn.to_out`), OneTrainer `lora_transformer_*`,
+SimpleTuner `lycoris_*` and `diffusion_model.*` BFL names (ai-toolkit), with LoRA, LoHa and LoKr
+weights, for FLUX.1, FLUX.2 and Chroma alike. `normalize_flux_lora` only rewrites what falls
+outside that map: XLabs processors, bare and PEFT `base_model.model.` names (hosted trainers), and
+the FLUX.2 diffusers names some core lacks.
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ _SD_FORMATS = (
 )
 
 _DESCRIPTIONS = {
-    "kohya": "a kohya-ss FLUX.1 LoRA",
-    "diffusers": "a diffusers/PEFT FLUX.1 LoRA",
+    "kohya": "a kohya-ss / musubi-tuner FLUX LoRA",
+    "diffusers": "a diffusers/PEFT FLUX LoRA",
     "xlabs": "an XLabs FLUX.1 LoRA",
-    "bfl": "a FLUX.1 LoRA with BFL module names",
-    "lycoris": "a LyCORIS (LoKr/LoHa) FLUX.1 LoRA",
+    "bfl": "a FLUX LoRA with BFL module names",
+    "lycoris": "a LyCORIS (LoKr/LoHa) FLUX LoRA",
     "sdxl": "an SDXL LoRA, not a FLUX.1 one",
     "sd15": "a Stable Diffusion 1.x LoRA, not a FLUX.1 one",
 }
@@ -122,13 +125,48 @@ _XLABS_MODULES = {
 _XLABS_KEY = re.compile(r"^((?:double|single)_blocks\.\d+)\.processor\.(\w+)\.(down|up)\.weight$")
 
 _PEFT_PREFIX = "base_model.model."
-# Top-level FLUX module names, and the prefix core's key map expects in front of them.
-_BFL_TOP = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+# Top-level FLUX module names (FLUX.1, FLUX.2's global modulation, Chroma's approximator), and the
+# prefix core's key map expects in front of them.
+_BFL_TOP = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer",
+            "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+            "distilled_guidance_layer")
 _DIFFUSERS_TOP = (
     "transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
     "time_text_embed", "norm_out", "proj_out",
 )  # fmt: skip
 _PREFIX_FOR_TOP = {**dict.fromkeys(_BFL_TOP, "diffusion_model."), **dict.fromkeys(_DIFFUSERS_TOP, "transformer.")}
+
+
+# FLUX.2's diffusers module names, as the BFL modules diffusers' own
+# `convert_flux2_transformer_checkpoint_to_diffusers` maps them from (one to one, no row reordering):
+# the global modulation and the time/guidance embedders, which no ComfyUI's key map has
+# (`flux_to_diffusers` was written for FLUX.1), and the unsplit block layers, which ComfyUI 0.3.75's
+# lacks. q/k/v (row slices of the fused qkv) and the attention outputs keep FLUX.1's names, which
+# every core maps. Without a prefix or under `transformer.` / `base_model.model.`.
+_FLUX2_DIFFUSERS_TO_BFL = {
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "transformer_blocks.{}.ff.linear_in": "double_blocks.{}.img_mlp.0",
+    "transformer_blocks.{}.ff.linear_out": "double_blocks.{}.img_mlp.2",
+    "transformer_blocks.{}.ff_context.linear_in": "double_blocks.{}.txt_mlp.0",
+    "transformer_blocks.{}.ff_context.linear_out": "double_blocks.{}.txt_mlp.2",
+    "single_transformer_blocks.{}.attn.to_qkv_mlp_proj": "single_blocks.{}.linear1",
+    "single_transformer_blocks.{}.attn.to_out": "single_blocks.{}.linear2",
+}
+_FLUX2_DIFFUSERS_KEY = re.compile(r"^(?:transformer\.)?(?P<module>{})(?P<rest>\..+)$".format(
+    "|".join(re.escape(k).replace(r"\{\}", r"\d+") for k in _FLUX2_DIFFUSERS_TO_BFL)))
+
+
+def _flux2_bfl_name(module: str) -> str:
+    """The BFL module of a FLUX.2 diffusers module `_FLUX2_DIFFUSERS_KEY` matched."""
+    block = re.search(r"\.(\d+)\.", module)
+    pattern = module if block is None else module.replace(block.group(0), ".{}.", 1)
+    return _FLUX2_DIFFUSERS_TO_BFL[pattern].format(*(() if block is None else (block.group(1),)))
 
 
 def _is_bfl_control_lora(sd: dict) -> bool:
@@ -144,12 +182,16 @@ def _normalized_key(key: str) -> str:
         return f"diffusion_model.{block}.{_XLABS_MODULES[module]}.lora_{side}.weight"
     if key.startswith(_PEFT_PREFIX):
         key = key[len(_PEFT_PREFIX) :]
+    flux2 = _FLUX2_DIFFUSERS_KEY.match(key)
+    if flux2:
+        return f"diffusion_model.{_flux2_bfl_name(flux2['module'])}{flux2['rest']}"
     prefix = _PREFIX_FOR_TOP.get(key.split(".", 1)[0])
     return prefix + key if prefix else key
 
 
 def normalize_flux_lora(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rewrites XLabs, bare BFL/diffusers and PEFT `base_model.model.` keys into names core maps.
+    """Rewrites XLabs, bare BFL/diffusers, PEFT `base_model.model.` and FLUX.2 diffusers keys core
+    does not map into names it maps.
 
     Every other key passes through unchanged; tensors are not copied.
     """

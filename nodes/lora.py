@@ -31,7 +31,8 @@ class FluxQApplyLoRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="A FLUX.1 LoRA from models/loras (.safetensors)."),
+                               tooltip="A FLUX family LoRA (FLUX.1, FLUX.2, Chroma; the common trainers' formats) "
+                                       "from models/loras (.safetensors)."),
                 io.Float.Input("strength_model", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.01,
                                tooltip="Scale of the LoRA on the transformer; 0 gives exactly the base model."),
                 io.Clip.Input("clip", optional=True,

@@ -116,3 +116,24 @@ def expect_error(server, prompt, *fragments) -> str:
 
 def saved_latent(server, history: dict, node_id: str):
     return load_latent(server.output_file(history["outputs"][node_id]["latents"][0]))
+
+
+def runtime_update(model, adapters, module_path, weight, probe, strength=1.0):
+    """The pack's update of one layer, both ways: dense_delta placed in its rows (what a fold adds), and
+    the layer's forward on `probe` with the LoRA active minus without (the separate path)."""
+    from comfyui_flux_qlora.lora_ops.lora_runtime import LoraEntry, LoraStack, activate, install_hooks
+    from comfyui_flux_qlora.nodes.comfy_glue import layer_base_weight
+
+    module = model.model.diffusion_model.get_submodule(module_path)
+    dense = torch.zeros_like(weight)
+    for adapter in adapters:
+        rows = dense if adapter.out_slice is None else dense.narrow(0, *adapter.out_slice)
+        base = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
+        rows += strength * adapter.dense_delta(base)
+    install_hooks(model.model.diffusion_model, [module_path], layer_base_weight)
+    stack = LoraStack([LoraEntry("walk", strength, {module_path: tuple(adapters)})])
+    with torch.inference_mode():
+        plain = module(probe)
+        with activate(stack, root=model.model.diffusion_model):
+            hooked = module(probe)
+    return dense, hooked - plain

@@ -336,14 +336,15 @@ def runtime_adapters(model, lora_sd: dict, lora_name: str, header=None):
     return adapters, matched, sources
 
 
-def refuse_other_family(model, keys, lora_name: str) -> None:
-    """LoraMatchError when the LoRA's key set and block count say it is for another FLUX family
-    member than the model (e.g. a FLUX.1 LoRA on FLUX.2 [klein] 4B, whose shapes would fit)."""
+def refuse_other_family(model, keys, lora_name: str, shapes=None) -> None:
+    """LoraMatchError when the LoRA's key set, layer shapes (``shapes``: key -> shape) and block
+    count say it is for another FLUX family member than the model (e.g. a FLUX.1 LoRA on FLUX.2
+    [klein] 4B, whose attention shapes would fit)."""
     try:
         detection = model_family(model)
     except flux_family.FamilyError as error:
         raise LoraMatchError(f"{lora_name}: {error}") from None
-    mismatch = flux_family.lora_family_mismatch(keys, detection, lora_name)
+    mismatch = flux_family.lora_family_mismatch(keys, detection, lora_name, shapes)
     if mismatch is not None:
         raise LoraMatchError(mismatch)
 
@@ -356,8 +357,11 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     lora_sd, metadata = read_lora_file_with_metadata(path)  # refuses pickles; checks header, NaN/Inf, dtypes
     fmt = detect_format(lora_sd.keys())
+    raw_keys = set(lora_sd)
     lora_sd = normalize_flux_lora(lora_sd)
-    refuse_other_family(model, lora_sd.keys(), lora_name)
+    # the file's own names too: normalising FLUX.2's diffusers names (ff.linear_in) to BFL ones
+    # (img_mlp.0, as FLUX.1's) must not hide which generation the file is for
+    refuse_other_family(model, raw_keys | set(lora_sd), lora_name, {k: tuple(t.shape) for k, t in lora_sd.items()})
     adapters, matched, sources = runtime_adapters(model, lora_sd, lora_name, header_scale(metadata, lora_name))
 
     clip_out, clip_strength = None, None

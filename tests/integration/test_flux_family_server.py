@@ -86,6 +86,62 @@ def test_member_loads_says_what_it_is_and_samples_like_core(comfy_server, models
         assert "distilled and base checkpoints have identical tensors" in report
 
 
+def klein_loras(tensors, seed=4):
+    """A hosted-trainer PEFT LoRA (BFL names under `base_model.model.`, which core does not read), its
+    ai-toolkit twin (`diffusion_model.`, which core reads), and an ai-toolkit LoKr, on every linear."""
+    g = torch.Generator().manual_seed(seed)
+    peft, twin, lokr = {}, {}, {}
+    for key, weight in tensors.items():
+        if weight.dim() != 2:  # FLUX.2's 2-D tensors are its linear layers' weights
+            continue
+        path, (rows, cols) = key[: -len(".weight")], weight.shape
+        down, up = torch.randn(4, cols, generator=g) / cols ** 0.5, 0.3 * torch.randn(rows, 4, generator=g)
+        for prefix, sd in (("base_model.model.", peft), ("diffusion_model.", twin)):
+            sd |= {f"{prefix}{path}.lora_A.weight": down, f"{prefix}{path}.lora_B.weight": up}
+        lokr |= {f"diffusion_model.{path}.lokr_w1": torch.randn(4, 4, generator=g),
+                 f"diffusion_model.{path}.lokr_w2_a": 0.1 * torch.randn(rows // 4, 2, generator=g),
+                 f"diffusion_model.{path}.lokr_w2_b": 0.1 * torch.randn(2, cols // 4, generator=g),
+                 f"diffusion_model.{path}.alpha": torch.tensor(3.0)}
+    return peft, twin, lokr
+
+
+def test_klein_peft_and_lokr_loras_sample_like_core(comfy_server, models_dir, scratch_models):
+    """The user path: FluxQApplyLoRA twice on the quantized klein against core's UNETLoader +
+    LoraLoaderModelOnly twice on the dequantized copy (core reads the PEFT file's ai-toolkit twin);
+    the per-layer oracles for every format are in test_lora_family.py."""
+    needs_0_33(comfy_server)
+    klein = models_dir / "diffusion_models" / tiny_member("flux2-klein-4b")
+    tensors = dequantized_state_dict(klein)
+    reference = "fluxq-tiny-klein-lora-reference.safetensors"
+    save_file(tensors, str(scratch_models / "diffusion_models" / reference))
+    names = ("klein-peft.safetensors", "klein-aitoolkit-twin.safetensors", "klein-lokr.safetensors")
+    for name, sd in zip(names, klein_loras(tensors)):
+        save_file(sd, str(scratch_models / "loras" / name))
+
+    def apply(node, model_ref, lora_name, strength):
+        inputs = {"model": model_ref, "lora_name": lora_name, "strength_model": strength}
+        return {"class_type": node, "inputs": inputs | ({"strength_clip": 1.0} if node == "FluxQApplyLoRA" else {})}
+
+    prompt = {
+        **text_encoder(), **loader(tiny_member("flux2-klein-4b")),
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": reference, "weight_dtype": "default"}},
+        "ours1": apply("FluxQApplyLoRA", ["gguf", 0], names[0], 0.8),
+        "ours2": apply("FluxQApplyLoRA", ["ours1", 0], names[2], -0.6),
+        "core1": apply("LoraLoaderModelOnly", ["unet", 0], names[1], 0.8),
+        "core2": apply("LoraLoaderModelOnly", ["core1", 0], names[2], -0.6),
+        **sample_graph(["ours2", 0], "ours", "EmptyFlux2LatentImage", None, 1),
+        **sample_graph(["core2", 0], "core", "EmptyFlux2LatentImage", None, 1),
+        **sample_graph(["gguf", 0], "plain", "EmptyFlux2LatentImage", None, 1),
+    }
+    history = comfy_server.run(prompt)
+    ours, core, plain = (saved_latent(comfy_server, history, f"{p}_save") for p in ("ours", "core", "plain"))
+    assert (ours - plain).abs().max() > 1e-2  # the LoRAs change the result
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-4)
+    for node, lora_name in (("ours1", names[0]), ("ours2", names[2])):
+        report = history["outputs"][node]["text"][0]
+        assert f"{lora_name} (" in report and "19 modules matched, 0 keys unmatched" in report, report
+
+
 def test_dev_file_names_kontext_and_krea_as_indistinguishable(pack):
     from comfyui_flux_qlora.nodes.loaders import FluxQLoadGGUF
 
@@ -164,3 +220,27 @@ def test_a_flux2_lora_on_flux1_is_refused_naming_both(comfy_server, scratch_mode
     save_file(flux2_lora, str(scratch_models / "loras" / "flux2-modulation.safetensors"))
     expect_error(comfy_server, apply_graph(TINY["dev_gguf"]["Q8_0"], "flux2-modulation.safetensors", "EmptySD3LatentImage"),
                  "flux2-modulation.safetensors is a FLUX.2 LoRA", "FLUX.1 [dev]")
+
+
+def test_a_lora_within_the_models_blocks_but_of_the_other_generations_shapes_is_refused(comfy_server, scratch_models):
+    """Only the double blocks' attention is shaped alike in FLUX.1 and FLUX.2 at one width: a LoRA that
+    stays within the model's blocks and names no generation-only layer, but whose MLP and single-block
+    layers have the other generation's proportions, is refused naming both (not applied, nor a shape error)."""
+    (scratch_models / "loras").mkdir(exist_ok=True)
+
+    def block_zero(h, mlp_in_rows, linear1_rows, linear2_cols):
+        return kohya_lora({"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.0.img_mlp.0": (mlp_in_rows, h),
+                           "single_blocks.0.linear1": (linear1_rows, h), "single_blocks.0.linear2": (h, linear2_cols)})
+
+    # klein's proportions (SwiGLU MLP 3h, gate and value fused) at the tiny dev's width
+    save_file(block_zero(3072, 6 * 3072, 9 * 3072, 4 * 3072),
+              str(scratch_models / "loras" / "klein-shaped.safetensors"))
+    expect_error(comfy_server, apply_graph(TINY["dev_gguf"]["Q8_0"], "klein-shaped.safetensors", "EmptySD3LatentImage"),
+                 "klein-shaped.safetensors is a FLUX.2 LoRA", "FLUX.2's shapes", "FLUX.1 [dev]")
+    if comfyui_version(comfy_server) < (0, 33, 0):
+        return  # the tiny klein needs 0.33 (tested above)
+    # FLUX.1's proportions (GELU MLP 4h) at the tiny klein's width
+    save_file(block_zero(128, 4 * 128, 7 * 128, 5 * 128), str(scratch_models / "loras" / "flux1-shaped.safetensors"))
+    expect_error(comfy_server, apply_graph(tiny_member("flux2-klein-4b"), "flux1-shaped.safetensors",
+                                           "EmptyFlux2LatentImage"),
+                 "flux1-shaped.safetensors is a FLUX.1 LoRA", "FLUX.2 [klein]")

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from fluxq_testing import tiny_gguf_model, tiny_gguf_path
+from fluxq_testing import runtime_update, tiny_gguf_model, tiny_gguf_path
 
 RANK = 2
 HIDDEN = 128
@@ -72,26 +72,6 @@ def _core_update(target, patch, weight, strength=1.0):
     return merged - weight
 
 
-def _runtime_update(model, adapters, module_path, weight, probe, strength=1.0):
-    """Ours, both ways: the separate path (hook on the probe) and dense_delta placed in its rows."""
-    from comfyui_flux_qlora.nodes.comfy_glue import layer_base_weight
-    from comfyui_flux_qlora.lora_ops.lora_runtime import LoraEntry, LoraStack, activate, install_hooks
-
-    module = model.model.diffusion_model.get_submodule(module_path)
-    dense = torch.zeros_like(weight)
-    for adapter in adapters:
-        rows = dense if adapter.out_slice is None else dense.narrow(0, *adapter.out_slice)
-        base = weight if adapter.out_slice is None else weight.narrow(0, *adapter.out_slice)
-        rows += strength * adapter.dense_delta(base)
-    install_hooks(model.model.diffusion_model, [module_path], layer_base_weight)
-    stack = LoraStack([LoraEntry("walk", strength, {module_path: tuple(adapters)})])
-    with torch.inference_mode():
-        plain = module(probe)
-        with activate(stack, root=model.model.diffusion_model):
-            hooked = module(probe)
-    return dense, hooked - plain
-
-
 def _factors(target, in_features, rows, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(RANK, in_features, generator=g) / in_features ** 0.5, torch.randn(rows, RANK, generator=g)
@@ -128,7 +108,7 @@ def test_every_linear_entry_of_the_key_map_matches_core(model):
         expected = expected_by_target[target_id]
         assert expected.abs().max() > 0
         probe = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(index))
-        dense, separate = _runtime_update(model, adapters[module_path], module_path, weight, probe)
+        dense, separate = runtime_update(model, adapters[module_path], module_path, weight, probe)
         torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(separate, probe @ expected.T, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
@@ -217,7 +197,7 @@ def test_lokr_loha_and_dora_updates_match_core_per_layer(model, strength):
         expected = _core_update(target, patch, weight, strength)
         assert expected.abs().max() > 0
         probe = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(3))
-        dense, separate = _runtime_update(model, adapters[module_path], module_path, weight, probe, strength)
+        dense, separate = runtime_update(model, adapters[module_path], module_path, weight, probe, strength)
         torch.testing.assert_close(dense, expected, rtol=1e-4, atol=2e-5, msg=lambda m: f"{module_path}: {m}")
         torch.testing.assert_close(separate, probe @ expected.T, rtol=1e-3, atol=1e-3,
                                    msg=lambda m: f"{module_path}: {m}")
@@ -253,6 +233,6 @@ def test_lokr_and_dora_on_the_quantized_model_through_the_node_path(pack, models
             t = tensors[module_path + ".weight"]
             weight = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32")).reshape(3072, 3072)
             expected = _core_update(target, patch, weight, strength)
-            _, separate = _runtime_update(model, entry.adapters[module_path], module_path, weight, probe, strength)
+            _, separate = runtime_update(model, entry.adapters[module_path], module_path, weight, probe, strength)
             torch.testing.assert_close(separate, probe @ expected.T, rtol=1e-3, atol=1e-3,
                                        msg=lambda m: f"{module_path} at {strength}: {m}")

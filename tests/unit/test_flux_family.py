@@ -147,6 +147,74 @@ def test_flux2_lora_on_flux1_is_refused_naming_both(keys):
     assert "b.safetensors is a FLUX.2 LoRA" in message and "FLUX.1 [dev]" in message
 
 
+def lora_shapes(hidden, mlp_rows, mlp_cols, linear1_rows, linear2_cols, double, single, mlp=True, rank=4,
+                kohya_names=False):
+    """A plain LoRA's key -> shape on the double blocks' attention (and MLP) and the single blocks."""
+    modules = {}
+    for i in range(double):
+        modules[f"double_blocks.{i}.img_attn.qkv"] = (3 * hidden, hidden)
+        modules[f"double_blocks.{i}.txt_attn.proj"] = (hidden, hidden)
+        if mlp:
+            modules[f"double_blocks.{i}.img_mlp.0"] = (mlp_rows, hidden)
+            modules[f"double_blocks.{i}.txt_mlp.2"] = (hidden, mlp_cols)
+    for i in range(single):
+        modules[f"single_blocks.{i}.linear1"] = (linear1_rows, hidden)
+        modules[f"single_blocks.{i}.linear2"] = (hidden, linear2_cols)
+    shapes = {}
+    for module, (rows, cols) in modules.items():
+        if kohya_names:
+            name = "lora_unet_" + module.replace(".", "_")
+            shapes |= {f"{name}.lora_down.weight": (rank, cols), f"{name}.lora_up.weight": (rows, rank)}
+        else:
+            shapes |= {f"diffusion_model.{module}.lora_A.weight": (rank, cols),
+                       f"diffusion_model.{module}.lora_B.weight": (rows, rank)}
+    return shapes
+
+
+# released proportions at klein 4B's and FLUX.1's shared width 3072
+# (FLUX.2: SwiGLU of 9216 with gate and value fused; FLUX.1: GELU of 12288)
+KLEIN4_SINGLE = dict(hidden=3072, mlp_rows=2 * 9216, mlp_cols=9216, linear1_rows=3 * 3072 + 2 * 9216,
+                     linear2_cols=3072 + 9216)
+FLUX1_SINGLE = dict(hidden=3072, mlp_rows=4 * 3072, mlp_cols=4 * 3072, linear1_rows=7 * 3072, linear2_cols=5 * 3072)
+
+
+@pytest.mark.parametrize("kohya_names", [False, True])
+def test_klein_lora_within_flux1_block_counts_is_refused_on_flux1_by_its_shapes(kohya_names):
+    """5 double + 20 single blocks fit FLUX.1's 19 + 38, no key names a FLUX.2-only layer: the
+    single blocks' (and the MLP's) proportions tell klein from FLUX.1."""
+    dev = ff.identify(*FULL["dev"][:2])
+    for mlp in (True, False):  # attention + single blocks only, and with the MLP
+        shapes = lora_shapes(**KLEIN4_SINGLE, double=5, single=20, mlp=mlp, kohya_names=kohya_names)
+        message = ff.lora_family_mismatch(shapes.keys(), dev, "klein-style.safetensors", shapes)
+        assert "klein-style.safetensors is a FLUX.2 LoRA" in message and "FLUX.1 [dev]" in message, message
+        assert "FLUX.2's shapes" in message
+    # its MLP alone tells it too (double blocks only)
+    shapes = lora_shapes(**KLEIN4_SINGLE, double=5, single=0)
+    assert "is a FLUX.2 LoRA" in ff.lora_family_mismatch(shapes.keys(), dev, "k", shapes)
+    # and the same file on klein passes
+    klein = ff.identify(*FULL["klein4"][:2])
+    assert ff.lora_family_mismatch(shapes.keys(), klein, "k", shapes) is None
+
+
+def test_flux1_lora_within_klein_block_counts_is_refused_on_klein_by_its_shapes():
+    klein = ff.identify(*FULL["klein4"][:2])
+    shapes = lora_shapes(**FLUX1_SINGLE, double=5, single=20, mlp=False, kohya_names=True)
+    message = ff.lora_family_mismatch(shapes.keys(), klein, "flux1-style.safetensors", shapes)
+    assert "flux1-style.safetensors is a FLUX.1 LoRA" in message and "FLUX.2 [klein] 4B" in message
+    dev, chroma = ff.identify(*FULL["dev"][:2]), ff.identify(*FULL["chroma"][:2])
+    assert ff.lora_family_mismatch(shapes.keys(), dev, "f", shapes) is None
+    assert ff.lora_family_mismatch(shapes.keys(), chroma, "f", shapes) is None  # Chroma takes FLUX.1's
+
+
+def test_attention_alone_within_both_block_counts_cannot_be_told_apart():
+    """The double blocks' attention is h -> 3h and h -> h in both generations: nothing in such a
+    file says which it was trained on, so it is applied as its names say (documented limit)."""
+    shapes = lora_shapes(**KLEIN4_SINGLE, double=5, single=0, mlp=False)
+    for model in (ff.identify(*FULL["dev"][:2]), ff.identify(*FULL["klein4"][:2])):
+        assert ff.lora_family_mismatch(shapes.keys(), model, "a", shapes) is None
+    assert ff.lora_evidence(shapes.keys(), shapes) == (set(), 5, 0)
+
+
 def test_matching_loras_pass():
     dev = ff.identify(*FULL["dev"][:2])
     assert ff.lora_family_mismatch(kohya(19, 38, ["lora_unet_double_blocks_0_img_mod_lin.alpha"]), dev) is None

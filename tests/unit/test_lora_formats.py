@@ -123,6 +123,41 @@ def test_bare_and_peft_names_get_the_prefix_core_expects():
     }
 
 
+def test_flux2_global_layers_get_their_bfl_names_in_every_spelling():
+    """PEFT (hosted trainers) names FLUX.2's global modulation by its BFL name; diffusers by its own
+    names, which core's key map (written for FLUX.1) lacks: both reach the BFL module."""
+    out = normalize_flux_lora(_sd(
+        "base_model.model.double_stream_modulation_img.lin.lora_A.weight",
+        "base_model.model.distilled_guidance_layer.layers.0.in_layer.lora_A.weight",
+        "transformer.double_stream_modulation_txt.linear.lora_B.weight",
+        "single_stream_modulation.linear.lora_A.weight",
+        "base_model.model.time_guidance_embed.timestep_embedder.linear_2.lora_A.weight",
+        "transformer.time_guidance_embed.guidance_embedder.linear_1.alpha",
+        # the unsplit block layers (ComfyUI 0.3.75's key map lacks them), LoKr and DoRA keys alike
+        "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight",
+        "single_transformer_blocks.3.attn.to_out.lokr_w1",
+        "base_model.model.transformer_blocks.1.ff_context.linear_out.dora_scale",
+        "transformer.transformer_blocks.2.ff.linear_in.lora_B.weight",
+        # FLUX.1's names, which every core maps, stay as they are
+        "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight",
+        "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight",
+    ))
+    assert set(out) == {
+        "diffusion_model.double_stream_modulation_img.lin.lora_A.weight",
+        "diffusion_model.distilled_guidance_layer.layers.0.in_layer.lora_A.weight",
+        "diffusion_model.double_stream_modulation_txt.lin.lora_B.weight",
+        "diffusion_model.single_stream_modulation.lin.lora_A.weight",
+        "diffusion_model.time_in.out_layer.lora_A.weight",
+        "diffusion_model.guidance_in.in_layer.alpha",
+        "diffusion_model.single_blocks.0.linear1.lora_A.weight",
+        "diffusion_model.single_blocks.3.linear2.lokr_w1",
+        "diffusion_model.double_blocks.1.txt_mlp.2.dora_scale",
+        "diffusion_model.double_blocks.2.img_mlp.0.lora_B.weight",
+        "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight",
+        "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight",
+    }
+
+
 def test_bfl_control_lora_is_left_to_core():
     sd = _sd("img_in.lora_A.weight", "img_in.lora_B.weight", "single_blocks.0.norm.key_norm.scale")
     assert set(normalize_flux_lora(sd)) == set(sd)
