@@ -9,6 +9,8 @@ Configurations (same random weights for all):
   FluxQ Q8_0 / Q4_0 GGUF written with ``lora_ops.gguf_write.write_gguf`` (``flux_qtype_for``),
                     loaded with ``nodes.comfy_glue.load_flux_gguf``
   FluxQ + LoRA      ``load_lora_entry`` + ``with_lora_stack`` (runtime hooks, no weight touched)
+  micro             per FLUX.1-dev linear shape and quant: native matmul, and each plan with the
+                    eager and with the fused dequantization kernels (``--micro only``: nothing else)
 The LoRA is kohya format, rank 32, alpha 32, on every 2-D weight of the double and single blocks
 (304 linears at full size).
 
@@ -46,7 +48,9 @@ then call ``run`` with carry [".comfy", ".whl"] and the command
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \\
       python3 bench/bench_flux_gguf.py --size full --comfyui .comfy --work-dir /tmp/fluxq-bench \\
-      --json-out $OUT/full.json
+      --fused auto,off --json-out $OUT/full.json
+(--fused auto,off: the streaming rows with the fused dequantization kernels and with the separate
+eager ones; see lora_ops/fused_dequant.py)
 (call ``run`` with timeout_s 600). Files written into the checkout on the device machine do not
 come back: only $OUT does, so pass --json-out $OUT/...; copy it here to bench/results/ afterwards.
 The JSON is rewritten after every config, so a call killed at the 10-minute limit still returns

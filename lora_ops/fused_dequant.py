@@ -48,6 +48,10 @@ log = logging.getLogger("fluxq")
 MODE_ENV = "FLUXQ_FUSED_DEQUANT"
 MODES = ("auto", "on", "off")
 
+# What builds the kernels; the unit tests of this module's bookkeeping swap in dynamo's "eager"
+# backend (same tracing, guards and recompiles, no C++ build).
+BACKEND = "inductor"
+
 _lock = threading.Lock()
 _kernels: dict[tuple, Callable] = {}
 _failed: dict[str, str] = {}  # device type -> why fusing is off there
@@ -78,7 +82,9 @@ def enabled_for(device: torch.device) -> bool:
 
 def _own_code_copy(fn: Callable, name: str) -> Callable:
     """``fn`` with a code object of its own (same body, globals and defaults), named ``name``."""
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    # co_qualname (what tracebacks and profilers print) exists from Python 3.11 on
+    names = {"co_name": name, **({"co_qualname": name} if hasattr(fn.__code__, "co_qualname") else {})}
+    code = fn.__code__.replace(**names)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
@@ -95,14 +101,16 @@ def run(impl: Callable[..., torch.Tensor], key: tuple[Hashable, ...], device: to
     full_key = (*key, device.type)
     kernel = _kernels.get(full_key)
     first = kernel is None
-    if first:
-        with _lock:
-            kernel = _kernels.get(full_key)
-            if kernel is None:
-                kernel = torch.compile(_own_code_copy(impl, _kernel_name(full_key)), fullgraph=True, dynamic=False)
-                _kernels[full_key] = kernel
     start = time.perf_counter()
     try:
+        if first:
+            # torch.compile itself may refuse (a Python version dynamo does not support yet)
+            with _lock:
+                kernel = _kernels.get(full_key)
+                if kernel is None:
+                    kernel = torch.compile(_own_code_copy(impl, _kernel_name(full_key)), fullgraph=True,
+                                           dynamic=False, backend=BACKEND)
+                    _kernels[full_key] = kernel
         # No autograd: the bytes have no gradient, and one grad mode for every caller keeps one
         # compiled graph per key (dynamo guards on it; ComfyUI samples in inference mode and the
         # trainer outside it, so a process that does both compiles a key at most twice).
