@@ -156,7 +156,9 @@ def gemv(x: torch.Tensor, data: torch.Tensor, qtype: int | QType, shape: tuple[i
     float32 summation error.
     """
     qtype, shape = as_qtype(qtype), tuple(shape)
-    if fused_dequant.enabled_for(x.device) and _fusable(data, qtype, shape):
+    # The kernel runs without autograd (the bytes need none): an x that needs a gradient stays eager.
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if not needs_grad and fused_dequant.enabled_for(x.device) and _fusable(data, qtype, shape):
         y = fused_dequant.run(_whole_row_gemv, (GEMV, qtype, layout, shape, tuple(x.shape), x.dtype), x.device,
                               x, data, qtype, shape, layout)
         if y is not None:

@@ -26,6 +26,9 @@ from lora_ops.qlinear import (
     repack,
 )
 
+# force_disable_caches (the no-compiler test) makes dynamo warn once, in whichever test runs next
+pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+
 ROWS, COLS = 8, 512  # two K-quant super-blocks per row: small, so each build stays short
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -97,6 +100,9 @@ def test_gemv_kernel_never_writes_the_weight_and_matches_within_summation_error(
     # The plan's entry point takes it too (one token, no LoRA: GEMV)
     with torch.inference_mode():
         assert torch.equal(quantized_linear(x, data, qtype, (ROWS, COLS), layout, None), y)
+    # An input that needs a gradient keeps the eager path (the kernel runs without autograd)
+    y_grad = gemv(x.clone().requires_grad_(True), data, qtype, (ROWS, COLS), layout)
+    assert y_grad.requires_grad and len(fused_dequant.stats()["build_seconds"]) == 1
 
 
 def _double(t: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,6 @@ def test_a_bad_mode_is_refused_naming_the_variable(monkeypatch):
         dequantize_weight(data, QType.Q8_0, (ROWS, COLS), layout, torch.float32)
 
 
-@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_no_compiler_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
     # What a machine without a C++ compiler (CPU) or without Triton (CUDA) meets: the build fails.
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/fluxq-no-cxx",))
