@@ -167,9 +167,14 @@ def test_no_compiler_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
     monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # a cached kernel needs no compiler
     data, layout, _ = _hostile(QType.Q4_0)
     eager = _eager_weight(data, QType.Q4_0, (ROWS, COLS), layout, torch.float32)
+    x = torch.arange(8.0)
     with caplog.at_level(logging.WARNING, logger="fluxq"):
+        # the build that fails (a trivial function: the failure, not the lowering, is under test)
+        assert fused_dequant.run(_double, ("no-cxx",), x.device, x) is None
+        # later calls on that device type run eagerly without trying again
         for _ in range(2):
             assert torch.equal(dequantize_weight(data, QType.Q4_0, (ROWS, COLS), layout, torch.float32), eager)
+    assert fused_dequant.stats()["kernels"] == 1
     failed = fused_dequant.stats()["failed"]
     assert list(failed) == ["cpu"] and "compiler" in failed["cpu"].lower()
     warnings = [r.getMessage() for r in caplog.records if "fused dequantization is off" in r.getMessage()]
