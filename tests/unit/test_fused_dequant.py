@@ -29,6 +29,20 @@ from lora_ops.qlinear import (
 # force_disable_caches (the no-compiler test) makes dynamo warn once, in whichever test runs next
 pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 
+
+def _cxx_found() -> bool:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - inductor's InvalidCxxCompiler and whatever its search raises
+        return False
+    return True
+
+
+# Without a C++ compiler the pack falls back to eager (tested below); its kernels cannot be built.
+needs_cxx = pytest.mark.skipif(not _cxx_found(), reason="no C++ compiler for inductor's CPU kernels")
+
 ROWS, COLS = 8, 512  # two K-quant super-blocks per row: small, so each build stays short
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -59,6 +73,7 @@ def _graphs() -> int:
 # bf16 is what a GPU computes in (the default fused path); float32, the CPU's compute dtype, leaves
 # no rounding to hide a reordered or contracted (FMA) operation: the K-quants, whose formula
 # d·sc·q − dmin·m has most room for one, are checked there.
+@needs_cxx
 @pytest.mark.parametrize("qtype, dtype", [
     (QType.Q8_0, torch.bfloat16), (QType.Q4_0, torch.bfloat16), (QType.Q4_K, torch.float32),
     (QType.Q5_K, torch.float32), (QType.Q6_K, torch.float32),
@@ -82,6 +97,7 @@ def test_one_kernel_bit_exact_against_eager_and_gguf(qtype, dtype):
     assert _graphs() - graphs == 1
 
 
+@needs_cxx
 def test_gemv_kernel_never_writes_the_weight_and_matches_within_summation_error():
     qtype = QType.Q8_0  # its repacked layout: FLUX's modulations in a Q8_0 file (the others' is covered above)
     rng = np.random.default_rng(3)
