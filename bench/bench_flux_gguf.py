@@ -9,6 +9,8 @@ Configurations (same random weights for all):
   FluxQ Q8_0 / Q4_0 GGUF written with ``lora_ops.gguf_write.write_gguf`` (``flux_qtype_for``),
                     loaded with ``nodes.comfy_glue.load_flux_gguf``
   FluxQ + LoRA      ``load_lora_entry`` + ``with_lora_stack`` (runtime hooks, no weight touched)
+  micro             per FLUX.1-dev linear shape and quant: native matmul, and each plan with the
+                    eager and with the fused dequantization kernels (``--micro only``: nothing else)
 The LoRA is kohya format, rank 32, alpha 32, on every 2-D weight of the double and single blocks
 (304 linears at full size).
 
@@ -49,7 +51,9 @@ then call ``run`` with carry [".comfy", ".whl"] and the command
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \\
       python3 bench/bench_flux_gguf.py --size full --comfyui .comfy --work-dir /tmp/fluxq-bench \\
-      --json-out $OUT/full.json
+      --fused auto,off --json-out $OUT/full.json
+(--fused auto,off: the streaming rows with the fused dequantization kernels and with the separate
+eager ones; see lora_ops/fused_dequant.py)
 (call ``run`` with timeout_s 600). Files written into the checkout on the device machine do not
 come back: only $OUT does, so pass --json-out $OUT/...; copy it here to bench/results/ afterwards.
 The JSON is rewritten after every config, so a call killed at the 10-minute limit still returns
@@ -111,7 +115,7 @@ DEFAULTS = {"full": dict(res=1024, warmup=3, steps=5, txt_tokens=512, micro_toke
 # FLUX.1-dev linear shapes at 1024x1024 (tokens M, out N, in K) and how many a step runs
 # (../shared/ANCHORS.md: image stream 4096 tokens, text 512, single blocks 4608, modulations 1).
 FLUX_LINEARS = {
-    "img qkv": (4096, 9216, 3072, 19), "img mlp.0": (4096, 12288, 3072, 19), "img mlp.2": (4096, 3072, 12288, 19),
+    "img qkv": (4096, 9216, 3072, 19), "img attn proj": (4096, 3072, 3072, 19), "img mlp.0": (4096, 12288, 3072, 19), "img mlp.2": (4096, 3072, 12288, 19),
     "single linear1": (4608, 21504, 3072, 38), "single linear2": (4608, 3072, 15360, 38),
     "double mod": (1, 18432, 3072, 38), "single mod": (1, 9216, 3072, 38), "txt mlp.0": (512, 12288, 3072, 19),
 }
@@ -133,8 +137,13 @@ def parse_args():
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="also measure native and the first quant (resident off, 0 and 1 LoRA) under core's "
                         "torch.compile helper (TorchCompileModel's body, inductor)")
-    p.add_argument("--micro", choices=("on", "off"), default="on",
-                   help="per-layer micro-benchmark of each plan on the FLUX.1-dev linear shapes (bench/README.md)")
+    p.add_argument("--micro", choices=("on", "off", "only"), default="on",
+                   help="per-layer micro-benchmark of each plan on the FLUX.1-dev linear shapes (bench/README.md); "
+                        "only: nothing else (no model, no GGUF written)")
+    p.add_argument("--fused", default="auto",
+                   help="FLUXQ_FUSED_DEQUANT modes (auto, on, off) to measure the streaming (resident=off) FluxQ "
+                        "rows under, comma-separated; auto fuses on CUDA only (e.g. auto,off on a GPU: fused "
+                        "against unfused eager kernels)")
     p.add_argument("--micro-token-divisor", type=int,
                    help="divide the shapes' token counts by this (full: 1; tiny: 64, the CPU cannot do 4096 tokens)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -152,6 +161,9 @@ def parse_args():
     args.loras = sorted({int(n) for n in args.loras.split(",") if n.strip()})
     if max(args.loras, default=0) > MAX_LORAS:
         p.error(f"--loras: at most {MAX_LORAS} stacked LoRAs")
+    args.fused = [m.strip() for m in args.fused.split(",") if m.strip()]
+    if not args.fused or any(m not in ("auto", "on", "off") for m in args.fused):
+        p.error(f"--fused: modes among auto, on, off, got {args.fused}")
     return args
 
 
@@ -396,13 +408,19 @@ def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
     (dequantize into one compute-dtype weight, then F.linear), dequant+fold (one rank-32 LoRA
     folded into that weight), gemv (one-token layers only), and the separate rank-32 low-rank path
     beside the native matmul (what folding replaces). The resident plan is the native row by
-    construction (the same F.linear on a kept weight)."""
+    construction (the same F.linear on a kept weight).
+
+    Each quant's weight, dequant and gemv rows are measured twice: with the eager kernels
+    (FLUXQ_FUSED_DEQUANT=off) and with the fused kernel (=on, also on the CPU); ``weight`` is the
+    dequantization alone (bytes to compute-dtype weight), and ``first_ms`` the untimed first call
+    (for fused rows: the kernel's compile, once per shape, type and dtype)."""
     import numpy as np
     import torch
 
     qlinear = importlib.import_module(PACK_NAME + ".lora_ops.qlinear")
     runtime = importlib.import_module(PACK_NAME + ".lora_ops.lora_runtime")
     gguf_write = importlib.import_module(PACK_NAME + ".lora_ops.gguf_write")
+    fused = importlib.import_module(PACK_NAME + ".lora_ops.fused_dequant")
     from gguf import GGMLQuantizationType
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -410,8 +428,12 @@ def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
     reps = 10 if cuda else 2
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if cuda else None
 
+    first = {}
+
     def timed(fn) -> float:
+        t0 = timer.now()
         fn()
+        first["ms"] = (timer.now() - t0) * 1e3
         times = []
         for _ in range(reps):
             if flush is not None:
@@ -423,6 +445,7 @@ def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
 
     rows = []
     rng = np.random.default_rng(args.seed)
+    previous_mode = os.environ.get(fused.MODE_ENV)
     for shape_name, (m, n, k, per_step) in FLUX_LINEARS.items():
         m = max(1, m // args.micro_token_divisor) if m > 1 else 1
         weight = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
@@ -442,6 +465,7 @@ def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
             data, layout = qlinear.repack(raw, qtype)
             data = data.to(device)
             plans = {
+                "weight": lambda: qlinear.dequantize_weight(data, qtype, (n, k), layout, dtype),
                 "dequant": lambda: torch.nn.functional.linear(
                     x, qlinear.folded_weight(data, qtype, (n, k), layout, (), dtype)),
                 "dequant + fold 1 LoRA": lambda: torch.nn.functional.linear(
@@ -449,16 +473,25 @@ def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
             }
             if m == 1:
                 plans["gemv"] = lambda: qlinear.gemv(x, data, qtype, (n, k), layout)
-            for plan, fn in plans.items():
-                ms = timed(fn)
-                rows.append({"shape": shape_name, "M": m, "N": n, "K": k, "per_step": per_step, "quant": q,
-                             "plan": plan, "ms": ms})
+            for kernels, mode in (("eager", "off"), ("fused", "on")):
+                os.environ[fused.MODE_ENV] = mode
+                for plan, fn in plans.items():
+                    ms = timed(fn)
+                    rows.append({"shape": shape_name, "M": m, "N": n, "K": k, "per_step": per_step, "quant": q,
+                                 "plan": f"{plan} ({kernels})", "kernels": kernels, "ms": ms,
+                                 "first_ms": first["ms"]})
+            if fused.stats()["failed"]:
+                raise RuntimeError(f"fused kernels failed to build, the fused rows would be eager: {fused.stats()['failed']}")
         for r in rows:
             if r["shape"] == shape_name:
                 r["x_native"] = r["ms"] / native_ms
         print(f"[bench] micro {shape_name} (M {m}): " + ", ".join(
             f"{r['quant']} {r['plan']} {r['ms']:.2f} ms" for r in rows if r["shape"] == shape_name), flush=True)
         del native_w, data, raw
+    if previous_mode is None:
+        os.environ.pop(fused.MODE_ENV, None)
+    else:
+        os.environ[fused.MODE_ENV] = previous_mode
     return rows
 
 
@@ -467,12 +500,12 @@ def micro_benchmark(args, cuda: bool, timer: Timer) -> list[dict]:
 
 def markdown_table(result: dict) -> str:
     rows = result["rows"]
-    native = rows[0]
+    native = rows[0] if rows else None
     mem_head = "peak GB" if result["meta"]["memory_metric"] == "cuda_max_memory_allocated" else "held GB (model_size + resident copies)"
     lines = [
         f"| config | s/step | x native | LoRA step cost | {mem_head} | x native | LoRA switch |",
         "|---|---|---|---|---|---|---|",
-    ]
+    ] if rows else []
     for r in rows:
         if "switch_in_s" in r:
             switch = f"core load_models_gpu: in {r['switch_in_s']:.2f} s / out {r['switch_out_s']:.2f} s"
@@ -489,10 +522,10 @@ def markdown_table(result: dict) -> str:
             f"{r['memory_gb']:.2f} | {r['memory_gb'] / native['memory_gb']:.2f} | {switch} |"
         )
     if result.get("micro"):
-        lines += ["", "| layer (M, N, K) | quant | plan | ms | x native |", "|---|---|---|---|---|"]
+        lines += ["", "| layer (M, N, K) | quant | plan | ms | x native | first call ms |", "|---|---|---|---|---|---|"]
         for r in result["micro"]:
             lines.append(f"| {r['shape']} ({r['M']}, {r['N']}, {r['K']}) | {r['quant']} | {r['plan']} | "
-                         f"{r['ms']:.3f} | {r['x_native']:.2f} |")
+                         f"{r['ms']:.3f} | {r['x_native']:.2f} | {r.get('first_ms', float('nan')):.0f} |")
     return "\n".join(lines)
 
 
@@ -571,6 +604,8 @@ def run(args) -> int:
         "memory_metric": "cuda_max_memory_allocated" if cuda else
                          "model_size + resident copies (CPU: bytes the model holds, not a peak)",
         "lora": f"kohya rank {LORA_RANK} alpha {LORA_RANK}, all block linears",
+        "fused_dequant_modes": args.fused,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
         import comfyui_version
@@ -578,6 +613,9 @@ def run(args) -> int:
         meta["comfyui"] = comfyui_version.__version__
     except ImportError:
         pass
+
+    if args.micro == "only":
+        return report(args, cuda, meta, [], micro_benchmark(args, cuda, ctx.timer))
 
     t0 = time.perf_counter()
     sd = random_flux_state_dict(params, device, args.seed)
@@ -638,19 +676,25 @@ def run(args) -> int:
                 base = glue.load_flux_gguf(str(gguf_paths[q]), resident=mode)
                 entries = []
                 for name in LORA_NAMES[:max(args.loras, default=0)]:
-                    entry, _, report = glue.load_lora_entry(base, name, 1.0)
-                    meta.setdefault("lora_report", report)
+                    entry, _, lora_report = glue.load_lora_entry(base, name, 1.0)
+                    meta.setdefault("lora_report", lora_report)
                     entries.append(entry)
-                for n in args.loras:
-                    model = glue.with_lora_stack(base, glue.LoraStack(entries[:n])) if n else base
-                    label = f"FluxQ {q} resident={mode}" + (f" + {n} LoRA" if n else "")
-                    row = measure(label, model, ctx)
-                    row.update(quant=q, resident=mode, loras=n)
-                    if n == 1:
-                        row.update(ours_switch(glue, model, ctx))
-                    rows.append(row)
-                    save_partial()
-                    del model
+                # Streaming dequantizes every step: measured under each FLUXQ_FUSED_DEQUANT mode asked
+                # for; a resident copy is built once, so its rows run under the first mode only.
+                for fused in args.fused if mode == "off" else args.fused[:1]:
+                    os.environ["FLUXQ_FUSED_DEQUANT"] = fused
+                    for n in args.loras:
+                        model = glue.with_lora_stack(base, glue.LoraStack(entries[:n])) if n else base
+                        label = (f"FluxQ {q} resident={mode}" + (f", dequant {fused}" if len(args.fused) > 1 else "")
+                                 + (f" + {n} LoRA" if n else ""))
+                        row = measure(label, model, ctx)
+                        row.update(quant=q, resident=mode, loras=n, fused=fused)
+                        if n == 1:
+                            row.update(ours_switch(glue, model, ctx))
+                        rows.append(row)
+                        save_partial()
+                        del model
+                os.environ["FLUXQ_FUSED_DEQUANT"] = args.fused[0]
                 del base, entries
                 fresh_device(cuda)
 
@@ -673,26 +717,29 @@ def run(args) -> int:
             del base, entry, compiled_base, lora_model
             fresh_device(cuda)
 
-    if args.micro == "on":
-        result_micro = micro_benchmark(args, cuda, ctx.timer)
-    else:
-        result_micro = []
+    return report(args, cuda, meta, rows, micro_benchmark(args, cuda, ctx.timer) if args.micro == "on" else [])
 
+
+def report(args, cuda: bool, meta: dict, rows: list[dict], result_micro: list[dict]) -> int:
     native_compiled = next((r for r in rows if r["config"] == "ComfyUI native, compiled"), None)
     for r in rows:
         r["x_native_step"] = r["s_per_step"] / rows[0]["s_per_step"]
         r["x_native_memory"] = r["memory_gb"] / rows[0]["memory_gb"]
         if "compile_s" in r and native_compiled is not None:
             r["x_native_compiled_step"] = r["s_per_step"] / native_compiled["s_per_step"]
-        if r.get("loras"):  # against the same quant, mode and compile setting without LoRA
+        if r.get("loras"):  # against the same quant, mode, kernels and compile setting without LoRA
             base_row = next(b for b in rows if b.get("loras") == 0 and b.get("quant") == r["quant"]
-                            and b.get("resident") == r["resident"] and ("compile_s" in b) == ("compile_s" in r))
+                            and b.get("resident") == r["resident"] and b.get("fused") == r.get("fused")
+                            and ("compile_s" in b) == ("compile_s" in r))
             r["lora_step_cost"] = r["s_per_step"] / base_row["s_per_step"] - 1.0
-    rows[1]["lora_step_cost"] = rows[1]["s_per_step"] / rows[0]["s_per_step"] - 1.0  # native + LoRA (core merge)
+    if rows:
+        rows[1]["lora_step_cost"] = rows[1]["s_per_step"] / rows[0]["s_per_step"] - 1.0  # native + LoRA (core merge)
     result = {"meta": meta, "rows": rows, "micro": result_micro}
     table = markdown_table(result)
     result["table_markdown"] = table
-    out = REPO_ROOT / "bench" / "results" / f"{run_name(args)}-{device_slug(cuda)}.json"
+    # A micro-only run gets a file of its own: it must not replace a full run's results.
+    suffix = "-micro" if args.micro == "only" else ""
+    out = REPO_ROOT / "bench" / "results" / f"{run_name(args)}-{device_slug(cuda)}{suffix}.json"
     atomic_write_json(out, result)
     if args.json_out:
         atomic_write_json(args.json_out, result)

@@ -57,8 +57,11 @@ def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 def _low_then_high_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(n, m) bytes -> (n, 2m): the m low nibbles, then the m high nibbles (legacy 32-blocks)."""
-    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+    """(n, m) bytes -> (n, 2m): the m low nibbles, then the m high nibbles (legacy 32-blocks).
+    One broadcast shift rather than a ``torch.cat``: inductor fuses it into the kernel that reads
+    the bytes (a cat is a buffer of its own there, see ``fused_dequant``)."""
+    n, m = packed.shape
+    return ((packed.unsqueeze(-2) >> _shifts(4, (1, 2, 1), packed.device)) & 0x0F).reshape(n, 2 * m)
 
 
 def _bits_of_le_uint32(four_bytes: torch.Tensor) -> torch.Tensor:
@@ -132,10 +135,12 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
 def _k_scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, each (n, 8)."""
     n = packed.shape[0]
-    grouped = packed.reshape(n, 3, 4)
+    grouped = packed.reshape(n, 3, 1, 4)
     d, m, m_d = grouped[:, 0], grouped[:, 1], grouped[:, 2]
-    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    # Scales 0-3 and 4-7 as two rows of one select (not a torch.cat: see _low_then_high_nibbles).
+    first = torch.arange(2, device=packed.device).reshape(1, 2, 1) == 0
+    sc = torch.where(first, d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)).reshape(n, 8)
+    mn = torch.where(first, m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)).reshape(n, 8)
     return sc, mn
 
 
@@ -230,7 +235,8 @@ _FLOAT_TYPES: dict[QType, torch.dtype] = {
     QType.BF16: torch.bfloat16,
 }
 
-SUPPORTED_QTYPES: frozenset[QType] = frozenset(_FLOAT_TYPES) | frozenset(_BLOCK_DEQUANTIZERS)
+BLOCK_QTYPES: frozenset[QType] = frozenset(_BLOCK_DEQUANTIZERS)
+SUPPORTED_QTYPES: frozenset[QType] = frozenset(_FLOAT_TYPES) | BLOCK_QTYPES
 
 
 def dequantize(

@@ -20,6 +20,10 @@ holds:
   runs exactly like a native float layer.
 Adapters that train (gradients must reach A and B) always take the separate path.
 
+Without an outer ``torch.compile``, DEQUANT and GEMV take fused kernels where ``fused_dequant``
+allows (CUDA by default): the functions below compiled alone, one kernel per weight, equal to
+their eager selves (DEQUANT bit for bit); the eager code runs everywhere else.
+
 Repacking at load (``repack``) is lossless and keeps the byte count: Q8_0 becomes all int8 codes
 then all fp16 scales, so the codes are one plain int8 matrix (no per-block byte offsets in the
 hot loop); the other types keep GGUF's layout.
@@ -35,7 +39,8 @@ import gguf
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from .dequant import as_qtype, dequantize
+from . import fused_dequant
+from .dequant import BLOCK_QTYPES, as_qtype, dequantize, quantized_nbytes
 from .lora_runtime import Adapter, LayerLoras, layer_loras
 
 GEMV, DEQUANT, RESIDENT = "gemv", "dequant", "resident"
@@ -89,9 +94,36 @@ def _q8_0_columns(codes: torch.Tensor, scales: torch.Tensor, start: int, stop: i
     return (q * d).reshape(rows, stop - start)
 
 
+def _fusable(data: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> bool:
+    """Whether a compiled kernel may take these bytes: a block type with exactly its byte count,
+    4-byte aligned. Anything else (float types: one cast already; bad sizes: the eager code's
+    errors; unaligned bytes: its copy) stays eager. Never called under torch.compile
+    (``storage_offset`` cannot be traced): ``fused_dequant.enabled_for`` is False there."""
+    if qtype not in BLOCK_QTYPES or data.dtype != torch.uint8 or not data.is_contiguous() or data.storage_offset() % 4:
+        return False
+    try:
+        return data.numel() == quantized_nbytes(qtype, shape)
+    except ValueError:
+        return False
+
+
 def dequantize_weight(data: torch.Tensor, qtype: int | QType, shape: tuple[int, ...], layout: str,
                       dtype: torch.dtype) -> torch.Tensor:
-    """The whole float weight, equal to ``gguf.quants.dequantize`` (float32 arithmetic, then dtype)."""
+    """The whole float weight, equal to ``gguf.quants.dequantize`` (float32 arithmetic, then dtype):
+    by a fused kernel where ``fused_dequant`` allows, else by the eager kernels."""
+    qtype, shape = as_qtype(qtype), tuple(shape)
+    if fused_dequant.enabled_for(data.device) and _fusable(data, qtype, shape):
+        weight = fused_dequant.run(_eager_weight, (DEQUANT, qtype, layout, shape, dtype), data.device,
+                                   data, qtype, shape, layout, dtype)
+        if weight is not None:
+            return weight
+    return _eager_weight(data, qtype, shape, layout, dtype)
+
+
+def _eager_weight(data: torch.Tensor, qtype: QType, shape: tuple[int, ...], layout: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_weight`` in separate eager kernels: the fallback, the oracle, and the function
+    the fused kernel is compiled from."""
     if layout == Q8_0_SPLIT:
         rows, cols = math.prod(shape[:-1]), shape[-1]
         codes, scales = _q8_0_split_views(data, rows, cols)
@@ -116,19 +148,40 @@ def _weight_columns(data: torch.Tensor, qtype: QType, shape: tuple[int, int], la
 
 
 def gemv(x: torch.Tensor, data: torch.Tensor, qtype: int | QType, shape: tuple[int, int], layout: str) -> torch.Tensor:
-    """``x @ dequant(q)ᵀ`` for one token, chunk by chunk over the columns, accumulated in float32.
+    """``x @ dequant(q)ᵀ`` for one token, accumulated in float32: by a fused kernel where
+    ``fused_dequant`` allows (``_whole_row_gemv``), else eagerly chunk by chunk over the columns.
 
-    The sum runs in a different order than one ``F.linear`` over the whole row (chunk partial
-    sums, then their sum): equal to the reference within float32 summation error.
+    Either sums in a different order than one ``F.linear`` over the whole row (chunk partial
+    sums, then their sum; the kernel's own reduction order): equal to the reference within
+    float32 summation error.
     """
+    qtype, shape = as_qtype(qtype), tuple(shape)
+    # The kernel runs without autograd (the bytes need none): an x that needs a gradient stays eager.
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if not needs_grad and fused_dequant.enabled_for(x.device) and _fusable(data, qtype, shape):
+        y = fused_dequant.run(_whole_row_gemv, (GEMV, qtype, layout, shape, tuple(x.shape), x.dtype), x.device,
+                              x, data, qtype, shape, layout)
+        if y is not None:
+            return y
     rows, cols = shape
-    columns = _weight_columns(data, as_qtype(qtype), shape, layout)
+    columns = _weight_columns(data, qtype, shape, layout)
     x32 = x.reshape(-1, cols).to(torch.float32)
     y = None
     for start in range(0, cols, GEMV_COLUMNS):
         stop = min(start + GEMV_COLUMNS, cols)
         part = torch.nn.functional.linear(x32[:, start:stop], columns(start, stop))
         y = part if y is None else y + part
+    return y.reshape(*x.shape[:-1], rows).to(x.dtype)
+
+
+def _whole_row_gemv(x: torch.Tensor, data: torch.Tensor, qtype: QType, shape: tuple[int, int],
+                    layout: str) -> torch.Tensor:
+    """``gemv`` as one expression for the fused kernel: inductor computes each row's dequantized
+    values inside the row reduction, so no weight is ever written (eager, this would form the
+    whole float32 weight: the chunked loop above is the eager form)."""
+    rows, cols = shape
+    weight = _eager_weight(data, qtype, shape, layout, torch.float32)
+    y = (weight * x.reshape(1, cols).to(torch.float32)).sum(-1)
     return y.reshape(*x.shape[:-1], rows).to(x.dtype)
 
 
