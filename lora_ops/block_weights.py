@@ -123,7 +123,7 @@ class BlockWeights:
 
 def _number(value: float) -> str:
     text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
+    return text.removesuffix(".0")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ from lora_ops.block_weights import (
     parse_block_weights,
 )
 from lora_ops.flux_family import BY_ID
-from lora_ops.lora_runtime import LoraEntry, LoraStack, LowRankAdapter, activate, install_hooks
+from lora_ops.lora_runtime import (
+    LoraEntry,
+    LoraStack,
+    LowRankAdapter,
+    activate,
+    install_hooks,
+)
 
 FLUX1 = (19, 38)
 FLUX2_DEV = (BY_ID["flux2-dev"].double_blocks, BY_ID["flux2-dev"].single_blocks)

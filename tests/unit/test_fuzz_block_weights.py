@@ -9,7 +9,13 @@ from fuzz_support import bounded, expect_only, fuzz_settings
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lora_ops.block_weights import MAX_WEIGHT, PRESET_NAMES, BlockWeightsError, parse_block_rows, parse_block_weights
+from lora_ops.block_weights import (
+    MAX_WEIGHT,
+    PRESET_NAMES,
+    BlockWeightsError,
+    parse_block_rows,
+    parse_block_weights,
+)
 
 TOKENS = (*PRESET_NAMES, "d", "s", "D", "S", "*", "x", "0", "1", "9", "19", "37", "999999", "9" * 5000, "-", "=", "==",
           ",", ";", ", ", " ", "\t", "\n", ":", ".", "0.5", "-1", "1e3", "1e-400", "1e99999", "nan", "inf", "0,5",
