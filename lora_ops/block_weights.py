@@ -152,10 +152,10 @@ class BlockSpec:
                 count = len(weights[kind])
                 first, last = (0, count - 1) if item.first is None else (item.first, item.last)
                 if item.first is not None and last >= count:
-                    have = f"{KINDS[kind]} blocks {kind}0-{kind}{count - 1}" if count else f"no {KINDS[kind]} blocks"
+                    have = (f"{kind}0" if count == 1 else f"{kind}0-{kind}{count - 1}") if count else "none"
                     raise BlockWeightsError(
                         f"block weights: {item.text!r} names {KINDS[kind]} block {last}, but {model} has "
-                        f"{count} {KINDS[kind]} blocks ({have}).")
+                        f"{count} {KINDS[kind]} block{'' if count == 1 else 's'} ({have}).")
                 for index in range(first, last + 1):
                     weights[kind][index] = item.weight
         return BlockWeights(tuple(weights["d"]), tuple(weights["s"]))

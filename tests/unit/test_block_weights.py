@@ -63,8 +63,8 @@ def test_ranges_defaults_and_later_items_win():
 @pytest.mark.parametrize(("text", "fragments"), [
     ("x3=1", ("item 1 ('x3=1')", "unknown block 'x3'", "d<N> (double), s<N> (single)")),
     ("d0=1, q0-2=1", ("item 2", "unknown block 'q0'")),
-    ("d0-19=1", ("'d0-19=1' names double block 19", "FLUX.1 [dev] has 19 double blocks (double blocks d0-d18)")),
-    ("s38=0", ("single block 38", "has 38 single blocks (single blocks s0-s37)")),
+    ("d0-19=1", ("'d0-19=1' names double block 19", "FLUX.1 [dev] has 19 double blocks (d0-d18)")),
+    ("s38=0", ("single block 38", "has 38 single blocks (s0-s37)")),
     ("d0=0,5", ("'0,5' is ambiguous", "decimal comma", "'0.5'")),
     ("d0-9=1,5", ("'1,5' is ambiguous",)),
     ("d0", ("neither a preset (all, none, double only", "'<blocks>=<weight>'")),
@@ -87,9 +87,10 @@ def test_bad_text_is_refused_naming_the_item(text, fragments):
 
 def test_out_of_range_names_this_model_and_its_counts():
     assert weights("d0-7=0", FLUX2_DEV).double == (0.0,) * 8
-    expect("d0-9=1", "d0-9=1", "FLUX.2 [dev] has 8 double blocks (double blocks d0-d7)", counts=FLUX2_DEV,
+    expect("d0-9=1", "d0-9=1", "FLUX.2 [dev] has 8 double blocks (d0-d7)", counts=FLUX2_DEV,
            model="FLUX.2 [dev]")
-    expect("s0=1", "has 0 single blocks (no single blocks)", counts=(1, 0))
+    expect("s0=1", "has 0 single blocks (none)", counts=(1, 0))
+    expect("d1=1", "has 1 double block (d0)", counts=(1, 0))
     # the text alone is fine: queue-time checks need no model
     assert parse_block_weights("d0-9=1").text == "d0-9=1"
 
