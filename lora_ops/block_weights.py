@@ -84,10 +84,6 @@ class BlockWeights:
     double: tuple[float, ...]
     single: tuple[float, ...]
 
-    @classmethod
-    def ones(cls, double_blocks: int, single_blocks: int) -> BlockWeights:
-        return cls((1.0,) * double_blocks, (1.0,) * single_blocks)
-
     @property
     def is_identity(self) -> bool:
         return all(w == 1.0 for w in self.double + self.single)

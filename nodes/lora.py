@@ -40,8 +40,10 @@ class FluxQApplyLoRA(io.ComfyNode):
                               tooltip="Connect to also apply the LoRA's CLIP-L (lora_te1_) part, if it has one."),
                 io.Float.Input("strength_clip", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.01,
                                tooltip="Scale of the LoRA on CLIP-L (core ComfyUI patching)."),
-                io.String.Input("block_weights", default="", optional=True,
-                                tooltip="Per-block strengths: each layer inside a double / single block runs at "
+                # A socket, not a widget: a new widget would shift every saved workflow's widget values.
+                io.String.Input("block_weights", optional=True, force_input=True,
+                                tooltip="Per-block strengths (connect a text node, e.g. core's String (Multiline)): "
+                                        "each layer inside a double / single block runs at "
                                         "strength_model x its block's weight (layers outside the blocks and the "
                                         "CLIP part at the strength). Empty: every block 1. A preset (all, none, "
                                         "double only, single only, first half, second half) and/or ranges, left to "

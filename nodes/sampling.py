@@ -393,8 +393,10 @@ class FluxQCompareGrid(io.ComfyNode):
                 io.Latent.Input("reference_latent", optional=True,
                                 tooltip="A reference image's latent for an edit model (Kontext, FLUX.2 edit), as "
                                         "core's ReferenceLatent; the same in every cell."),
-                io.String.Input("block_weight_rows", default="", multiline=True, optional=True,
-                                tooltip="Block-weight rows: one per line, each a preset (all, none, double only, "
+                # A socket, not a widget: a new widget would shift every saved workflow's widget values.
+                io.String.Input("block_weight_rows", optional=True, force_input=True,
+                                tooltip="Block-weight rows (connect a text node, e.g. core's String (Multiline)): "
+                                        "one per line, each a preset (all, none, double only, "
                                         "single only, first half, second half) or weights as in FluxQApplyLoRA's "
                                         "block_weights ('d0-9=1, s*=0'), optionally labelled ('faces: s*=0'). "
                                         "Each nonzero strength gets one row per line (set strengths to '1' for one "
