@@ -33,7 +33,7 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: setup
 	FLUXQ_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests/unit/test_fuzz_gguf.py tests/unit/test_fuzz_lora.py \
 		tests/unit/test_fuzz_dataset.py tests/unit/test_fuzz_workflow_grid.py tests/unit/test_fuzz_llm_gguf.py \
-		tests/unit/test_fuzz_model_weights.py -p no:cacheprovider -q \
+		tests/unit/test_fuzz_model_weights.py tests/unit/test_fuzz_block_weights.py -p no:cacheprovider -q \
 		--hypothesis-show-statistics
 
 SOAK_SECONDS ?= 600

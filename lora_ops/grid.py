@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .block_weights import BlockRow, BlockWeightsError, parse_block_rows
 from .errors import user_facing
 from .lora_runtime import MAX_STRENGTH
 
@@ -108,11 +109,13 @@ def _reject_duplicates(what: str, values: list) -> None:
 
 @dataclass(frozen=True)
 class GridRow:
-    """One row of the grid: `lora` at `strength`, or the baseline without the compared LoRAs."""
+    """One row of the grid: `lora` at `strength` (with the row's block weights, when the grid has
+    block-weight rows), or the baseline without the compared LoRAs."""
 
     lora: str | None
     strength: float
     label: str
+    blocks: BlockRow | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -140,16 +143,26 @@ class GridPlan:
         return baseline_row * len(self.seeds) + index % len(self.seeds)
 
 
+def parse_grid_block_rows(text: str) -> list[BlockRow]:
+    """The grid's block-weight rows (`block_weights.parse_block_rows`), refused as a GridInputError."""
+    try:
+        return parse_block_rows(text)
+    except BlockWeightsError as error:
+        raise GridInputError(str(error)) from None
+
+
 def plan_grid(strengths_text: str, seeds_text: str, lora_a: str, lora_b: str | None = None,
-              with_baseline: bool = False, max_cells: int = MAX_CELLS) -> GridPlan:
+              with_baseline: bool = False, max_cells: int = MAX_CELLS, block_rows_text: str = "") -> GridPlan:
     """Rows are strengths (for LoRA-vs-LoRA, A and B next to each other per strength), columns seeds.
 
     Strength 0 becomes one baseline row: the model without the compared LoRA(s), which is exactly what
     strength 0 means and lets the cell equal a plain render bit for bit. `with_baseline` (the
-    difference view) adds that row first if the strengths do not include 0.
+    difference view) adds that row first if the strengths do not include 0. With block-weight rows
+    (one per line of `block_rows_text`), each nonzero strength gets one row per line.
     """
     strengths = parse_strengths(strengths_text)
     seeds = parse_seeds(seeds_text)
+    block_rows = parse_grid_block_rows(block_rows_text) or [None]
     loras = [lora_a] if lora_b is None else [lora_a, lora_b]
     if lora_b == lora_a:
         raise GridInputError(f"lora_name_b is the same LoRA as lora_name ({lora_a}); pick another or 'none'.")
@@ -162,16 +175,20 @@ def plan_grid(strengths_text: str, seeds_text: str, lora_a: str, lora_b: str | N
         if strength == 0.0:
             rows.append(baseline)
             continue
-        for tag, lora in zip("AB", loras):
-            shown = strength_label(strength)
-            label = f"strength {shown}" if lora_b is None else f"{tag} @ {shown}"
-            rows.append(GridRow(lora, strength, label))
+        for blocks in block_rows:
+            for tag, lora in zip("AB", loras):
+                shown = strength_label(strength)
+                if blocks is None:
+                    label = f"strength {shown}" if lora_b is None else f"{tag} @ {shown}"
+                else:
+                    label = f"{blocks.label} @ {shown}" if lora_b is None else f"{tag} · {blocks.label} @ {shown}"
+                rows.append(GridRow(lora, strength, label, blocks))
 
     plan = GridPlan(tuple(rows), tuple(seeds))
     if plan.cell_count > max_cells:
         raise GridInputError(
             f"the grid has {len(rows)} rows x {len(seeds)} seeds = {plan.cell_count} cells, over the limit "
-            f"of {max_cells}; use fewer strengths or seeds (or split it into several grids)."
+            f"of {max_cells}; use fewer strengths, seeds or block-weight rows (or split it into several grids)."
         )
     return plan
 

@@ -30,9 +30,13 @@ import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .block_weights import BlockWeights
 
 REMOVE_ALL = "all"
 # The strength range the nodes accept (FluxQApplyLoRA, the grid's rows).
@@ -237,8 +241,15 @@ class LoraEntry:
     # The strength its text-encoder part was applied with to a CLIP (None: not applied), so a grid
     # can say that a prompt encoded by that CLIP carries it whatever the MODEL strength.
     clip_strength: float | None = None
+    # Per-block factors on the strength (`lora_ops.block_weights`): a layer inside double_blocks.N /
+    # single_blocks.N runs at strength x its block's weight, every other layer at the strength.
+    # None: 1 everywhere.
+    block_weights: BlockWeights | None = None
     # The strength as the hooks and folds use it: a graph input under torch.compile, not a constant.
     strength_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
+    # The paths whose block weight is not 1, with their strength x weight (0-dim tensors as well:
+    # a block-weight change is a new value, like a strength change).
+    _path_strengths: Mapping[str, torch.Tensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not math.isfinite(self.strength):
@@ -246,6 +257,14 @@ class LoraEntry:
         object.__setattr__(self, "strength", float(self.strength))
         object.__setattr__(self, "strength_tensor", torch.tensor(self.strength, dtype=torch.float32))
         object.__setattr__(self, "adapters", {path: tuple(a) for path, a in self.adapters.items()})
+        weights = {} if self.block_weights is None else {p: self.block_weights.for_path(p) for p in self.adapters}
+        object.__setattr__(self, "_path_strengths", {
+            path: torch.tensor(self.strength * weight, dtype=torch.float32)
+            for path, weight in weights.items() if weight != 1.0})
+
+    def strength_for(self, module_path: str) -> torch.Tensor:
+        """The strength the layer at `module_path` runs at: the strength x its block weight."""
+        return self._path_strengths.get(module_path, self.strength_tensor)
 
 
 def fold_key(pairs: Iterable[tuple[torch.Tensor, Adapter]]) -> tuple:
@@ -392,7 +411,7 @@ class LoraStack:
         by_module: dict[str, list[tuple[torch.Tensor, Adapter]]] = {}
         for entry in self._entries:
             for path, adapters in entry.adapters.items():
-                by_module.setdefault(path, []).extend((entry.strength_tensor, a) for a in adapters)
+                by_module.setdefault(path, []).extend((entry.strength_for(path), a) for a in adapters)
         self._by_module = {path: tuple(pairs) for path, pairs in by_module.items()}
         self._module_paths = frozenset(path for e in self._entries for path in e.adapters)
 
@@ -445,6 +464,14 @@ class LoraStack:
         return LoraStack(
             (dataclasses.replace(e, strength=strength) if e.name == name else e for e in self._entries),
             _factors=self._factors,  # the same adapters: the same group factors
+        )
+
+    def with_block_weights(self, name: str, block_weights: BlockWeights | None) -> LoraStack:
+        """The named LoRA with these block weights (None: 1 everywhere), at its strength."""
+        self._check_applied(name)
+        return LoraStack(
+            (dataclasses.replace(e, block_weights=block_weights) if e.name == name else e for e in self._entries),
+            _factors=self._factors,
         )
 
     def _check_applied(self, name: str) -> None:

@@ -30,6 +30,7 @@ from .comfy_glue import (
     latent_geometry,
     latent_previewer,
     load_lora_entry,
+    model_block_weights,
     patch_flow_shift,
     preview_callback,
     progress_bar,
@@ -331,12 +332,22 @@ def compared_stack(model, loras: list[str]):
     return stack
 
 
-def cell_stack(stack, row: grid.GridRow, loras: list[str]):
-    """A row's stack: the compared LoRAs removed, except the row's own at the row's strength."""
+def row_block_weights(model, plan: grid.GridPlan) -> dict:
+    """{block-weight row: its weights for this model (None: every block 1)}, checked against the
+    model's block counts before any cell is sampled."""
+    return {row.blocks: model_block_weights(model, row.blocks.spec) for row in plan.rows if row.blocks is not None}
+
+
+def cell_stack(stack, row: grid.GridRow, loras: list[str], block_weights: dict | None = None):
+    """A row's stack: the compared LoRAs removed, except the row's own at the row's strength (and the
+    row's block weights; without block-weight rows the LoRA keeps those it was applied with)."""
     for name in loras:
         if name != row.lora:
             stack = stack.without(name)
-    return stack if row.is_baseline else stack.with_strength(row.lora, row.strength)
+    if row.is_baseline:
+        return stack
+    stack = stack.with_strength(row.lora, row.strength)
+    return stack if row.blocks is None else stack.with_block_weights(row.lora, block_weights[row.blocks])
 
 
 class FluxQCompareGrid(io.ComfyNode):
@@ -382,6 +393,14 @@ class FluxQCompareGrid(io.ComfyNode):
                 io.Latent.Input("reference_latent", optional=True,
                                 tooltip="A reference image's latent for an edit model (Kontext, FLUX.2 edit), as "
                                         "core's ReferenceLatent; the same in every cell."),
+                # A socket, not a widget: a new widget would shift every saved workflow's widget values.
+                io.String.Input("block_weight_rows", optional=True, force_input=True,
+                                tooltip="Block-weight rows (connect a text node, e.g. core's String (Multiline)): "
+                                        "one per line, each a preset (all, none, double only, "
+                                        "single only, first half, second half) or weights as in FluxQApplyLoRA's "
+                                        "block_weights ('d0-9=1, s*=0'), optionally labelled ('faces: s*=0'). "
+                                        "Each nonzero strength gets one row per line (set strengths to '1' for one "
+                                        "row per line; 0 stays the one baseline row). Empty: no block rows."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid"),
@@ -394,13 +413,14 @@ class FluxQCompareGrid(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None, lora_name_b=None, strengths=None, seeds=None,
-                        lora_file=NOT_CONNECTED) -> bool:
+                        lora_file=NOT_CONNECTED, block_weight_rows=None) -> bool:
         # Queue-time check of the file names and lists when they are widgets; the cell limit is
         # checked in execute. A connected lora_file arrives as None (its value exists only at run
         # time, maybe a file not yet written): lora_name is then not used, so not checked.
         # ComfyUI repeats a returned message once per argument taken here (four identical errors
         # for one bad list); a raised error is reported once, against the node.
-        problem = grid_input_problem(None if lora_file is None else lora_name, lora_name_b, strengths, seeds)
+        problem = grid_input_problem(None if lora_file is None else lora_name, lora_name_b, strengths, seeds,
+                                     block_weight_rows)
         if problem:
             raise grid.GridInputError(problem)
         return True
@@ -408,13 +428,15 @@ class FluxQCompareGrid(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, vae, settings, lora_name, strengths, seeds, lora_name_b=NO_LORA,
                 difference=False, lora_file=None, latent_image=None, negative=None,
-                reference_latent=None) -> io.NodeOutput:
+                reference_latent=None, block_weight_rows="") -> io.NodeOutput:
         if lora_file is not None:
             if (known := check_file_choice("loras", "lora_file", lora_file)) is not True:
                 raise ValueError(known)
             lora_name = lora_file
         lora_b = None if lora_name_b in (None, NO_LORA) else lora_name_b
-        plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference)
+        plan = grid.plan_grid(strengths, seeds, lora_name, lora_b, with_baseline=difference,
+                              block_rows_text=block_weight_rows or "")
+        block_weights = row_block_weights(model, plan)
         check_cfg(settings, negative)
         latent = start_latent(settings, latent_image, model)
         loras = [lora_name] if lora_b is None else [lora_name, lora_b]
@@ -438,9 +460,11 @@ class FluxQCompareGrid(io.ComfyNode):
         if clip_note:
             log.warning("[FluxQ] compare grid: %s", clip_note)
             show_progress_text(clip_note, node_id)
-        images = render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells)
+        images = render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells,
+                              block_weights)
 
-        header = header_lines(model, positive, settings, latent, plan, lora_name, lora_b, stack, loras, core_patched)
+        header = header_lines(model, positive, settings, latent, plan, lora_name, lora_b, stack, loras, core_patched,
+                              block_weights)
         header += [note for note in (clip_note, warning) if note]
         shown, captions = images, None
         if difference:
@@ -453,7 +477,7 @@ class FluxQCompareGrid(io.ComfyNode):
         return io.NodeOutput(grid_image, images, ui=compare_view_payload(images, plan, cells, header))
 
 
-def grid_input_problem(lora_name, lora_name_b, strengths, seeds) -> str | None:
+def grid_input_problem(lora_name, lora_name_b, strengths, seeds, block_weight_rows=None) -> str | None:
     """What is wrong with the grid's widget values (None: a value that is not given or is a link)."""
     for input_name, value, extra in (("lora_name", lora_name, ()), ("lora_name_b", lora_name_b, (NO_LORA,))):
         if value is not None and (known := check_file_choice("loras", input_name, value, extra)) is not True:
@@ -463,6 +487,8 @@ def grid_input_problem(lora_name, lora_name_b, strengths, seeds) -> str | None:
             grid.parse_strengths(strengths)
         if seeds is not None:
             grid.parse_seeds(seeds)
+        if isinstance(block_weight_rows, str):
+            grid.parse_grid_block_rows(block_weight_rows)
     except grid.GridInputError as error:
         return str(error)
     return None
@@ -483,7 +509,8 @@ def start_latent(settings: FluxSamplerSettings, latent_image: dict | None, model
     return latent_image
 
 
-def render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells) -> torch.Tensor:
+def render_cells(node_id, model, positive, negative, vae, settings, latent, stack, loras, cells,
+                 block_weights: dict | None = None) -> torch.Tensor:
     """Samples and decodes each cell in turn; the model stays loaded and only the LoRA stack changes."""
     previewer = latent_previewer(model)
     progress = progress_bar(len(cells) * settings.steps)
@@ -497,7 +524,7 @@ def render_cells(node_id, model, positive, negative, vae, settings, latent, stac
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
             progress.update_absolute(index * total_steps + step + 1, len(cells) * total_steps, preview)
 
-        cell_model = with_lora_stack(model, cell_stack(stack, row, loras))
+        cell_model = with_lora_stack(model, cell_stack(stack, row, loras, block_weights))
         samples = sample_latent(cell_model, positive, settings, seed, latent, callback, negative)["samples"]
         # Decode now and keep only CPU pixels, so a big grid holds no latents or device memory.
         images.append(vae.decode(samples)[0].cpu())
@@ -522,11 +549,20 @@ def clip_lora_note(stack, loras, core_patched: int) -> str | None:
     return None
 
 
-def header_lines(model, positive, settings, latent, plan, lora_a, lora_b, stack, loras, core_patched: int) -> list[str]:
+def header_lines(model, positive, settings, latent, plan, lora_a, lora_b, stack, loras, core_patched: int,
+                 block_weights: dict | None = None) -> list[str]:
     seeds = ", ".join(str(seed) for seed in plan.seeds)
     width, height = pixel_size(model, latent)
     lines = [f"LoRA: {lora_a}" if lora_b is None else f"A: {lora_a}   B: {lora_b}",
              f"{settings_summary(settings, model, positive)} · {width}x{height} · seeds {seeds}"]
+    if block_weights:
+        rows = ", ".join(f"{blocks.label} = {'all' if weights is None else weights.describe()}"
+                         for blocks, weights in block_weights.items())
+        lines.append(f"block weights per row (unnamed blocks 1): {rows}")
+    else:
+        upstream = [e for e in stack.entries if e.name in loras and e.block_weights is not None]
+        lines += [f"{e.name}: block weights {e.block_weights.describe()} (from FluxQApplyLoRA) in every row"
+                  for e in upstream]
     others = [entry for entry in stack.entries if entry.name not in loras]
     # Only a row that exists is called the baseline (strengths "-10, 10" have none).
     if any(row.is_baseline for row in plan.rows):

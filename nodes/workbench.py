@@ -254,7 +254,9 @@ def bake(model, path: str, qtype, overwrite: bool, progress=None) -> str:
     counts = {}
     for t in types.values():
         counts[t.name] = counts.get(t.name, 0) + 1
-    loras = ", ".join(f"{e.name} at {e.strength:g}" for e in weights.stack.entries) or "no runtime LoRA"
+    loras = ", ".join(f"{e.name} at {e.strength:g}"
+                      + ("" if e.block_weights is None else f" (block weights {e.block_weights.describe()})")
+                      for e in weights.stack.entries) or "no runtime LoRA"
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     return f"{os.path.basename(path)}: {len(types)} tensors ({kinds}), {os.path.getsize(path) / 2**20:.1f} MiB; {loras}"
 

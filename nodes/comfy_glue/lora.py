@@ -17,6 +17,7 @@ import folder_paths
 import torch
 
 from ...lora_ops import flux_family
+from ...lora_ops.block_weights import BlockSpec, BlockWeights, parse_block_weights
 from ...lora_ops.errors import user_facing
 from ...lora_ops.lora_formats import (
     LoraFormatError,
@@ -349,10 +350,23 @@ def refuse_other_family(model, keys, lora_name: str, shapes=None) -> None:
         raise LoraMatchError(mismatch)
 
 
-def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_clip: float = 0.0):
+def model_block_weights(model, spec: BlockSpec | str) -> BlockWeights | None:
+    """Block-weight text (or a parsed spec) fitted to this MODEL's block counts, from what ComfyUI
+    detected (FLUX.1 19 + 38, FLUX.2 [dev] 8 + 48, a test model's own); None when every weight is 1."""
+    spec = parse_block_weights(spec) if isinstance(spec, str) else spec
+    if spec.is_all:
+        return None
+    detection = model_family(model)
+    weights = spec.resolve(detection.double_blocks, detection.single_blocks, detection.label)
+    return None if weights.is_identity else weights
+
+
+def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_clip: float = 0.0,
+                    block_weights: BlockWeights | None = None):
     """Parse a LoRA file with ComfyUI's own key mapping into a runtime ``LoraEntry``.
 
-    Returns ``(entry, clip_or_None, report)``. CLIP (``lora_te1_``) keys go through core patches.
+    Returns ``(entry, clip_or_None, report)``. CLIP (``lora_te1_``) keys go through core patches;
+    ``block_weights`` (``model_block_weights``) scale the MODEL part per block, never the CLIP part.
     """
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     lora_sd, metadata = read_lora_file_with_metadata(path)  # refuses pickles; checks header, NaN/Inf, dtypes
@@ -378,14 +392,16 @@ def load_lora_entry(model, lora_name: str, strength: float, clip=None, strength_
             f"It {describe_format(lora_sd.keys())}."
         )
     unmatched = sorted(k for k in lora_sd if k not in matched)
-    entry = LoraEntry(name=lora_name, strength=float(strength),
-                      adapters={path: tuple(a) for path, a in adapters.items()}, clip_strength=clip_strength)
+    entry = LoraEntry(name=lora_name, strength=float(strength), adapters={path: tuple(a) for path, a in adapters.items()},
+                      clip_strength=clip_strength, block_weights=block_weights)
     scale_note = "; ".join(
         _SCALE_SOURCES[s] + ("" if len(sources) == 1 else f" ({n} modules)") for s, n in sorted(sources.items()))
     report = f"{lora_name} ({fmt}): {len(adapters)} modules matched, {len(unmatched)} keys unmatched"
     if unmatched:
         report += ": " + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
     report += f"; {scale_note}"
+    if block_weights is not None:
+        report += f"; block weights {block_weights.describe()} (other blocks 1)"
     if unmatched:
         log.warning("[FluxQ] %s", report)
     else:

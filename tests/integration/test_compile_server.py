@@ -59,7 +59,8 @@ def other_rank_lora(scratch_models, models_dir):
 
 
 def _prompt(loras, resident="off", remove=None):
-    """FluxQLoadGGUF -> FluxQApplyLoRA per (name, strength) -> [FluxQRemoveLoRA] -> TorchCompileModel -> KSampler."""
+    """FluxQLoadGGUF -> FluxQApplyLoRA per (name, strength[, block weights]) -> [FluxQRemoveLoRA] ->
+    TorchCompileModel -> KSampler."""
     prompt = {
         "gguf": {"class_type": "FluxQLoadGGUF", "inputs": {"gguf_name": TINY["dev_gguf"]["Q8_0"],
                                                           "dequant_dtype": "auto", "resident": resident}},
@@ -68,9 +69,10 @@ def _prompt(loras, resident="off", remove=None):
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
     }
     model = ["gguf", 0]
-    for i, (name, strength) in enumerate(loras):
+    for i, (name, strength, *block_weights) in enumerate(loras):
         prompt[f"lora{i}"] = {"class_type": "FluxQApplyLoRA", "inputs": {
-            "model": model, "lora_name": name, "strength_model": strength, "strength_clip": 0.0}}
+            "model": model, "lora_name": name, "strength_model": strength, "strength_clip": 0.0,
+            **({"block_weights": block_weights[0]} if block_weights else {})}}
         model = [f"lora{i}", 0]
     if remove is not None:
         prompt["remove"] = {"class_type": "FluxQRemoveLoRA", "inputs": {"model": model, "lora_name": remove}}
@@ -105,6 +107,8 @@ def test_what_users_change_between_prompts_does_not_recompile(server, other_rank
         "a LoRA removed": _prompt([(lora, 0.4), (lora_b, 0.7)], remove=lora),
         "the same LoRA re-applied": _prompt([(lora, 0.4), (lora, 0.9)]),
         "strength 0": _prompt([(lora, 0.0)]),
+        "a block's weight 0": _prompt([(lora, 0.4, "d0=0")]),
+        "block weights changed": _prompt([(lora, 0.4, "d0=0.5, s0=-1")]),
         "every LoRA removed": _prompt([(lora, 0.4)], remove="all"),
     }
     recompiles = {}

@@ -85,15 +85,18 @@ def test_merged_lora_has_the_effect_of_its_parts_in_core_and_in_the_pack(comfy_s
 
 
 def test_baked_gguf_samples_like_the_runtime_lora(comfy_server, written):
-    """One graph: the bake's MODEL output (the written file, loaded) against base + runtime LoRA."""
-    bake = {**common(), **apply("lora", ["gguf", 0], TINY["lora"], 0.8),
+    """One graph: the bake's MODEL output (the written file, loaded) against base + runtime LoRA
+    (with block weights: the bake writes the layers at strength x block weight)."""
+    lora = apply("lora", ["gguf", 0], TINY["lora"], 0.8)
+    lora["lora"]["inputs"]["block_weights"] = "s0=0.5"
+    bake = {**common(), **lora,
             "bake": {"class_type": "FluxQSaveGGUF", "inputs": {
                 "model": ["lora", 0], "gguf_type": "Q8_0", "save_name": BAKED, "overwrite": False}}}
     prompt = {**bake, **one_step(["gguf", 0], "base"), **one_step(["lora", 0], "runtime"),
               **one_step(["bake", 0], "baked")}
     history = comfy_server.run(prompt)
     report = history["outputs"]["bake"]["text"][0]
-    assert report.startswith(BAKED) and "at 0.8" in report and written[2].exists()
+    assert report.startswith(BAKED) and "at 0.8 (block weights s*=0.5)" in report and written[2].exists()
     latent = {name: saved_latent(comfy_server, history, f"{name}_save") for name in ("base", "runtime", "baked")}
     effect = torch.linalg.norm(latent["runtime"] - latent["base"])
     baked_error = torch.linalg.norm(latent["baked"] - latent["runtime"])

@@ -39,6 +39,11 @@ TINY_RUNS = {
     "flux_lora_vs_lora": ([*TINY_DEV, "LoRA compare grid.strengths=1", 'LoRA compare grid.seeds=0'],
                           {"fluxq_lora_vs_lora_": None}),
     "flux_stack_then_remove_lora": (TINY_DEV, {"fluxq_stack_a_b_": (64, 64), "fluxq_stack_b_only_": (64, 64)}),
+    "flux_lora_block_weights_grid": (
+        ["Sampler settings.preset=custom", "Sampler settings.steps=1", "Sampler settings.width=64",
+         "Sampler settings.height=64", "Block-weight rows.value=late: s*=0.5, d0=-1",
+         "Chosen block weights.value=d0=0.5"],  # the shipped lines name FLUX.1's 19 + 38 blocks; tiny has 1 + 1
+        {"fluxq_block_weight_grid_": None, "fluxq_block_weight_chosen_": (64, 64)}),
     "flux_bake_then_compare": ([*TINY_DEV, f"Bake into GGUF.save_name={BAKED_GGUF}"],
                                {"fluxq_bake_baked_": (64, 64), "fluxq_bake_runtime_lora_": (64, 64)}),
     "flux_train_then_compare": (

@@ -59,6 +59,21 @@ def test_plan_lora_vs_lora_and_difference_adds_a_baseline():
     assert grid.plan_grid("0.5, 0", "0", "a", with_baseline=True).baseline_cell(0) == 1
 
 
+def test_plan_block_weight_rows():
+    rows = "double only\nlate: second half\nd0-9=1, s*=0"
+    plan = grid.plan_grid("0, 1", "0, 1", "a", block_rows_text=rows)
+    assert plan.row_labels() == ["strength 0", "double only @ 1", "late @ 1", "d0-9=1, s*=0 @ 1"]
+    assert plan.rows[0].blocks is None and plan.rows[2].blocks.spec.text == "second half"
+    assert plan.rows[3].blocks.spec.resolve(19, 38).single == (0.0,) * 38
+    ab = grid.plan_grid("0.5", "0", "a", "b", block_rows_text="none\nall")
+    assert ab.row_labels() == ["A · none @ 0.5", "B · none @ 0.5", "A · all @ 0.5", "B · all @ 0.5"]
+    assert grid.plan_grid("1", "0", "a", block_rows_text=" \n").row_labels() == ["strength 1"]
+    with pytest.raises(grid.GridInputError, match="line 2: block weights: item 1 \\('x1=0'\\): unknown block"):
+        grid.plan_grid("1", "0", "a", block_rows_text="all\nx1=0")
+    with pytest.raises(grid.GridInputError, match="65 cells, over the limit of 64; use fewer strengths, seeds or block"):
+        grid.plan_grid("1", "0, 1, 2, 3, 4", "a", block_rows_text="\n".join(f"d0={i / 100}" for i in range(13)))
+
+
 def test_plan_limits():
     grid.plan_grid(", ".join(str(i / 4) for i in range(1, 33)), "0, 1", "a")  # 64 cells: fine
     with pytest.raises(grid.GridInputError, match="65 cells, over the limit of 64"):
