@@ -63,6 +63,9 @@ class Member:
     train_note: str | None = None
     train_wrong_presets: tuple[str, ...] = ()  # sample presets that say the file is the wrong checkpoint to train
     train_refusal: str | None = None
+    # its text encoders (FluxQLoadTextEncodersGGUF `type`): CLIP-L + T5 for FLUX.1, T5 alone for
+    # Chroma, Mistral for FLUX.2 [dev], Qwen3 for klein
+    text_encoder: str = "flux1"
 
     @property
     def base_model_version(self) -> str:
@@ -103,7 +106,7 @@ _FLUX2_COMMON = {"generation": FLUX2, "comfy_class": "Flux2", "latent_channels":
                  "pooled_vector": False, "train_shift": "flux2"}
 # klein: ai-toolkit trains klein LoRAs on the undistilled base checkpoint (a LoRA trained on the distilled one is
 # reported to draw grey images); the file cannot tell the two apart, so the node says so.
-_KLEIN_TRAINING = {"train_preset": "flux2-klein-base", "train_wrong_presets": ("flux2-klein-distilled",), "train_note": (
+_KLEIN_TRAINING = {"text_encoder": "klein", "train_preset": "flux2-klein-base", "train_wrong_presets": ("flux2-klein-distilled",), "train_note": (
     "train klein LoRAs on the klein BASE checkpoint (a LoRA trained on distilled klein is reported to draw grey "
     "images); the LoRA then works on base and distilled alike")}
 _DEV_GROUP = ("flux1-dev", "flux1-kontext-dev", "flux1-krea-dev")
@@ -134,7 +137,7 @@ MEMBERS: tuple[Member, ...] = (
            double_blocks=8, single_blocks=48, guidance=True, base_model="flux2-dev",
            tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON,
            # guidance-distilled like FLUX.1 [dev]: trained at 1.0 as dev is
-           train_guidance=1.0, train_preset="flux2-dev"),
+           train_guidance=1.0, train_preset="flux2-dev", text_encoder="flux2"),
     Member(id="flux2-klein-4b", label="FLUX.2 [klein] 4B", requires=_frozen({"guidance_embed": False}),
            hidden_size=3072, double_blocks=5, single_blocks=20, guidance=False, base_model="flux2-klein-4b",
            variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0),
@@ -147,7 +150,7 @@ MEMBERS: tuple[Member, ...] = (
            guidance=False, pooled_vector=False, base_model="chroma",
            tiny=_frozen(_TINY_CHROMA), comfy_model="comfy.ldm.chroma.model.Chroma",
            # no distilled guidance, but its forward takes a guidance tensor: 0, as core's Chroma.extra_conds
-           train_guidance=0.0, train_shift="chroma", train_preset="chroma"),
+           train_guidance=0.0, train_shift="chroma", train_preset="chroma", text_encoder="chroma"),
 )
 
 # --- sampler presets ------------------------------------------------------------------------------

@@ -186,6 +186,8 @@ def test_every_member_says_how_it_trains():
 
     for member in ff.MEMBERS:
         assert member.train_shift in flow_match.SHIFT_SCHEDULES, member.id
+        # FluxQLoadTextEncodersGGUF's types (nodes/comfy_glue/loading.py TEXT_ENCODER_TYPES)
+        assert member.text_encoder in ("flux1", "chroma", *ff.TEXT_ENCODERS), member.id
         if member.train_refusal:
             continue
         assert member.train_preset in member.presets, member.id  # samples use one of its own presets
