@@ -353,10 +353,10 @@ class TrainingRun:
         cache = self._latent_cache(vae, clip) if self.cache_latents_to_disk else None
         embed = self._embedder(clip, cache)
         examples, empty_cond = self._encode(vae, embed, cache)
+        # renders with real CFG (klein base, Chroma) need a negative: the empty prompt
+        self.negative_cond = embed("") if self.render_settings.cfg != 1.0 else None
         class_examples = self._encode_class_images(vae, embed, cache)
         self.sample_conds = [embed(prompt) for prompt in self.sample_prompts] if self.sample_every else []
-        # real CFG (klein base, Chroma) needs a negative: the empty prompt, as the presets' graphs
-        self.negative_cond = embed("") if self.render_settings.cfg != 1.0 else None
         if cache is not None:
             log.info("FluxQTrainLoRA: latent cache in %s: %s", cache.folder, cache.counts)
         device = glue.load_for_training(self.model)
@@ -462,7 +462,6 @@ class TrainingRun:
         """Prior preservation's examples (none when it is off); generated ones are made first."""
         if not self.class_prompt:
             return []
-        self.negative_cond = embed("") if self.render_settings.cfg != 1.0 else None
         cond = embed(self.class_prompt)
         samples = self.class_samples or self._generated_class_samples(vae, cond)
         latents = self._latents(vae, [s.image for s in samples], cache)
@@ -539,12 +538,9 @@ class TrainingRun:
             # The inputs as the sampler gives them (the model's extra_conds: FLUX.2 pads the context,
             # Chroma takes guidance 0), with the family's training guidance (registry).
             inputs = glue.model_inputs(self.model, x_t, context, pooled, guidance, dtype)
-            x_in = x_t.to(dtype)
-            if "c_concat" in inputs:  # channels the model concatenates (as BaseModel._apply_model)
-                x_in = torch.cat([x_in, inputs.pop("c_concat")], dim=1)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
             with activate(stack, root=diffusion_model), autocast:
-                return diffusion_model(x_in, t.float(), context=inputs.pop("c_crossattn"),
+                return diffusion_model(x_t.to(dtype), t.float(), context=inputs.pop("c_crossattn"),
                                        transformer_options=dict(options), **inputs)
 
         return predict

@@ -100,7 +100,7 @@ def model_inputs(model, x: torch.Tensor, context: torch.Tensor, pooled: torch.Te
                  guidance: float | None, dtype: torch.dtype) -> dict:
     """The diffusion model's keyword inputs for a batch, as ComfyUI's sampler makes them from a
     conditioning: the model's own ``extra_conds`` (its context padding, pooled vector, guidance
-    default, inpaint channels), repeated to the batch and cast to `dtype` like
+    default), repeated to the batch and cast to `dtype` like
     ``BaseModel._apply_model``. `guidance` None gives the model none (klein, schnell)."""
     base = model.model
     conds = base.extra_conds(noise=x, device=x.device, cross_attn=context, pooled_output=pooled, guidance=guidance)
