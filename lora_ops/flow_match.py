@@ -21,6 +21,14 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 # FLUX's resolution-dependent shift: mu on the line through (256 tokens, 0.5) and (4096, 1.15).
 BASE_TOKENS, BASE_SHIFT = 256, 0.5
 MAX_TOKENS, MAX_SHIFT = 4096, 1.15
+# The timestep shift of each family (flux_family.Member.train_shift): FLUX.1's line above over 2x2
+# patches; FLUX.2's empirical mu over its 1x1 patches (ComfyUI's Flux2Scheduler); Chroma's fixed mu
+# (ComfyUI samples Chroma with ModelSamplingFlux's default shift, its sampling_settings set none).
+SHIFT_SCHEDULES = ("flux1", "flux2", "chroma")
+CHROMA_MU = 1.15
+# Flux2Scheduler's mu also depends on the sampling step count (below 4300 tokens); training has no
+# step count, so it uses the scheduler's default (and the FLUX.2 [dev] blueprint's) 20 steps.
+FLUX2_MU_STEPS = 20
 
 
 def image_token_count(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
@@ -33,22 +41,48 @@ def flux_shift_mu(image_tokens: int) -> float:
     return BASE_SHIFT + slope * (image_tokens - BASE_TOKENS)
 
 
+def flux2_empirical_mu(image_tokens: int, num_steps: int) -> float:
+    """ComfyUI 0.33.0 comfy_extras/nodes_flux.py compute_empirical_mu (FLUX.2's reference code):
+    mu on lines fitted at 10 and 200 steps, interpolated in the step count; above 4300 tokens the
+    200-step line alone."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    m_200 = a2 * image_tokens + b2
+    if image_tokens > 4300:
+        return float(m_200)
+    m_10 = a1 * image_tokens + b1
+    a = (m_200 - m_10) / 190.0
+    return float(a * num_steps + m_200 - 200.0 * a)
+
+
+def schedule_mu(schedule: str, latent_height: int, latent_width: int) -> float:
+    """The timestep shift mu of family schedule `schedule` (SHIFT_SCHEDULES) for a latent of this size."""
+    if schedule == "flux1":
+        return flux_shift_mu(image_token_count(latent_height, latent_width))
+    if schedule == "flux2":
+        return flux2_empirical_mu(image_token_count(latent_height, latent_width, patch_size=1), FLUX2_MU_STEPS)
+    if schedule == "chroma":
+        return CHROMA_MU
+    raise ValueError(f"unknown shift schedule {schedule!r}; expected one of {SHIFT_SCHEDULES}")
+
+
 def shift_timesteps(t: torch.Tensor, mu: float) -> torch.Tensor:
     """sigma = e^mu / (e^mu + 1/t - 1): ComfyUI's flux_time_shift with exponent 1."""
     return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
 
 
 def sample_timesteps(
-    batch: int, scheme: str, image_tokens: int, generator: torch.Generator
+    batch: int, scheme: str, image_tokens: int, generator: torch.Generator, mu: float | None = None
 ) -> torch.Tensor:
-    """Per-sample t in (0, 1), fp32 on the CPU (so a seed means the same t on every device)."""
+    """Per-sample t in (0, 1), fp32 on the CPU (so a seed means the same t on every device). The
+    shift is `mu` when given (`schedule_mu`), else FLUX.1's for `image_tokens`."""
     if scheme == "uniform":
         # Keep t off 0 exactly: at t = 0 the sample is the clean latent and carries no signal.
         return torch.rand(batch, generator=generator).clamp_min(1e-5)
     if scheme == "shift":
         # Logit-normal (sigmoid of a standard normal), shifted towards noise like FLUX sampling.
         u = torch.sigmoid(torch.randn(batch, generator=generator))
-        return shift_timesteps(u, flux_shift_mu(image_tokens))
+        return shift_timesteps(u, flux_shift_mu(image_tokens) if mu is None else mu)
     raise ValueError(f"unknown timestep scheme {scheme!r}; expected one of {TIMESTEP_SCHEMES}")
 
 
@@ -130,7 +164,7 @@ def slot_generator(seed: int, step: int, micro_batch: int, slot: int) -> torch.G
 @dataclass
 class Conditioning:
     context: torch.Tensor  # (tokens, dim) text embedding
-    pooled: torch.Tensor  # (dim,) pooled embedding
+    pooled: torch.Tensor | None  # (dim,) pooled embedding; None where the encoder has none (T5 only, LLMs)
 
 
 @dataclass
@@ -152,6 +186,7 @@ class TrainSettings:
     caption_dropout: float = 0.0
     seed: int = 0
     prior_loss_weight: float = 1.0  # used when the trainer has class examples
+    shift_schedule: str = "flux1"  # the family's mu for the "shift" scheme (SHIFT_SCHEDULES)
 
 
 @dataclass
@@ -165,8 +200,8 @@ class TrainState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# predict(x_t, t, context, pooled) -> velocity, all batched.
-VelocityPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# predict(x_t, t, context, pooled or None) -> velocity, all batched.
+VelocityPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def bucket_indices(examples: Sequence[TrainingExample]) -> list[list[int]]:
@@ -281,8 +316,9 @@ class FlowMatchTrainer:
             example = examples[chosen[slot]]
             generator = slot_generator(seed, step, micro, slot)
             dropped = bool(torch.rand(1, generator=generator) < s.caption_dropout)
-            times.append(sample_timesteps(1, s.timestep_sampling, image_token_count(*example.latent.shape[-2:]),
-                                          generator))
+            height, width = example.latent.shape[-2:]
+            times.append(sample_timesteps(1, s.timestep_sampling, image_token_count(height, width), generator,
+                                          schedule_mu(s.shift_schedule, height, width)))
             noises.append(torch.randn(example.latent.shape, generator=generator))
             latents.append(example.latent)
             conds.append(self.empty_cond if dropped else example.cond)
@@ -300,7 +336,7 @@ class FlowMatchTrainer:
         loss = x0.new_zeros(())
         for rows in by_length.values():
             context = torch.stack([conds[i].context for i in rows])
-            pooled = torch.stack([conds[i].pooled for i in rows])
+            pooled = None if conds[rows[0]].pooled is None else torch.stack([conds[i].pooled for i in rows])
             velocity = self.predict(x_t[rows], t[rows], context, pooled)
             loss = loss + flow_matching_loss(velocity, target[rows]) * (len(rows) / len(conds))
         return loss

@@ -55,6 +55,18 @@ class Member:
     # ComfyUI's module class the tiny model is built from (named, never imported here)
     comfy_model: str = "comfy.ldm.flux.model.Flux"
     presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # sampler presets
+    # Training (FluxQTrainLoRA). The value the guidance input gets (None: the forward takes none);
+    # the timestep shift (a ``flow_match.SHIFT_SCHEDULES`` name); the sample preset when no
+    # settings are connected; a note the node shows; why it cannot be trained (None: it can).
+    train_guidance: float | None = None
+    train_shift: str = "flux1"
+    train_preset: str | None = None
+    train_note: str | None = None
+    train_wrong_presets: tuple[str, ...] = ()  # sample presets that say the file is the wrong checkpoint to train
+    train_refusal: str | None = None
+    # its text encoders (FluxQLoadTextEncodersGGUF `type`): CLIP-L + T5 for FLUX.1, T5 alone for
+    # Chroma, Mistral for FLUX.2 [dev], Qwen3 for klein
+    text_encoder: str = "flux1"
 
     def full_params(self) -> dict:
         """ComfyUI model-class parameters of the released model: the tiny config's architecture
@@ -97,9 +109,17 @@ _TINY_CHROMA = {"in_channels": 64, "out_channels": 64, "context_in_dim": 768, "h
                 "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5}
 
 _FLUX1_COMMON = {"generation": FLUX1, "hidden_size": 3072, "double_blocks": 19, "single_blocks": 38, "latent_channels": 16,
-                 "latent_downscale": 8, "pooled_vector": True, "context_dim": 4096}  # T5-XXL
+                 "latent_downscale": 8, "pooled_vector": True, "context_dim": 4096,  # T5-XXL
+                 "train_shift": "flux1"}
+# FLUX.1 [dev] LoRAs are trained with the distilled guidance fixed at 1.0 (kohya's sd-scripts advice for dev).
+_DEV_TRAINING = {"train_guidance": 1.0, "train_preset": "flux-dev"}
 _FLUX2_COMMON = {"generation": FLUX2, "comfy_class": "Flux2", "latent_channels": 128, "latent_downscale": 16,
-                 "pooled_vector": False}
+                 "pooled_vector": False, "train_shift": "flux2"}
+# klein: ai-toolkit trains klein LoRAs on the undistilled base checkpoint (a LoRA trained on the distilled one is
+# reported to draw grey images); the file cannot tell the two apart, so the node says so.
+_KLEIN_TRAINING = {"text_encoder": "klein", "train_preset": "flux2-klein-base", "train_wrong_presets": ("flux2-klein-distilled",), "train_note": (
+    "train klein LoRAs on the klein BASE checkpoint (a LoRA trained on distilled klein is reported to draw grey "
+    "images); the LoRA then works on base and distilled alike")}
 _DEV_GROUP = ("flux1-dev", "flux1-kontext-dev", "flux1-krea-dev")
 _KLEIN_VARIANTS = ("distilled", "base")
 
@@ -107,39 +127,45 @@ MEMBERS: tuple[Member, ...] = (
     Member(id="flux1-dev", label="FLUX.1 [dev]", comfy_class="Flux", requires=_frozen({"in_channels": 16}),
            guidance=True, base_model="flux1-dev", same_tensors_as=_DEV_GROUP,
            tiny=_frozen({**_TINY_FLUX1, "guidance_embed": True}),
-           **_FLUX1_COMMON),
+           **_FLUX1_COMMON, **_DEV_TRAINING),
     Member(id="flux1-kontext-dev", label="FLUX.1 Kontext [dev]", comfy_class="Flux",
            requires=_frozen({"in_channels": 16}), guidance=True, base_model="flux1-kontext-dev",
-           same_tensors_as=_DEV_GROUP, **_FLUX1_COMMON),
+           same_tensors_as=_DEV_GROUP, **_FLUX1_COMMON, **_DEV_TRAINING),
     Member(id="flux1-krea-dev", label="FLUX.1 Krea [dev]", comfy_class="Flux",
            requires=_frozen({"in_channels": 16}), guidance=True, base_model="flux1-krea-dev",
-           same_tensors_as=_DEV_GROUP, **_FLUX1_COMMON),
+           same_tensors_as=_DEV_GROUP, **_FLUX1_COMMON, **_DEV_TRAINING),
     Member(id="flux1-schnell", label="FLUX.1 [schnell]", comfy_class="FluxSchnell",
            requires=_frozen({"in_channels": 16}), guidance=False, base_model="flux1-schnell",
-           tiny=_frozen({**_TINY_FLUX1, "guidance_embed": False}), **_FLUX1_COMMON),
+           tiny=_frozen({**_TINY_FLUX1, "guidance_embed": False}), train_preset="flux-schnell", **_FLUX1_COMMON),
     # Fill: img_in is 384 wide (16 latent + 16 masked-image + 4x4 mask channels, 2x2 patches)
     Member(id="flux1-fill-dev", label="FLUX.1 Fill [dev]", comfy_class="FluxInpaint",
            requires=_frozen({"in_channels": 96}), guidance=True, base_model="flux1-fill-dev",
            tiny=_frozen({**_TINY_FLUX1, "in_channels": 96, "guidance_embed": True, "hidden_size": 128,
-                         "num_heads": 1}), **_FLUX1_COMMON),
+                         "num_heads": 1}), **_FLUX1_COMMON,
+           train_refusal="FLUX.1 Fill [dev] is trained on inpainting triples (image, mask, masked image), which "
+                         "FluxQTrainLoRA does not take; train on FLUX.1 [dev] instead (its LoRAs load on Fill)"),
     # context: three hidden-state taps of the text encoder side by side (Mistral-Small 5120, Qwen3-4B
     # 2560, Qwen3-8B 4096; ../shared/FLUX_FAMILY.md)
     Member(id="flux2-dev", label="FLUX.2 [dev]", requires=_frozen({"guidance_embed": True}), hidden_size=6144,
            double_blocks=8, single_blocks=48, context_dim=15360, guidance=True, base_model="flux2-dev",
-           tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON),
+           tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON,
+           # guidance-distilled like FLUX.1 [dev]: trained at 1.0 as dev is
+           train_guidance=1.0, train_preset="flux2-dev", text_encoder="flux2"),
     Member(id="flux2-klein-4b", label="FLUX.2 [klein] 4B", requires=_frozen({"guidance_embed": False}),
            hidden_size=3072, double_blocks=5, single_blocks=20, context_dim=7680, guidance=False,
            base_model="flux2-klein-4b",
            variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0),
-           tiny=_frozen({**_TINY_FLUX2, "guidance_embed": False}), **_FLUX2_COMMON),
+           tiny=_frozen({**_TINY_FLUX2, "guidance_embed": False}), **_FLUX2_COMMON, **_KLEIN_TRAINING),
     Member(id="flux2-klein-9b", label="FLUX.2 [klein] 9B", requires=_frozen({"guidance_embed": False}),
            hidden_size=4096, double_blocks=8, single_blocks=24, context_dim=12288, guidance=False,
            base_model="flux2-klein-9b",
-           variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0), **_FLUX2_COMMON),
+           variants=_KLEIN_VARIANTS, min_comfyui=(0, 33, 0), **_FLUX2_COMMON, **_KLEIN_TRAINING),
     Member(id="chroma", label="Chroma", generation=CHROMA, comfy_class="Chroma", requires=_frozen({}),
            hidden_size=3072, double_blocks=19, single_blocks=38, latent_channels=16, latent_downscale=8,
            context_dim=4096, guidance=False, pooled_vector=False, base_model="chroma",
-           tiny=_frozen(_TINY_CHROMA), comfy_model="comfy.ldm.chroma.model.Chroma"),
+           tiny=_frozen(_TINY_CHROMA), comfy_model="comfy.ldm.chroma.model.Chroma",
+           # no distilled guidance, but its forward takes a guidance tensor: 0, as core's Chroma.extra_conds
+           train_guidance=0.0, train_shift="chroma", train_preset="chroma", text_encoder="chroma"),
 )
 
 # --- sampler presets ------------------------------------------------------------------------------
@@ -211,6 +237,18 @@ def preset_misfit(name: str, detection: Detection) -> str | None:
     fitting = list(dict.fromkeys(p for m in detection.candidates for p in m.presets))
     return (f"warning: preset {name} is for {', '.join(owners)}, but the model is {detection.label}; "
             f"use {' or '.join(fitting) or 'custom'} (or custom).")
+
+
+def training_messages(detection: Detection, sample_preset: str | None) -> list[str]:
+    """What FluxQTrainLoRA tells the user before training the detected model: the member's note,
+    and a warning when the samples' preset names a checkpoint LoRAs should not be trained on."""
+    member = detection.member
+    messages = [f"{member.label}: {member.train_note}"] if member.train_note else []
+    if sample_preset in member.train_wrong_presets:
+        messages.append(f"warning: the sample preset {sample_preset} says this {member.label} file is the distilled "
+                        f"checkpoint; {member.train_note}. If the file is the base checkpoint, pick "
+                        f"{member.train_preset} for the samples.")
+    return messages
 
 
 # What a "custom" shift_mode "auto" means per generation: FLUX.1's ModelSamplingFlux line through

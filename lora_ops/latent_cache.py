@@ -89,19 +89,23 @@ class LatentCache:
         self.counts.latents_encoded += 1
         return latent
 
-    def embedding(self, text: str, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context, pooled) of a caption, from the cache or `encode()`."""
+    def embedding(self, text: str, encode: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled) of a caption, from the cache or `encode()`; pooled is None for encoders
+        without one (T5 alone, the FLUX.2 LLMs)."""
+        def to_cpu(t):
+            return None if t is None else t.float().cpu().contiguous()
+
         if self.text_encoder_identity is None:
             self.counts.embeddings_encoded += 1
-            return tuple(t.float().cpu() for t in encode())
+            return tuple(to_cpu(t) for t in encode())
         path = os.path.join(self.folder, "embeddings", _key(self.text_encoder_identity, text) + ".safetensors")
-        cached = self._read(path, ("context", "pooled"))
+        cached = self._read(path, ("context",))
         if cached is not None:
             self.counts.embeddings_reused += 1
-            return cached["context"], cached["pooled"]
-        context, pooled = (t.float().cpu().contiguous() for t in encode())
-        atomic_save_safetensors({"context": context, "pooled": pooled}, {}, path)
+            return cached["context"], cached.get("pooled")
+        context, pooled = (to_cpu(t) for t in encode())
+        atomic_save_safetensors({"context": context, **({} if pooled is None else {"pooled": pooled})}, {}, path)
         self.counts.embeddings_encoded += 1
         return context, pooled
 

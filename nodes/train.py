@@ -32,7 +32,8 @@ class FluxQTrainLoRA(io.ComfyNode):
             is_output_node=True,
             is_input_list=True,  # so `images`/`captions` can come from core's dataset nodes (lists)
             inputs=[
-                io.Model.Input("model", tooltip="FLUX dev or schnell; stays frozen."),
+                io.Model.Input("model", tooltip="A FLUX family model (FLUX.1 dev/schnell/Kontext/Krea, FLUX.2 dev, klein "
+                                                "base, Chroma); stays frozen. Fill is not trained."),
                 io.Vae.Input("vae", tooltip="The FLUX VAE; images are encoded once."),
                 io.Clip.Input("clip", tooltip="Text encoders; every caption is encoded once, then they can leave the device."),
                 io.Combo.Input("dataset", options=dataset_options(), default=NONE,
@@ -52,7 +53,8 @@ class FluxQTrainLoRA(io.ComfyNode):
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000),
                 io.Float.Input("caption_dropout", default=0.05, min=0.0, max=1.0, step=0.01),
                 io.Combo.Input("timestep_sampling", options=list(fm.TIMESTEP_SCHEMES), default="shift",
-                               tooltip="shift: logit-normal with FLUX's resolution-dependent shift; uniform: t ~ U(0, 1)."),
+                               tooltip="shift: logit-normal with the model family's shift (FLUX.1: resolution-dependent; "
+                                       "FLUX.2: Flux2Scheduler's; Chroma: fixed); uniform: t ~ U(0, 1)."),
                 io.Boolean.Input("gradient_checkpointing", default=True),
                 io.String.Input("layer_regex", default="", tooltip="Only train layers whose path matches, e.g. ^double_blocks\\. (empty: all block linears)."),
                 io.Int.Input("save_every", default=250, min=0, max=100000, tooltip="Checkpoint every N steps (0: only at the end)."),

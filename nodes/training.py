@@ -26,6 +26,7 @@ import folder_paths
 
 from ..lora_ops import dataset as ds
 from ..lora_ops import flow_match as fm
+from ..lora_ops import flux_family
 from ..lora_ops import lora_checkpoint as ckpt
 from ..lora_ops.atomic import atomic_path
 from ..lora_ops.distributed import World
@@ -225,6 +226,11 @@ class TrainingRun:
                  sample_settings=None, class_prompt="", class_images=NONE, class_image_count=0,
                  prior_loss_weight=1.0, stop_requested=None):
         self.model, self.samples, self.node_id, self.world = model, samples, node_id, world
+        # What the family needs (guidance, timestep shift, sample preset) comes from the registry.
+        self.detection = glue.model_family(model)
+        self.member = self.detection.member
+        if self.member.train_refusal:
+            raise ValueError(f"cannot train {self.detection.label}: {self.member.train_refusal}")
         self.stop_requested = stop_requested or (lambda: False)
         self.name = checked_lora_name(lora_name)
         # The final file's name is also the LoRA's name on the returned model, as FluxQApplyLoRA
@@ -240,7 +246,7 @@ class TrainingRun:
             steps=steps, learning_rate=learning_rate, batch_size=batch_size,
             gradient_accumulation=gradient_accumulation, optimizer=optimizer, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, timestep_sampling=timestep_sampling, caption_dropout=caption_dropout,
-            seed=seed, prior_loss_weight=prior_loss_weight,
+            seed=seed, prior_loss_weight=prior_loss_weight, shift_schedule=self.member.train_shift,
         )
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay {ema_decay} must be 0 (off) or below 1 (0.99-0.999 is usual)")
@@ -252,6 +258,9 @@ class TrainingRun:
         if sample_every and not self.sample_prompts:
             raise ValueError(f"sample_every is {sample_every} but sample_prompts is empty: give one prompt per line")
         self.render_settings = self._render_settings(sample_settings)
+        for message in flux_family.training_messages(self.detection, sample_settings and sample_settings.preset):
+            log.warning("FluxQTrainLoRA: %s", message)
+            glue.show_progress_text(message, node_id)
         self.class_prompt, self.class_image_count = class_prompt.strip(), class_image_count
         self.class_samples = self._class_samples(class_images, class_image_count)
         self.diffusion_model = model.model.diffusion_model
@@ -286,10 +295,10 @@ class TrainingRun:
     def _render_settings(self, given) -> sampling.FluxSamplerSettings:
         """The connected settings' steps, guidance, sampler and shift at the training resolution
         (samples and class images are made square at `resolution`); without settings, the
-        FluxQSamplerSettings preset for the model (flux-dev or flux-schnell)."""
+        family member's training preset (flux-dev, flux-schnell, flux2-dev, flux2-klein-base, chroma)."""
         size = max(16, self.resolution - self.resolution % 16)
         if given is None:
-            preset = "flux-dev" if glue.has_guidance_input(self.model) else "flux-schnell"
+            preset = self.member.train_preset
             given = sampling.FluxSamplerSettings(**{"shift": 1.0, **sampling.PRESETS[preset]}, preset=preset,
                                                  width=size, height=size, denoise=1.0)
         return dataclasses.replace(given, width=size, height=size, denoise=1.0)
@@ -344,6 +353,8 @@ class TrainingRun:
         cache = self._latent_cache(vae, clip) if self.cache_latents_to_disk else None
         embed = self._embedder(clip, cache)
         examples, empty_cond = self._encode(vae, embed, cache)
+        # renders with real CFG (klein base, Chroma) need a negative: the empty prompt
+        self.negative_cond = embed("") if self.render_settings.cfg != 1.0 else None
         class_examples = self._encode_class_images(vae, embed, cache)
         self.sample_conds = [embed(prompt) for prompt in self.sample_prompts] if self.sample_every else []
         if cache is not None:
@@ -402,7 +413,8 @@ class TrainingRun:
 
     @staticmethod
     def _cond_to(cond: fm.Conditioning, device) -> fm.Conditioning:
-        return fm.Conditioning(cond.context.to(device).clone(), cond.pooled.to(device).clone())
+        pooled = None if cond.pooled is None else cond.pooled.to(device).clone()
+        return fm.Conditioning(cond.context.to(device).clone(), pooled)
 
     @staticmethod
     def _embedder(clip, cache: LatentCache | None):
@@ -411,7 +423,8 @@ class TrainingRun:
 
         def encode(text: str):
             context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-            return context[0].float().cpu(), pooled[0].float().cpu()
+            # T5 alone (Chroma) and the FLUX.2 LLM encoders give no pooled vector
+            return context[0].float().cpu(), None if pooled is None else pooled[0].float().cpu()
 
         def embed(text: str) -> fm.Conditioning:
             if text not in embeddings:
@@ -490,10 +503,12 @@ class TrainingRun:
     def _render(self, model, cond: fm.Conditioning, seed: int) -> torch.Tensor:
         """A latent of `cond` by `model` with the render settings, as FluxQSampler makes it."""
         settings = self.render_settings
-        latent = sampling.empty_latent(settings)
+        latent = sampling.empty_latent(settings, model)
         positive = glue.conditioning(cond.context, cond.pooled)
+        negative = None if self.negative_cond is None else glue.conditioning(
+            self.negative_cond.context, self.negative_cond.pooled)
         model, positive = sampling.prepare(model, positive, settings, latent)
-        return sampling.sample_latent(model, positive, settings, seed, latent, None)["samples"]
+        return sampling.sample_latent(model, positive, settings, seed, latent, None, negative)["samples"]
 
     def _initial_factors(self, device) -> dict[str, ckpt.LoraFactors]:
         if self.resumed_factors is not None:
@@ -513,19 +528,20 @@ class TrainingRun:
     def _predictor(self, stack, device) -> fm.VelocityPredictor:
         diffusion_model = self.diffusion_model
         dtype = self.model.model.manual_cast_dtype or self.model.model.get_dtype()
-        guidance_embed = getattr(diffusion_model.params, "guidance_embed", False)
+        guidance = self.member.train_guidance
         options = {"patches_replace": {"dit": self._checkpointed_blocks(stack)}} if self.gradient_checkpointing else {}
         # bf16 compute with fp32 LoRA masters where ComfyUI chose bf16 for this GPU; older GPUs
         # (no bf16) and the CPU run in the model's own compute dtype.
         use_autocast = device.type == "cuda" and dtype == torch.bfloat16
 
         def predict(x_t, t, context, pooled):
-            # FLUX dev is trained with its distilled guidance fixed at 1.0 (kohya's advice for dev).
-            guidance = torch.ones_like(t) if guidance_embed else None
+            # The inputs as the sampler gives them (the model's extra_conds: FLUX.2 pads the context,
+            # Chroma takes guidance 0), with the family's training guidance (registry).
+            inputs = glue.model_inputs(self.model, x_t, context, pooled, guidance, dtype)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
             with activate(stack, root=diffusion_model), autocast:
-                return diffusion_model(x_t.to(dtype), t.float(), context=context.to(dtype), y=pooled.to(dtype),
-                                       guidance=guidance, transformer_options=dict(options))
+                return diffusion_model(x_t.to(dtype), t.float(), context=inputs.pop("c_crossattn"),
+                                       transformer_options=dict(options), **inputs)
 
         return predict
 

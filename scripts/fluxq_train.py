@@ -9,7 +9,9 @@ loaded as a library, on one process or data-parallel under torchrun.
 The settings file (JSON or YAML) holds the node's inputs by name; absent ones take the node's
 defaults. `model`, `clip` and `vae` name files in ComfyUI's model folders, as the loader nodes
 would: `model` a FLUX transformer in models/diffusion_models (.gguf through this pack, else core),
-`clip` CLIP-L or [CLIP-L, T5-XXL] in models/text_encoders, `vae` in models/vae. The LoRA, its
+`clip` the text encoder file(s) in models/text_encoders (FLUX.1: CLIP-L or [CLIP-L, T5-XXL]; Chroma:
+T5-XXL; FLUX.2 [dev]: Mistral; klein: Qwen3 — read as the detected model's family, or as
+`clip_type` (flux1, chroma, flux2, klein) when given), `vae` in models/vae. The LoRA, its
 step checkpoints and .trainstate go to models/loras exactly as the node writes them, so either
 can resume the other's run. `batch_size` is per rank: N ranks x batch b train like one process
 with batch N*b (same LoRA within float rounding), so a run can resume on a different number of
@@ -34,6 +36,7 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_flux_qlora"
 MODEL_INPUTS = ("model", "vae", "clip")
+SCRIPT_SETTINGS = ("clip_type",)  # the script's own: how to read `clip` (default: the model's family)
 # come from other nodes' outputs: the file uses `dataset`, and the samples take the node's default sampler settings
 LIST_INPUTS = ("images", "captions", "dataset_name", "sample_settings")
 DECIMAL = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
@@ -122,7 +125,7 @@ def node_settings(node_class, given: dict) -> dict:
     """`given` checked against the node's schema (names, types, ranges, choices), with the node's
     defaults for what is absent: what ComfyUI's validation would hand the node."""
     inputs = {i.id: i for i in node_class.define_schema().inputs}
-    unknown = sorted(set(given) - set(inputs) - set(LIST_INPUTS))
+    unknown = sorted(set(given) - set(inputs) - set(LIST_INPUTS) - set(SCRIPT_SETTINGS))
     if unknown:
         raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; FluxQTrainLoRA's inputs are "
                             f"{', '.join(k for k in inputs if k not in LIST_INPUTS)}")
@@ -179,12 +182,17 @@ def load_models(given: dict):
             raise SettingsError(f"{name!r} is not a file in ComfyUI's {folder!r} model folders")
         return full
 
-    clip_names = given["clip"] if isinstance(given["clip"], list) else [given["clip"]]
-    if not 1 <= len(clip_names) <= 2:
-        raise SettingsError("setting 'clip' must name CLIP-L, or [CLIP-L, T5-XXL]")
     model = glue.load_diffusion_model(path("diffusion_models", given["model"]))
+    # the text encoders the model's family member uses, as FluxQLoadTextEncodersGGUF's `type`
+    encoder = given.get("clip_type") or glue.model_family(model).member.text_encoder
+    if encoder not in glue.TEXT_ENCODER_TYPES:
+        raise SettingsError(f"setting 'clip_type': {encoder!r} is not one of {', '.join(glue.TEXT_ENCODER_TYPES)}")
+    clip_names = given["clip"] if isinstance(given["clip"], list) else [given["clip"]]
+    if not 1 <= len(clip_names) <= (2 if encoder == "flux1" else 1):
+        raise SettingsError(f"setting 'clip' must name CLIP-L, or [CLIP-L, T5-XXL] (clip_type flux1), or the one "
+                            f"encoder file of clip_type {encoder}; got {clip_names!r}")
     clip_paths = [path("text_encoders", name) for name in clip_names]
-    clip = glue.load_text_encoders(clip_paths[0], clip_paths[1] if len(clip_paths) > 1 else None)
+    clip = glue.load_text_encoders(clip_paths[0], clip_paths[1] if len(clip_paths) > 1 else None, encoder)
     vae = glue.load_vae(path("vae", given["vae"]))
     return model, vae, clip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import comfy.lora
+import comfy.model_base
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
@@ -81,9 +82,24 @@ def text_encoder_tensors(clip):
     return clip.cond_stage_model.state_dict().items()
 
 
-def conditioning(context: torch.Tensor, pooled: torch.Tensor) -> list:
+def conditioning(context: torch.Tensor, pooled: torch.Tensor | None) -> list:
     """A CONDITIONING (what CLIPTextEncode outputs) from one caption's embeddings."""
-    return [[context[None], {"pooled_output": pooled[None]}]]
+    return [[context[None], {"pooled_output": None if pooled is None else pooled[None]}]]
+
+
+def model_inputs(model, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
+                 guidance: float | None, dtype: torch.dtype) -> dict:
+    """The diffusion model's keyword inputs for a batch, as ComfyUI's sampler makes them from a
+    conditioning: the model's own ``extra_conds`` (its context padding, pooled vector, guidance
+    default), repeated to the batch and cast to `dtype` like
+    ``BaseModel._apply_model``. `guidance` None gives the model none (klein, schnell)."""
+    base = model.model
+    conds = base.extra_conds(noise=x, device=x.device, cross_attn=context, pooled_output=pooled, guidance=guidance)
+    out = {}
+    for name, cond in conds.items():
+        value = cond.process_cond(batch_size=x.shape[0], area=None, device=x.device).cond
+        out[name] = comfy.model_base.convert_tensor(value, dtype, x.device)
+    return out
 
 
 def decode_images(vae, latent: torch.Tensor) -> torch.Tensor:

@@ -852,3 +852,38 @@ def test_after_training_on_one_flat_colour_samples_at_strength_1_are_closer_to_i
         at_0, at_1 = distance(base), distance(trained)
     # measured on CPU (ComfyUI 0.3.75): 20.56 without the LoRA, 10.06 with it
     assert at_1 < 0.7 * at_0, f"latent distance to the colour: {at_1:.4f} with the LoRA vs {at_0:.4f} without"
+
+
+def test_flux1_inputs_from_the_models_extra_conds_train_bit_identically_to_the_hand_built_ones(
+        comfy_libs, clip_vae, folders, pack, monkeypatch):
+    """The trainer asks the model for its inputs as the sampler does (extra_conds); for FLUX.1 that
+    is exactly what it built by hand before (context, CLIP-L pooled as y, guidance 1.0): the same
+    loss curve and LoRA bit for bit, with batches, caption dropout and checkpointed blocks."""
+    training = importlib.import_module(f"{pack.__name__}.nodes.training")
+    runtime = importlib.import_module(f"{pack.__name__}.lora_ops.lora_runtime")
+    clip, vae = clip_vae
+    inputs, loras = folders
+    write_dataset(inputs, ["red", "green", "stripes"])
+    args = dict(rank=4, alpha=4.0, steps=3, learning_rate=1e-2, batch_size=2, caption_dropout=0.5)
+
+    def hand_built(run, stack, device):  # the trainer's FLUX.1 predictor before the family path
+        model = run.diffusion_model
+        dtype = run.model.model.manual_cast_dtype or run.model.model.get_dtype()
+        options = {"patches_replace": {"dit": run._checkpointed_blocks(stack)}}
+
+        def predict(x_t, t, context, pooled):
+            with runtime.activate(stack, root=model):
+                return model(x_t.to(dtype), t.float(), context=context.to(dtype), y=pooled.to(dtype),
+                             guidance=torch.ones_like(t), transformer_options=dict(options))
+
+        return predict
+
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="family", **args))
+    monkeypatch.setattr(training.TrainingRun, "_predictor", hand_built)
+    train(comfy_libs, node_args(narrow_flux(), clip, vae, lora_name="by_hand", **args))
+    from lora_ops.lora_checkpoint import load_train_state
+
+    ours, reference = (load_train_state(str(loras / f"{n}.safetensors"))[0].loss_history for n in ("family", "by_hand"))
+    assert len(ours) == 3 and ours == reference
+    a, b = lora_tensors(loras / "family.safetensors")[0], lora_tensors(loras / "by_hand.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

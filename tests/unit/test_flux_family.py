@@ -247,3 +247,31 @@ def test_lora_evidence_counts_diffusers_single_blocks_apart_from_double():
         ["transformer.single_transformer_blocks.7.proj_out.lora_A.weight",
          "transformer.transformer_blocks.2.attn.to_q.lora_A.weight"])
     assert (generations, double, single) == (set(), 3, 8)
+
+
+def test_every_member_says_how_it_trains():
+    from lora_ops import flow_match
+
+    for member in ff.MEMBERS:
+        assert member.train_shift in flow_match.SHIFT_SCHEDULES, member.id
+        # FluxQLoadTextEncodersGGUF's types (nodes/comfy_glue/loading.py TEXT_ENCODER_TYPES)
+        assert member.text_encoder in ("flux1", "chroma", *ff.TEXT_ENCODERS), member.id
+        if member.train_refusal:
+            continue
+        assert member.train_preset in member.presets, member.id  # samples use one of its own presets
+        # a guidance value only where the forward takes one: distilled guidance, or Chroma's zero
+        assert (member.train_guidance is not None) == (member.guidance or member.generation == ff.CHROMA), member.id
+    by_id = ff.BY_ID
+    assert by_id["flux1-dev"].train_guidance == 1.0 and by_id["chroma"].train_guidance == 0.0
+    assert by_id["flux2-klein-4b"].train_guidance is None and by_id["flux2-dev"].train_shift == "flux2"
+    assert by_id["flux1-fill-dev"].train_refusal
+
+
+def test_klein_training_says_base_and_warns_on_the_distilled_preset():
+    klein = ff.identify(*FULL["klein4"][:2])
+    (note,) = ff.training_messages(klein, None)
+    assert note.startswith("FLUX.2 [klein] 4B: train klein LoRAs on the klein BASE checkpoint")
+    assert ff.training_messages(klein, "flux2-klein-base") == [note]
+    note, warning = ff.training_messages(klein, "flux2-klein-distilled")
+    assert warning.startswith("warning: the sample preset flux2-klein-distilled says") and "flux2-klein-base" in warning
+    assert ff.training_messages(ff.identify(*FULL["dev"][:2]), "flux-dev") == []
