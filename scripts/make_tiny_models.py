@@ -129,16 +129,15 @@ def tiny_flux_vae(comfy, seed: int) -> dict[str, np.ndarray]:
     return random_state_dict(model, seed)
 
 
-def tiny_flux2_vae(comfy, seed: int, num_res_blocks: int = 1) -> dict[str, np.ndarray]:
+def tiny_flux2_vae(comfy, seed: int) -> dict[str, np.ndarray]:
     """FLUX.2's VAE layout (what ComfyUI's VAE loader recognises: 32 z-channels, quant convs,
     ``bn.*`` batch-norm statistics of the 2x2-patchified latent -> 128 channels at /16). The
-    encoder width stays 128: ComfyUI's loader assumes it. ComfyUI builds 2 res blocks per level:
-    with 1 (the harness file) the missing ones stay uninitialised and encoding is not finite, so
-    the trainer's tests build a file with 2."""
+    encoder width stays 128 and there are 2 res blocks per level: ComfyUI's loader assumes both
+    (with fewer, the blocks it builds stay uninitialised and encoding is not finite)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": num_res_blocks, "attn_resolutions": [],
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
                 "dropout": 0.0, "batch_norm_latent": True}
     with torch.device("meta"):
         model = AutoencoderKL(ddconfig=ddconfig, embed_dim=32)

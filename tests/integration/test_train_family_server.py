@@ -1,7 +1,7 @@
 """FluxQTrainLoRA on each FLUX family member's tiny GGUF through a real ComfyUI server: the LoRA
 learns (trained on one flat colour, the sampled latent moves towards the colour's latent, as the
 FLUX.1 trainer test shows), the file says which member it is for, and core loads it with no
-unmatched key. FLUX.2 [dev] and klein (hidden 128) need ComfyUI 0.33.0; Chroma runs on both."""
+unmatched key. FLUX.2 [dev] and klein (hidden 128) need ComfyUI 0.33.0; so does Chroma here (budget)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,18 @@ import torch
 from comfy_server import ExecutionFailed
 from fluxq_testing import TINY, saved_latent
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 RED = (220, 30, 30)
 # member id -> (VAE, empty latent node, train steps, learning rate, sample steps, sample guidance or None,
 # gradient checkpointing)
 MEMBERS = {
+    # klein (no guidance input) trains through the same path in the script test below
     "flux2-dev": ("flux2", "EmptyFlux2LatentImage", 20, 1e-2, 2, 1.0, True),
-    "flux2-klein-4b": ("flux2", "EmptyFlux2LatentImage", 20, 1e-2, 2, None, True),
     # ~0.62 B parameters (the approximator fixes the width 3072): a few steps, no recomputation; its
     # random 3072-wide blocks overshoot at 1e-2
     "chroma": ("flux1", "EmptySD3LatentImage", 6, 3e-3, 1, None, False),
 }
-FLUX2_VAE = "fluxq-tiny-flux2-ae-complete.safetensors"
+FLUX2_VAE = "fluxq-tiny-flux2-ae.safetensors"
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fluxq_train.py"
 
 
@@ -38,19 +37,6 @@ def tiny_member(member_id):
 
 def comfyui_version(server) -> tuple[int, ...]:
     return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
-
-
-@pytest.fixture(scope="module")
-def flux2_vae(models_dir):
-    """A FLUX.2-layout VAE whose encoder is finite (see make_tiny_models.tiny_flux2_vae), in the
-    harness's vae folder for the test module only (~0.3 GB)."""
-    import comfy  # noqa: F401  (make_tiny_models builds from ComfyUI's classes)
-    from make_tiny_models import tiny_flux2_vae
-
-    path = models_dir / "vae" / FLUX2_VAE
-    save_file({k: torch.from_numpy(v) for k, v in tiny_flux2_vae(None, seed=5, num_res_blocks=2).items()}, str(path))
-    yield FLUX2_VAE
-    path.unlink(missing_ok=True)
 
 
 def train_graph(member_id, vae_name, latent_node, train_steps, sample_steps, guidance, lora_name, **train_extra):
@@ -94,14 +80,17 @@ def lora_file(path):
 
 @pytest.mark.server
 @pytest.mark.parametrize("member_id", MEMBERS)
-def test_each_member_learns_a_flat_colour_and_saves_a_lora_core_loads(comfy_server, models_dir, request, member_id):
+def test_each_member_learns_a_flat_colour_and_saves_a_lora_core_loads(comfy_server, models_dir, member_id):
     from lora_ops.flux_family import BY_ID
     from lora_ops.lora_checkpoint import load_train_state
 
     vae_kind, latent_node, train_steps, lr, sample_steps, guidance, checkpointing = MEMBERS[member_id]
-    if member_id != "chroma" and comfyui_version(comfy_server) < (0, 33, 0):
-        pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 FLUX.2 tiny models (refusal: test_flux_family_server)")
-    vae_name = request.getfixturevalue("flux2_vae") if vae_kind == "flux2" else TINY["vae"]
+    if comfyui_version(comfy_server) < (0, 33, 0):
+        # FLUX.2: 0.3.75 cannot build the hidden-128 tiny models (refusal: test_flux_family_server).
+        # Chroma (~0.6 B parameters, minutes of CPU) runs on 0.33.0 only, for the CI budget: the
+        # trainer's glue is the same on both, and 0.3.75 loads and samples Chroma in the family tests.
+        pytest.skip("run on ComfyUI 0.33.0")
+    vae_name = FLUX2_VAE if vae_kind == "flux2" else TINY["vae"]
     folder = comfy_server.input_dir / "red_set"
     folder.mkdir(exist_ok=True)
     from PIL import Image
@@ -120,10 +109,10 @@ def test_each_member_learns_a_flat_colour_and_saves_a_lora_core_loads(comfy_serv
         losses = load_train_state(str(written[0]))[0].loss_history
         print(f"{member_id}: distance {at_0:.4f} -> {at_1:.4f}, loss {losses}")
         assert len(losses) == train_steps and bool(torch.isfinite(torch.tensor(losses)).all())
-        # seeded, so repeatable; measured on CPU (0.33.0): FLUX.2 [dev] 2.75 -> 1.48, klein 2.38 -> 1.69
+        # seeded, so repeatable; measured on CPU (0.33.0): FLUX.2 [dev] 2.75 -> 1.48, Chroma 53.2 -> 34.8
         assert at_1 < 0.8 * at_0, f"latent distance to the colour: {at_1:.4f} with the LoRA vs {at_0:.4f} without"
         if train_steps >= 10:
-            # one image, t ~ U(0, 1): five-step means (measured: FLUX.2 [dev] 2.36 -> 1.57, klein 2.42 -> 1.67)
+            # one image, t ~ U(0, 1): five-step means (measured: FLUX.2 [dev] 2.36 -> 1.57)
             first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
             assert last < 0.85 * first, f"loss fell only from {first:.3f} to {last:.3f}"
 
@@ -225,7 +214,7 @@ def test_klein_training_says_train_on_base_and_warns_on_the_distilled_preset(com
 
 
 @pytest.mark.server
-def test_training_script_reads_each_familys_encoders_and_trains_klein(comfy_server, models_dir, request, tmp_path):
+def test_training_script_reads_each_familys_encoders_and_trains_klein(comfy_server, models_dir, tmp_path):
     """scripts/fluxq_train.py loads through the same glue and trains another family member; the
     member picks the text encoder type (klein: Qwen3), which `clip_type` overrides (the tiny
     models take CLIP-L's width)."""
@@ -236,7 +225,6 @@ def test_training_script_reads_each_familys_encoders_and_trains_klein(comfy_serv
 
     if comfyui_version(comfy_server) < (0, 33, 0):
         pytest.skip("ComfyUI 0.3.75 cannot load klein")
-    flux2_vae = request.getfixturevalue("flux2_vae")
     inputs, loras = tmp_path / "input", tmp_path / "loras"
     (inputs / "set").mkdir(parents=True)
     loras.mkdir()
@@ -245,7 +233,7 @@ def test_training_script_reads_each_familys_encoders_and_trains_klein(comfy_serv
     Image.new("RGB", (64, 64), RED).save(inputs / "set" / "red.png")
     extra = tmp_path / "extra_model_paths.yaml"
     extra.write_text(f"fluxq_test:\n    base_path: {tmp_path}\n    is_default: true\n    loras: loras\n")
-    settings = {"model": tiny_member("flux2-klein-4b"), "clip": TINY["clip_l"], "vae": flux2_vae, "dataset": "set",
+    settings = {"model": tiny_member("flux2-klein-4b"), "clip": TINY["clip_l"], "vae": FLUX2_VAE, "dataset": "set",
                 "steps": 2, "resolution": 64, "rank": 4, "alpha": 4.0, "lora_name": "klein_script"}
 
     def script(**override):
