@@ -14,8 +14,11 @@ saved `.json` can be run headless without a browser:
   Reroute never reach the prompt;
 - each prompt node gets `_meta.title`: the node's title, else the type's display name.
 
-Subgraphs and widgets that extensions add (image upload buttons and the like) are not covered:
-they raise `WorkflowConvertError`, as does any mismatch between `widgets_values` and the node
+- an image-upload COMBO (LoadImage's `image`) is followed by its upload button's value ("image"
+  in what the frontend saves, e.g. `["example.png", "image"]`): skipped.
+
+Subgraphs and widgets that extensions add (video / audio upload buttons and the like) are not
+covered: they raise `WorkflowConvertError`, as does any mismatch between `widgets_values` and the node
 definition, instead of producing a prompt with values on the wrong inputs.
 """
 
@@ -30,7 +33,8 @@ MODE_BYPASSED = 4  # LGraphEventMode.BYPASS
 VIRTUAL_NODE_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 SEED_WIDGET_NAMES = ("seed", "noise_seed")
-UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")  # the frontend adds an upload button widget
+# the frontend adds an upload button widget; LoadImage's saves its value after the file name
+IMAGE_UPLOAD, OTHER_UPLOADS = "image_upload", ("video_upload", "audio_upload")
 
 
 @user_facing
@@ -225,7 +229,9 @@ def widget_layout(definition: dict) -> list[tuple[str, int]]:
             width = 2  # + "control after generate"
         elif input_type == "COMBO" and options.get("control_after_generate"):
             width = 3  # + "control after generate" + "control filter list"
-        elif input_type == "COMBO" and any(options.get(key) for key in UPLOAD_OPTIONS):
+        elif input_type == "COMBO" and options.get(IMAGE_UPLOAD):
+            width = 2  # + the upload button's value
+        elif input_type == "COMBO" and any(options.get(key) for key in OTHER_UPLOADS):
             raise WorkflowConvertError(f"input {name!r} has an upload widget, which this converter does not map")
         layout.append((name, width))
     return layout

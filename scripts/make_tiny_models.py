@@ -13,7 +13,8 @@ file formats, from ComfyUI's own classes (so ComfyUI's detectors recognise them)
   (``img_in`` 384 wide), FLUX.2 [dev] (with ``guidance_in``) and [klein] (without) at width 128
   (ComfyUI 0.33.0's detection derives FLUX.2's heads from the width; 0.3.75 cannot load them), and
   a FLUX.2 VAE (32 z-channels, batch-norm latent: 128 channels at /16), and Chroma (3072 wide, its
-  fixed-size approximator included: ~0.62 B parameters).
+  fixed-size approximator included: ~0.62 B parameters), and a kohya-format LoRA for the tiny
+  FLUX.2 [dev] (a FLUX.1 LoRA is refused on FLUX.2: the bundled FLUX.2 workflow needs its own).
 
 Random weights draw noise: these files prove the plumbing and the numerics, not image quality.
 Generation is deterministic (fixed seeds) and skipped for files that already exist.
@@ -206,9 +207,13 @@ class TinyModelFiles:
     def flux2_vae(self) -> Path:
         return self.models / "vae" / "fluxq-tiny-flux2-ae.safetensors"
 
+    @property
+    def flux2_lora(self) -> Path:
+        return self.models / "loras" / "fluxq-tiny-flux2-lora.safetensors"
+
     def all(self) -> list[Path]:
         return [*self.dev, *self.loras, self.schnell, self.clip_l, self.vae,
-                *(self.member(m) for m in EXTRA_MEMBERS), self.flux2_vae]
+                *(self.member(m) for m in EXTRA_MEMBERS), self.flux2_vae, self.flux2_lora]
 
 
 # Family members beyond dev/schnell, each one tiny Q8_0 .gguf (Kontext and Krea are dev's tensors).
@@ -252,6 +257,9 @@ def write_models(comfy_dir: Path, files: TinyModelFiles, missing: list[Path]) ->
                        flux_qtype_for(GGMLQuantizationType.Q8_0))
     if files.flux2_vae in missing:
         save_safetensors(files.flux2_vae, tiny_flux2_vae(comfy, seed=5))
+    if files.flux2_lora in missing:  # only the shapes of the tiny FLUX.2 [dev] matter here
+        flux2 = tiny_member(comfy, "flux2-dev", seed=21)
+        save_safetensors(files.flux2_lora, tiny_kohya_lora(flux2, seed=12, scale=0.5), {"ss_network_dim": str(LORA_RANK)})
 
 
 def main() -> None:

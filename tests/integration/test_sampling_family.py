@@ -52,10 +52,32 @@ def assert_same(server, prompt: dict, shape=(1, 16, H // 8, W // 8)):
     return history
 
 
+# Widgets a preset must ignore (all different from every preset's values).
+IGNORED_WIDGETS = {"steps": 7, "guidance": 9.0, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                   "shift_mode": "fixed", "shift": 2.0, "cfg": 7.0}
+
+
+def assert_preset_is_custom(pack, preset: str, **values):
+    """Preset ``preset`` is exactly the custom settings ``values``, whatever its widgets say: the
+    core comparisons below can then run custom with the preset's values on fewer steps (its 30 or
+    35 steps on the 3072-wide tiny models took up to two minutes on CI's CPUs)."""
+    import dataclasses
+    import importlib
+
+    sampling = importlib.import_module(pack.__name__ + ".nodes.sampling")
+    size = {"width": W, "height": H, "denoise": 1.0}
+    ours = sampling.FluxQSamplerSettings.execute(preset, **IGNORED_WIDGETS, **size).result[0]
+    custom = sampling.FluxQSamplerSettings.execute("custom", **{**IGNORED_WIDGETS, **values}, **size).result[0]
+    assert dataclasses.replace(ours, preset="custom", needs=()) == custom
+
+
 @pytest.mark.server
-def test_kontext_preset_equals_reference_latent_flux_guidance_ksampler(comfy_server):
-    """flux-kontext: 30 steps, guidance 2.5 (BFL's cli_kontext), the image as a reference latent."""
-    seed = 3
+def test_kontext_preset_equals_reference_latent_flux_guidance_ksampler(comfy_server, pack):
+    """flux-kontext: 30 steps, guidance 2.5 (BFL's cli_kontext), the image as a reference latent;
+    compared with core on 2 of its steps."""
+    kontext = {"guidance": 2.5, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "shift_mode": "auto"}
+    assert_preset_is_custom(pack, "flux-kontext", steps=30, **kontext)
+    seed, steps = 3, 2
     prompt = {
         **text_nodes(), "unet": DEV_F32,
         "msf": {"class_type": "ModelSamplingFlux", "inputs": {
@@ -65,17 +87,39 @@ def test_kontext_preset_equals_reference_latent_flux_guidance_ksampler(comfy_ser
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
         "core": {"class_type": "KSampler", "inputs": {
             "model": ["msf", 0], "positive": ["guided", 0], "negative": ["guided", 0], "latent_image": ["latent", 0],
-            "seed": seed, "steps": 30, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+            "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
         **save_core(["core", 0]),
-        **ours("flux-kontext", seed, reference_latent=["ref", 0]),
+        **ours("custom", seed, steps=steps, reference_latent=["ref", 0], settings=kontext),
     }
     assert_same(comfy_server, prompt)
 
-    # without the reference the node warns (the preset is for an edit)
+    # without the reference the preset's node warns (the preset is for an edit); denoise 0 samples nothing
     del prompt["ours"]["inputs"]["reference_latent"]
     prompt = {k: v for k, v in prompt.items() if k in text_nodes() or k in ("unet", "settings", "ours", "save_ours")}
+    prompt["settings"]["inputs"].update(preset="flux-kontext", denoise=0.0)
     comfy_server.run(prompt)
     assert "warning: preset flux-kontext without a reference in the conditioning" in comfy_server.log_tail()
+
+
+@pytest.mark.server
+def test_chroma_preset_equals_cfg_with_a_negative_on_ksampler(comfy_server, pack):
+    """chroma: 35 steps, real CFG 5 with the negative, euler / simple on the model's own sampling
+    (ComfyUI's Chroma graph: KSampler, no ModelSamplingFlux, no FluxGuidance); compared with core on
+    one step. Chroma has no guidance input: the preset leaves the conditioning alone, and custom's
+    guidance 0 is what ComfyUI's Chroma reads when none is set."""
+    chroma = {"cfg": 5.0, "sampler_name": "euler", "scheduler": "simple", "shift_mode": "model"}
+    assert_preset_is_custom(pack, "chroma", steps=35, guidance=None, **chroma)
+    seed = 4
+    prompt = {  # the tiny Chroma exists as GGUF only: both graphs sample the model FluxQLoadGGUF loaded
+        **text_nodes(), "unet": tiny_member("chroma"),
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
+        "core": {"class_type": "KSampler", "inputs": {
+            "model": ["unet", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        **save_core(["core", 0]),
+        **ours("custom", seed, steps=1, negative=["neg", 0], settings={**chroma, "guidance": 0.0}),
+    }
+    assert_same(comfy_server, prompt)
 
 
 @pytest.mark.server

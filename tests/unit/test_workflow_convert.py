@@ -246,8 +246,18 @@ def test_inconsistent_workflows_raise_a_clear_error(change, message):
         ui_to_api(graph, OBJECT_INFO)
 
 
-def test_upload_widgets_are_refused_rather_than_misread():
+def test_load_images_upload_button_value_is_skipped():
+    """What the frontend saves for LoadImage (ComfyUI 0.33.0's blueprints: ["example.png", "image"])."""
     info = {"LoadImage": {"input": {"required": {"image": [["example.png"], {"image_upload": True}]}}}}
     workflow = {"nodes": [node(1, "LoadImage", ["example.png", "image"])], "links": []}
+    assert ui_to_api(workflow, info)["1"]["inputs"] == {"image": "example.png"}
+    workflow["nodes"][0]["widgets_values"] = ["example.png"]  # no button value: not what the frontend saves
+    with pytest.raises(WorkflowConvertError, match="widgets_values has 1 values"):
+        ui_to_api(workflow, info)
+
+
+def test_other_upload_widgets_are_refused_rather_than_misread():
+    info = {"LoadVideo": {"input": {"required": {"file": [["clip.mp4"], {"video_upload": True}]}}}}
+    workflow = {"nodes": [node(1, "LoadVideo", ["clip.mp4", "video"])], "links": []}
     with pytest.raises(WorkflowConvertError, match="upload widget"):
         ui_to_api(workflow, info)
