@@ -177,10 +177,16 @@ def test_a_bad_mode_is_refused_naming_the_variable(monkeypatch):
         dequantize_weight(data, QType.Q8_0, (ROWS, COLS), layout, torch.float32)
 
 
-def test_no_compiler_falls_back_to_eager_and_says_so_once(monkeypatch, caplog):
+def test_no_compiler_falls_back_to_eager_and_says_so_once(caplog):
     # What a machine without a C++ compiler (CPU) or without Triton (CUDA) meets: the build fails.
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/fluxq-no-cxx",))
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # a cached kernel needs no compiler
+    # inductor's own patch(): monkeypatch's undo deletes a config it cannot restore by value, which
+    # hides it from every later compile in the process.
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/fluxq-no-cxx",),
+                                "force_disable_caches": True}):  # a cached kernel needs no compiler
+        _fall_back_without_a_compiler(caplog)
+
+
+def _fall_back_without_a_compiler(caplog):
     data, layout, _ = _hostile(QType.Q4_0)
     eager = _eager_weight(data, QType.Q4_0, (ROWS, COLS), layout, torch.float32)
     x = torch.arange(8.0)
