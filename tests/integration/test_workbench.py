@@ -115,3 +115,60 @@ def test_baked_gguf_samples_like_the_runtime_lora(comfy_server, written):
     with pytest.raises(ExecutionFailed, match="validation failed.*gguf_type.*'Q4_K_M'"):
         comfy_server.run(unknown)
     assert not (written[2].parent / "never-written.gguf").exists()
+
+
+FLUX2 = "fluxq-tiny-flux2-dev-Q8_0.gguf"
+FLUX2_LORA = "fluxq-tiny-flux2-lora.safetensors"
+
+
+@pytest.fixture()
+def flux2_written(models_dir):
+    paths = [models_dir / "loras" / "fluxq-test-flux2-merged.safetensors",
+             models_dir / "diffusion_models" / "fluxq-test-flux2-baked-Q8_0.gguf",
+             models_dir / "loras" / "fluxq-test-flux2-resized.safetensors"]
+    for path in paths:
+        assert not path.exists(), f"{path} left over from an earlier run"
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
+    """The workbench on a FLUX.2 member (hidden 128: ComfyUI 0.33.0): a merged LoRA has the effect
+    of its parts in the pack and in core, a resize writes the rank asked for, and a bake samples
+    like the runtime LoRA."""
+    version = tuple(int(p) for p in comfy_server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
+    if version < (0, 33, 0):
+        pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 FLUX.2 tiny model (refusal: test_flux_family_server)")
+    merged, baked, resized = (p.name for p in flux2_written)
+    base = {**common(FLUX2), "latent": {"class_type": "EmptyFlux2LatentImage",
+                                        "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    base["guid"]["inputs"]["guidance"] = 4.0
+    merge = {"merge": {"class_type": "FluxQMergeLoRAs", "inputs": {
+        "model": ["gguf", 0], "lora_1": FLUX2_LORA, "weight_1": 0.7, "lora_2": FLUX2_LORA, "weight_2": -0.4,
+        "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "exact (concatenate ranks)",
+        "rank": 32, "save_name": merged, "save_dtype": "float32", "overwrite": False}},
+        "resize": {"class_type": "FluxQResizeLoRA", "inputs": {
+            "model": ["gguf", 0], "lora_name": FLUX2_LORA, "mode": "fixed rank", "rank": 2, "kept_fraction": 0.9,
+            "save_name": resized, "save_dtype": "bfloat16", "overwrite": False}}}
+    history = comfy_server.run({**base, **merge})
+    assert "mean 0," in history["outputs"]["merge"]["text"][0]  # exact: no error in any layer
+    assert "rank 2" in history["outputs"]["resize"]["text"][0]
+    lora = apply("lora", ["gguf", 0], FLUX2_LORA, 0.3)  # 0.7 - 0.4: what the merge sums to
+    prompt = {
+        **base, **lora, **apply("merged", ["gguf", 0], merged, 1.0),
+        "core": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["gguf", 0], "lora_name": merged,
+                                                                 "strength_model": 1.0}},
+        "bake": {"class_type": "FluxQSaveGGUF", "inputs": {
+            "model": ["lora", 0], "gguf_type": "Q8_0", "save_name": baked, "overwrite": False}},
+        **one_step(["gguf", 0], "base"), **one_step(["lora", 0], "runtime"), **one_step(["merged", 0], "merged"),
+        **one_step(["core", 0], "core"), **one_step(["bake", 0], "baked"),
+    }
+    history = comfy_server.run(prompt)
+    latent = {n: saved_latent(comfy_server, history, f"{n}_save") for n in ("base", "runtime", "merged", "core", "baked")}
+    effect = torch.linalg.norm(latent["runtime"] - latent["base"])
+    assert effect > 1e-3
+    torch.testing.assert_close(latent["merged"], latent["runtime"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latent["core"], latent["runtime"], rtol=2e-4, atol=2e-4)
+    assert torch.linalg.norm(latent["baked"] - latent["runtime"]) < 0.05 * effect
+    assert "0 keys unmatched" in history["outputs"]["merged"]["text"][0]
