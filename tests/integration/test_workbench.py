@@ -125,7 +125,8 @@ FLUX2_LORA = "fluxq-tiny-flux2-lora.safetensors"
 def flux2_written(models_dir):
     paths = [models_dir / "loras" / "fluxq-test-flux2-merged.safetensors",
              models_dir / "diffusion_models" / "fluxq-test-flux2-baked-Q8_0.gguf",
-             models_dir / "loras" / "fluxq-test-flux2-resized.safetensors"]
+             models_dir / "loras" / "fluxq-test-flux2-resized.safetensors",
+             models_dir / "loras" / "fluxq-test-flux2-extracted.safetensors"]
     for path in paths:
         assert not path.exists(), f"{path} left over from an earlier run"
     yield paths
@@ -135,12 +136,12 @@ def flux2_written(models_dir):
 
 def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
     """The workbench on a FLUX.2 member (hidden 128: ComfyUI 0.33.0): a merged LoRA has the effect
-    of its parts in the pack and in core, a resize writes the rank asked for, and a bake samples
-    like the runtime LoRA."""
+    of its parts in the pack and in core, a resize writes the rank asked for, a bake samples like
+    the runtime LoRA, and extracting the baked file against its base gives that LoRA back."""
     version = tuple(int(p) for p in comfy_server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
     if version < (0, 33, 0):
         pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 FLUX.2 tiny model (refusal: test_flux_family_server)")
-    merged, baked, resized = (p.name for p in flux2_written)
+    merged, baked, resized, extracted = (p.name for p in flux2_written)
     base = {**common(FLUX2), "latent": {"class_type": "EmptyFlux2LatentImage",
                                         "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
     base["guid"]["inputs"]["guidance"] = 4.0
@@ -172,3 +173,13 @@ def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
     torch.testing.assert_close(latent["core"], latent["runtime"], rtol=2e-4, atol=2e-4)
     assert torch.linalg.norm(latent["baked"] - latent["runtime"]) < 0.05 * effect
     assert "0 keys unmatched" in history["outputs"]["merged"]["text"][0]
+
+    # extracting baked minus base gives the LoRA back, up to the re-quantization (Q8_0 both)
+    extract = {"extract": {"class_type": "FluxQExtractLoRA", "inputs": {
+        "base_model": FLUX2, "tuned_model": baked, "rank": 8, "kept_fraction": 1.0, "save_name": extracted,
+        "save_dtype": "float32", "overwrite": False}}}
+    comfy_server.run({**base, **extract})
+    history = comfy_server.run({**base, **apply("extracted", ["gguf", 0], extracted, 1.0),
+                                **one_step(["extracted", 0], "extracted")})
+    from_extract = saved_latent(comfy_server, history, "extracted_save")
+    assert torch.linalg.norm(from_extract - latent["runtime"]) < 0.1 * effect
