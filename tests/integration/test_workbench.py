@@ -38,15 +38,19 @@ def apply(node_id, model_ref, lora, strength):
         "model": model_ref, "lora_name": lora, "strength_model": strength, "strength_clip": 1.0}}}
 
 
-@pytest.fixture(scope="module")
-def written(models_dir):
-    """Files the nodes write into the server's first model folders, removed afterwards."""
-    paths = [models_dir / "loras" / MERGED, models_dir / "loras" / RESIZED, models_dir / "diffusion_models" / BAKED]
+def removed_afterwards(paths):
+    """Files the nodes write into the server's first model folders: none there before, removed after."""
     for path in paths:
         assert not path.exists(), f"{path} left over from an earlier run"
     yield paths
     for path in paths:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def written(models_dir):
+    yield from removed_afterwards([models_dir / "loras" / MERGED, models_dir / "loras" / RESIZED,
+                                   models_dir / "diffusion_models" / BAKED])
 
 
 def test_merged_lora_has_the_effect_of_its_parts_in_core_and_in_the_pack(comfy_server, written):
@@ -123,15 +127,10 @@ FLUX2_LORA = "fluxq-tiny-flux2-lora.safetensors"
 
 @pytest.fixture()
 def flux2_written(models_dir):
-    paths = [models_dir / "loras" / "fluxq-test-flux2-merged.safetensors",
-             models_dir / "diffusion_models" / "fluxq-test-flux2-baked-Q8_0.gguf",
-             models_dir / "loras" / "fluxq-test-flux2-resized.safetensors",
-             models_dir / "loras" / "fluxq-test-flux2-extracted.safetensors"]
-    for path in paths:
-        assert not path.exists(), f"{path} left over from an earlier run"
-    yield paths
-    for path in paths:
-        path.unlink(missing_ok=True)
+    yield from removed_afterwards([models_dir / "loras" / "fluxq-test-flux2-merged.safetensors",
+                                   models_dir / "diffusion_models" / "fluxq-test-flux2-baked-Q8_0.gguf",
+                                   models_dir / "loras" / "fluxq-test-flux2-resized.safetensors",
+                                   models_dir / "loras" / "fluxq-test-flux2-extracted.safetensors"])
 
 
 def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
