@@ -101,6 +101,11 @@ def load_latent(path: Path):
     return load_file(str(path))["latent_tensor"]
 
 
+def comfyui_version(server) -> tuple[int, ...]:
+    """The (major, minor, patch) of the ComfyUI a real server runs, as its /system_stats says."""
+    return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
+
+
 def expect_error(server, prompt, *fragments) -> str:
     """Runs ``prompt`` on the real server, expecting its execution_error to hold every fragment."""
     import pytest

@@ -10,17 +10,13 @@ import numpy as np
 import pytest
 import torch
 from comfy_server import ExecutionFailed
-from fluxq_testing import TINY, dequantized_state_dict, saved_latent
+from fluxq_testing import TINY, comfyui_version, dequantized_state_dict, saved_latent
 from safetensors.torch import load_file, save_file
 
 F16 = TINY["dev_gguf"]["F16"]
 KLEIN = "fluxq-tiny-flux2-klein-4b-Q8_0.gguf"
 BLOCK_KEY = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_")
 STRENGTH = 0.8
-
-
-def comfyui_version(server) -> tuple[int, ...]:
-    return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
 
 
 def per_block(lora: dict, weights: dict[str, float]) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxq_testing import TINY, dequantized_state_dict, expect_error, saved_latent
+from fluxq_testing import TINY, comfyui_version, dequantized_state_dict, expect_error, saved_latent
 
 MEMBERS = {
     # member id -> (latent node, its channels, guidance or None, steps, label on the node)
@@ -21,10 +21,6 @@ MEMBERS = {
 
 def tiny_member(member_id):
     return f"fluxq-tiny-{member_id}-Q8_0.gguf"
-
-
-def comfyui_version(server) -> tuple[int, ...]:
-    return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
 
 
 def needs_0_33(server):

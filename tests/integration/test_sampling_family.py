@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fluxq_testing import TINY, saved_latent
+from fluxq_testing import TINY, comfyui_version, saved_latent
 
 W, H = 32, 48  # not square: the size-dependent shifts count
 
@@ -252,8 +252,7 @@ def tiny_member(member_id: str) -> dict:
 
 
 def needs_0_33(server):
-    version = tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
-    if version < (0, 33, 0):
+    if comfyui_version(server) < (0, 33, 0):
         pytest.skip("ComfyUI 0.3.75 cannot build the 128-wide tiny FLUX.2 / Fill models (its detection fixes the "
                     "heads); the loader's refusal is tested in test_flux_family.py")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_server import ExecutionFailed
-from fluxq_testing import TINY, saved_latent
+from fluxq_testing import TINY, comfyui_version, saved_latent
 from safetensors import safe_open
 
 RED = (220, 30, 30)
@@ -33,10 +33,6 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fluxq_train.py"
 
 def tiny_member(member_id):
     return f"fluxq-tiny-{member_id}-Q8_0.gguf"
-
-
-def comfyui_version(server) -> tuple[int, ...]:
-    return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
 
 
 def train_graph(member_id, vae_name, latent_node, train_steps, sample_steps, guidance, lora_name, **train_extra):
@@ -180,12 +176,17 @@ def assert_diffusers_flux2_conversion_gives_the_same_update(path, ours: dict[str
         torch.testing.assert_close(theirs(module), want, rtol=1e-4, atol=1e-7)
 
 
+def training_only(member_id, latent_node, lora_name):
+    """The loaders and the trainer of ``train_graph`` (one step), without the sampling around them."""
+    graph = train_graph(member_id, TINY["vae"], latent_node, 1, 1, None, lora_name)
+    return {k: v for k, v in graph.items() if k in ("model", "clip", "vae", "train")}
+
+
 @pytest.mark.server
 def test_fill_is_refused_for_training_naming_why(comfy_server):
     if comfyui_version(comfy_server) < (0, 33, 0):
         pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 Fill tiny model")
-    graph = {k: v for k, v in train_graph("flux1-fill-dev", TINY["vae"], "EmptySD3LatentImage", 1, 1, None,
-                                          "fill_refused").items() if k in ("model", "clip", "vae", "train")}
+    graph = training_only("flux1-fill-dev", "EmptySD3LatentImage", "fill_refused")
     (comfy_server.input_dir / "red_set").mkdir(exist_ok=True)
     with pytest.raises(ExecutionFailed) as failure:
         comfy_server.run(graph)
@@ -197,8 +198,7 @@ def test_klein_training_says_train_on_base_and_warns_on_the_distilled_preset(com
     """Through the server log: the note always, the warning when the samples' preset is the distilled one."""
     if comfyui_version(comfy_server) < (0, 33, 0):
         pytest.skip("ComfyUI 0.3.75 cannot load klein")
-    graph = {k: v for k, v in train_graph("flux2-klein-4b", TINY["vae"], "EmptyFlux2LatentImage", 1, 1, None,
-                                          "klein_note").items() if k in ("model", "clip", "vae", "train")}
+    graph = training_only("flux2-klein-4b", "EmptyFlux2LatentImage", "klein_note")
     graph["settings"] = {"class_type": "FluxQSamplerSettings", "inputs": {
         "preset": "flux2-klein-distilled", "steps": 4, "guidance": 3.5, "sampler_name": "euler", "scheduler": "simple",
         "shift_mode": "auto", "shift": 1.0, "width": 64, "height": 64, "denoise": 1.0, "cfg": 1.0}}

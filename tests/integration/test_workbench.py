@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comfy_server import ExecutionFailed
-from fluxq_testing import TINY, saved_latent
+from fluxq_testing import TINY, comfyui_version, saved_latent
 
 Q8 = TINY["dev_gguf"]["Q8_0"]
 MERGED = "fluxq-test-merged.safetensors"
@@ -137,8 +137,7 @@ def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
     """The workbench on a FLUX.2 member (hidden 128: ComfyUI 0.33.0): a merged LoRA has the effect
     of its parts in the pack and in core, a resize writes the rank asked for, a bake samples like
     the runtime LoRA, and extracting the baked file against its base gives that LoRA back."""
-    version = tuple(int(p) for p in comfy_server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
-    if version < (0, 33, 0):
+    if comfyui_version(comfy_server) < (0, 33, 0):
         pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 FLUX.2 tiny model (refusal: test_flux_family_server)")
     merged, baked, resized, extracted = (p.name for p in flux2_written)
     base = {**common(FLUX2), "latent": {"class_type": "EmptyFlux2LatentImage",

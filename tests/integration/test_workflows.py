@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fluxq_testing import comfyui_version
 from PIL import Image
 
 from lora_ops.flux_family import PRESET_NAMES
@@ -165,10 +166,6 @@ def test_ui_workflow_converts_to_exactly_its_api_twin(name, object_info):
 @pytest.mark.server
 def test_ui_workflows_are_served_as_templates(server):
     assert sorted(server.get("/workflow_templates")[PACK_FOLDER]) == NAMES
-
-
-def comfyui_version(server) -> tuple[int, ...]:
-    return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
 
 
 def input_problems(prompt: dict, object_info: dict) -> list[str]:
