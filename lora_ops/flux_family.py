@@ -28,6 +28,10 @@ from .errors import user_facing
 # Generations: LoRAs are compatible only within one (same block layout and module names).
 FLUX1, FLUX2, CHROMA = "FLUX.1", "FLUX.2", "Chroma"
 BASE_MODEL_VERSIONS = MappingProxyType({FLUX1: "flux1", FLUX2: "flux2", CHROMA: "chroma"})
+# kohya's ``ss_network_module`` per generation: sd-scripts' FLUX.1 module (its Chroma mode trains the
+# same module names), musubi-tuner's FLUX.2 one.
+NETWORK_MODULES = MappingProxyType({FLUX1: "networks.lora_flux", FLUX2: "networks.lora_flux_2",
+                                    CHROMA: "networks.lora_flux"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,11 @@ class Member:
     def base_model_version(self) -> str:
         """kohya's ``ss_base_model_version`` for LoRAs trained on this member."""
         return BASE_MODEL_VERSIONS[self.generation]
+
+    @property
+    def network_module(self) -> str:
+        """kohya's ``ss_network_module`` for LoRAs trained on this member."""
+        return NETWORK_MODULES[self.generation]
 
 
 # From this ComfyUI on, detection derives the head count from the width (hidden // 128); 0.3.75

@@ -49,12 +49,14 @@ class LoraFactors:
 def lora_metadata(
     *, base_model: str, rank: int, alpha: float, steps: int, trigger_word: str,
     image_count: int, resolution: int, run_id: str, base_model_version: str = "flux1",
+    network_module: str = "networks.lora_flux",
 ) -> dict[str, str]:
     """kohya's `ss_*` keys (read by kohya, A1111/Forge and model sites), the modelspec trigger, and
     the training run the file belongs to (pruning and name clashes go by run, not by file name).
-    ``base_model`` / ``base_model_version``: the FLUX family member's (``flux_family.Member``)."""
+    ``base_model`` / ``base_model_version`` / ``network_module``: the FLUX family member's
+    (``flux_family.Member``)."""
     return {
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": network_module,
         "ss_base_model_version": base_model_version,
         "ss_sd_model_name": base_model,
         "ss_network_dim": str(rank),

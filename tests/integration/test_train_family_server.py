@@ -116,6 +116,7 @@ def test_each_member_learns_a_flat_colour_and_saves_a_lora_core_loads(comfy_serv
         member = BY_ID[member_id]
         assert metadata["ss_sd_model_name"] == member.base_model
         assert metadata["ss_base_model_version"] == member.base_model_version
+        assert metadata["ss_network_module"] == member.network_module
         # kohya names of the member's block linears (FLUX.2: fused qkv, SwiGLU mlp; modulation is global)
         modules = {k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
         assert "lora_unet_double_blocks_0_img_attn_qkv" in modules and "lora_unet_single_blocks_0_linear1" in modules

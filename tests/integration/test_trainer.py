@@ -438,7 +438,6 @@ def test_a_new_run_under_a_used_name_is_refused_unless_replacing_and_then_keeps_
         comfy_libs, clip_vae, folders):
     """Run 1 (6 steps, save every 2, keep 2) leaves steps 2 and 4; run 2 under the same name,
     cancelled at step 1, used to lose its step 1 to keep_last (run 1's higher numbers won)."""
-    import comfy.model_management
 
     clip, vae = clip_vae
     inputs, loras = folders

@@ -176,6 +176,9 @@ def test_metadata_names_the_family_member_from_the_registry():
     from lora_ops.flux_family import BY_ID
 
     klein = BY_ID["flux2-klein-4b"]
-    md = meta(base_model=klein.base_model, base_model_version=klein.base_model_version)
+    md = meta(base_model=klein.base_model, base_model_version=klein.base_model_version,
+              network_module=klein.network_module)
     assert md["ss_sd_model_name"] == "flux2-klein-4b" and md["ss_base_model_version"] == "flux2"
-    assert meta()["ss_base_model_version"] == "flux1"  # callers that name no member: FLUX.1, as before
+    assert md["ss_network_module"] == "networks.lora_flux_2"  # musubi-tuner's FLUX.2 module
+    # callers that name no member: FLUX.1, as before
+    assert meta()["ss_base_model_version"] == "flux1" and meta()["ss_network_module"] == "networks.lora_flux"
