@@ -22,13 +22,15 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 BASE_TOKENS, BASE_SHIFT = 256, 0.5
 MAX_TOKENS, MAX_SHIFT = 4096, 1.15
 # The timestep shift of each family (flux_family.Member.train_shift): FLUX.1's line above over 2x2
-# patches; FLUX.2's empirical mu over its 1x1 patches (ComfyUI's Flux2Scheduler); Chroma's fixed mu
-# (ComfyUI samples Chroma with ModelSamplingFlux's default shift, its sampling_settings set none).
+# patches; FLUX.2's the same line over its own tokens, one per pixel of the /16 latent (kohya's
+# musubi-tuner, `--timestep_sampling flux2_shift` in src/musubi_tuner/hv_train_network.py:
+# get_lin_function(y1=0.5, y2=1.15)(h * w)). Not ComfyUI's Flux2Scheduler mu: that one depends on
+# the sampling step count, which training does not have, and no public FLUX.2 trainer uses it
+# (ai-toolkit and diffusers' train_dreambooth_lora_flux2.py draw t without a resolution shift by
+# default). Chroma's fixed mu: ComfyUI samples Chroma with ModelSamplingFlux's default shift (its
+# sampling_settings set none).
 SHIFT_SCHEDULES = ("flux1", "flux2", "chroma")
 CHROMA_MU = 1.15
-# Flux2Scheduler's mu also depends on the sampling step count (below 4300 tokens); training has no
-# step count, so it uses the scheduler's default (and the FLUX.2 [dev] blueprint's) 20 steps.
-FLUX2_MU_STEPS = 20
 
 
 def image_token_count(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
@@ -41,26 +43,12 @@ def flux_shift_mu(image_tokens: int) -> float:
     return BASE_SHIFT + slope * (image_tokens - BASE_TOKENS)
 
 
-def flux2_empirical_mu(image_tokens: int, num_steps: int) -> float:
-    """ComfyUI 0.33.0 comfy_extras/nodes_flux.py compute_empirical_mu (FLUX.2's reference code):
-    mu on lines fitted at 10 and 200 steps, interpolated in the step count; above 4300 tokens the
-    200-step line alone."""
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
-    m_200 = a2 * image_tokens + b2
-    if image_tokens > 4300:
-        return float(m_200)
-    m_10 = a1 * image_tokens + b1
-    a = (m_200 - m_10) / 190.0
-    return float(a * num_steps + m_200 - 200.0 * a)
-
-
 def schedule_mu(schedule: str, latent_height: int, latent_width: int) -> float:
     """The timestep shift mu of family schedule `schedule` (SHIFT_SCHEDULES) for a latent of this size."""
     if schedule == "flux1":
         return flux_shift_mu(image_token_count(latent_height, latent_width))
     if schedule == "flux2":
-        return flux2_empirical_mu(image_token_count(latent_height, latent_width, patch_size=1), FLUX2_MU_STEPS)
+        return flux_shift_mu(image_token_count(latent_height, latent_width, patch_size=1))
     if schedule == "chroma":
         return CHROMA_MU
     raise ValueError(f"unknown shift schedule {schedule!r}; expected one of {SHIFT_SCHEDULES}")

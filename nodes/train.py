@@ -54,7 +54,7 @@ class FluxQTrainLoRA(io.ComfyNode):
                 io.Float.Input("caption_dropout", default=0.05, min=0.0, max=1.0, step=0.01),
                 io.Combo.Input("timestep_sampling", options=list(fm.TIMESTEP_SCHEMES), default="shift",
                                tooltip="shift: logit-normal with the model family's shift (FLUX.1: resolution-dependent; "
-                                       "FLUX.2: Flux2Scheduler's; Chroma: fixed); uniform: t ~ U(0, 1)."),
+                                       "FLUX.2: the same line over its own tokens; Chroma: fixed); uniform: t ~ U(0, 1)."),
                 io.Boolean.Input("gradient_checkpointing", default=True),
                 io.String.Input("layer_regex", default="", tooltip="Only train layers whose path matches, e.g. ^double_blocks\\. (empty: all block linears)."),
                 io.Int.Input("save_every", default=250, min=0, max=100000, tooltip="Checkpoint every N steps (0: only at the end)."),

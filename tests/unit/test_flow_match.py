@@ -194,33 +194,15 @@ def test_prior_preservation_loss_and_step_are_the_instance_and_weighted_class_te
     assert fm.prior_preservation_loss(torch.tensor(2.0), torch.tensor(3.0), 0.5) == 3.5
 
 
-def comfy_compute_empirical_mu(image_seq_len, num_steps):
-    # comfy_extras/nodes_flux.py, ComfyUI 0.33.0 (Flux2Scheduler's mu), verbatim formula
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
-    if image_seq_len > 4300:
-        return float(a2 * image_seq_len + b2)
-    m_200 = a2 * image_seq_len + b2
-    m_10 = a1 * image_seq_len + b1
-    a = (m_200 - m_10) / 190.0
-    b = m_200 - 200.0 * a
-    return float(a * num_steps + b)
-
-
-@pytest.mark.parametrize("tokens,steps", [(16, 20), (1024, 4), (4096, 20), (4096, 50), (4300, 20), (4301, 20),
-                                          (16384, 28)])
-def test_flux2_mu_is_flux2_schedulers(tokens, steps):
-    assert fm.flux2_empirical_mu(tokens, steps) == pytest.approx(comfy_compute_empirical_mu(tokens, steps), abs=1e-12)
-
-
 def test_each_family_schedule_counts_its_own_tokens():
     # FLUX.1: 2x2 patches of a /8 latent, exactly today's mu (its training stays bit-identical)
     assert fm.schedule_mu("flux1", 64, 48) == fm.flux_shift_mu(fm.image_token_count(64, 48))
-    # FLUX.2: one token per /16 latent pixel, Flux2Scheduler's mu at its default 20 steps; a 1024²
-    # image is 64x64 latent = 4096 tokens -> 2.20 (the shared FLUX_FAMILY notes' figure)
-    assert fm.schedule_mu("flux2", 64, 64) == pytest.approx(comfy_compute_empirical_mu(4096, 20))
-    assert fm.schedule_mu("flux2", 64, 64) == pytest.approx(2.20, abs=0.005)
-    assert fm.schedule_mu("flux2", 4, 6) == pytest.approx(comfy_compute_empirical_mu(24, 20))
+    # FLUX.2: the same line over one token per /16 latent pixel, as musubi-tuner's flux2_shift
+    # (mu = lin(y1=0.5, y2=1.15)(h * w)): a 1024² image is a 64x64 latent = 4096 tokens -> 1.15,
+    # where FLUX.1's 2x2 patches of its 128x128 latent give the same 4096 tokens
+    assert fm.schedule_mu("flux2", 64, 64) == pytest.approx(1.15) == fm.schedule_mu("flux1", 128, 128)
+    assert fm.schedule_mu("flux2", 16, 16) == pytest.approx(0.5)  # 256 tokens: the line's other end
+    assert fm.schedule_mu("flux2", 4, 6) == pytest.approx(0.5 + 0.65 / 3840 * (24 - 256))
     # Chroma: ComfyUI's ModelSamplingFlux default (Chroma's sampling_settings set no shift), any size
     assert fm.schedule_mu("chroma", 8, 8) == fm.schedule_mu("chroma", 128, 128) == 1.15
     with pytest.raises(ValueError, match="shift schedule"):
