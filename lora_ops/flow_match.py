@@ -27,7 +27,9 @@ MAX_TOKENS, MAX_SHIFT = 4096, 1.15
 SHIFT_SCHEDULES = ("flux1", "flux2", "chroma")
 CHROMA_MU = 1.15
 # Flux2Scheduler's mu also depends on the sampling step count (below 4300 tokens); training has no
-# step count, so it uses the scheduler's default (and the FLUX.2 [dev] blueprint's) 20 steps.
+# step count, so it uses the scheduler's default (and the FLUX.2 [dev] blueprint's) 20 steps. Trained
+# on the sigmas ComfyUI samples FLUX.2 with; musubi-tuner's `flux2_shift` puts FLUX.1's line over the
+# same tokens instead (mu 1.15 at 1024², here 2.20): `timestep_sampling` uniform drops the shift.
 FLUX2_MU_STEPS = 20
 
 

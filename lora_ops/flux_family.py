@@ -158,7 +158,10 @@ MEMBERS: tuple[Member, ...] = (
     Member(id="flux2-dev", label="FLUX.2 [dev]", requires=_frozen({"guidance_embed": True}), hidden_size=6144,
            double_blocks=8, single_blocks=48, context_dim=15360, guidance=True, base_model="flux2-dev",
            tiny=_frozen({**_TINY_FLUX2, "guidance_embed": True}), **_FLUX2_COMMON,
-           # guidance-distilled like FLUX.1 [dev]: trained at 1.0 as dev is
+           # guidance-distilled like FLUX.1 [dev]: trained at 1.0 as dev is; so do musubi-tuner
+           # (src/musubi_tuner/flux_2_train_network.py: "use 1.0 as guidance scale for FLUX.2 non-base
+           # training") and ai-toolkit (guidance embedding = train cfg_scale, default 1.0); diffusers'
+           # train_dreambooth_lora_flux2.py defaults to 3.5 (its help text is FLUX.1's)
            train_guidance=1.0, train_preset="flux2-dev", text_encoder="flux2"),
     Member(id="flux2-klein-4b", label="FLUX.2 [klein] 4B", requires=_frozen({"guidance_embed": False}),
            hidden_size=3072, double_blocks=5, single_blocks=20, context_dim=7680, guidance=False,

@@ -106,6 +106,13 @@ def comfyui_version(server) -> tuple[int, ...]:
     return tuple(int(p) for p in server.get("/system_stats")["system"]["comfyui_version"].split(".")[:3])
 
 
+def comfyui_is_0_33() -> bool:
+    """Whether the ComfyUI imported in this process (the in-process tests') is 0.33 or newer."""
+    import comfyui_version
+
+    return tuple(int(p) for p in comfyui_version.__version__.split(".")[:2]) >= (0, 33)
+
+
 def expect_error(server, prompt, *fragments) -> str:
     """Runs ``prompt`` on the real server, expecting its execution_error to hold every fragment."""
     import pytest

@@ -19,9 +19,18 @@ from .loading import load_flux_gguf
 # --- training --------------------------------------------------------------------------
 
 def load_for_training(model) -> torch.device:
-    """Loads only the transformer, fully (the text encoders and VAE are done, so ComfyUI may
-    evict them); returns the device it runs on."""
-    comfy.model_management.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+    """Loads the transformer, fully, and evicts every other model ComfyUI holds on its device: the
+    captions and images are encoded before (the VAE comes back only for a sample), so during the
+    steps the transformer is the only model resident (FLUX.2 [dev]'s 24 B text encoder is not).
+    Returns the device it runs on.
+
+    load_models_gpu's memory_required=1e20 asks ComfyUI to free everything else, but it frees
+    nothing on the CPU, and 0.33's dynamic models are kept when the model loaded is dynamic too:
+    the eviction is asked for by name, keeping the transformer (it stays, no reload)."""
+    mm = comfy.model_management
+    mm.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+    keep = [loaded for loaded in mm.current_loaded_models if loaded.model is model]
+    mm.free_memory(1e30, model.load_device, keep_loaded=keep)
     return model.load_device
 
 

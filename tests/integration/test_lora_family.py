@@ -18,16 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxq_testing import dequantized_state_dict, runtime_update
+from fluxq_testing import comfyui_is_0_33, dequantized_state_dict, runtime_update
 
 RANK = 4
 STRENGTH = 0.8
-
-
-def comfyui_is_0_33():
-    import comfyui_version
-
-    return tuple(int(p) for p in comfyui_version.__version__.split(".")[:2]) >= (0, 33)
 
 
 @pytest.fixture(scope="module")

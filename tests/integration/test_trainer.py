@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 import torch
-from fluxq_testing import node_class_for_prompt
+from fluxq_testing import comfyui_is_0_33, node_class_for_prompt
 from make_tiny_models import flux_params
 from PIL import Image
 from safetensors import safe_open
@@ -734,6 +734,57 @@ def test_lora_dropout_changes_the_training_and_is_off_by_default(comfy_libs, cli
     plain, default, dropped = (factors_of(loras / f"{n}.safetensors") for n in ("plain", "default", "dropped"))
     assert all(torch.equal(plain[k], default[k]) for k in plain)
     assert any(not torch.allclose(plain[k], dropped[k]) for k in plain if "lora_up" in k)
+
+
+def test_during_the_steps_comfyui_holds_the_transformer_alone(comfy_libs, clip_vae, folders):
+    """The text encoder and the VAE encode everything before the first step, then leave: in every
+    step's forward ComfyUI's loaded models are the transformer alone (FLUX.2 [dev]'s 24 B encoder
+    must not share the card with its 32 B transformer). ComfyUI tracks the CPU's models too."""
+    import comfy.model_management
+
+    def loaded_models():
+        return [loaded.model for loaded in comfy.model_management.current_loaded_models]
+
+    clip, vae = clip_vae
+    inputs, _ = folders
+    write_dataset(inputs, ["red", "blue"])
+    model = narrow_flux()
+    with torch.inference_mode():
+        clip.encode_from_tokens(clip.tokenize("an encoder loaded before training"))
+    assert clip.patcher in loaded_models()  # what has to leave
+    seen = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(lambda module, args: seen.append(loaded_models()))
+    try:
+        train(comfy_libs, node_args(model, clip, vae, lora_name="alone", steps=2))
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and all(loaded == [model] for loaded in seen), seen
+
+
+def test_flux2_blocks_are_recomputed_in_backward_and_train_as_when_kept(comfy_libs, folders, models_dir, monkeypatch):
+    """gradient_checkpointing wraps each double and single block of a FLUX.2 model (klein; FLUX.2
+    [dev] has the same blocks) in activation checkpointing, once per block in a step's forward, and
+    the LoRA comes out as with the activations kept."""
+    if not comfyui_is_0_33():
+        pytest.skip("ComfyUI 0.3.75 cannot load klein (the refusal: test_flux_family_server.py)")
+    glue = comfy_libs.glue
+    clip = glue.load_text_encoders(str(models_dir / "text_encoders" / TINY_CLIP_L), None, "flux1")
+    vae = glue.load_vae(str(models_dir / "vae" / "fluxq-tiny-flux2-ae.safetensors"))
+    inputs, loras = folders
+    write_dataset(inputs, ["stripes"])
+    checkpointed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda run, *args, **kwargs: checkpointed.append(run) or checkpoint(run, *args, **kwargs))
+    for name, on in (("kept", False), ("recomputed", True)):
+        model = glue.load_diffusion_model(str(models_dir / "diffusion_models" / "fluxq-tiny-flux2-klein-4b-Q8_0.gguf"))
+        train(comfy_libs, node_args(model, clip, vae, lora_name=name, steps=1, gradient_checkpointing=on))
+    blocks = model.model.diffusion_model
+    assert len(checkpointed) == len(blocks.double_blocks) + len(blocks.single_blocks)
+    kept, recomputed = (factors_of(loras / f"{name}.safetensors") for name in ("kept", "recomputed"))
+    assert kept.keys() == recomputed.keys() and any(kept[k].abs().max() > 0 for k in kept if "lora_up" in k)
+    for key in kept:
+        torch.testing.assert_close(recomputed[key], kept[key], rtol=1e-5, atol=1e-7)
 
 
 def test_samples_appear_at_exactly_the_configured_steps_on_the_node_and_in_output(comfy_libs, clip_vae, work_folders,

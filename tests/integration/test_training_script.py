@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fluxq_testing import comfyui_is_0_33
 from test_trainer import (  # noqa: F401  (clip_vae, comfy_libs, folders are fixtures)
+    TINY_CLIP_L,
     TINY_DEV_Q8,
     clip_vae,
     comfy_libs,
@@ -62,33 +64,58 @@ def assert_same_lora(a: Path, b: Path, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(ta[key], tb[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
-def test_two_ranks_train_like_one_process_with_the_global_batch_and_one_process_resumes(comfy_libs, clip_vae, folders, tmp_path):
+# klein through the script's own loaders (its files; the tiny klein reads CLIP-L's width), the node
+# run in-process on the same loaders' models
+KLEIN_FILES = dict(model="fluxq-tiny-flux2-klein-4b-Q8_0.gguf", clip=TINY_CLIP_L, clip_type="flux1",
+                   vae="fluxq-tiny-flux2-ae.safetensors")
+
+
+def member_models(member, comfy_libs, clip_vae, models_dir):
+    """(script, the script's model settings, a fresh model per call, clip, vae) of one member."""
+    if member == "flux1":
+        return NARROW_SCRIPT, {}, narrow_flux, *clip_vae
+    if not comfyui_is_0_33():
+        pytest.skip("ComfyUI 0.3.75 cannot load klein (the refusal: test_flux_family_server.py)")
+    glue = comfy_libs.glue  # the script's loaders, as its load_models calls them
+    clip = glue.load_text_encoders(str(models_dir / "text_encoders" / TINY_CLIP_L), None, "flux1")
+    vae = glue.load_vae(str(models_dir / "vae" / KLEIN_FILES["vae"]))
+
+    def model():
+        return glue.load_diffusion_model(str(models_dir / "diffusion_models" / KLEIN_FILES["model"]))
+
+    return SCRIPT, KLEIN_FILES, model, clip, vae
+
+
+@pytest.mark.parametrize("member", ["flux1", "klein"])
+def test_two_ranks_train_like_one_process_with_the_global_batch_and_one_process_resumes(
+        comfy_libs, clip_vae, folders, models_dir, tmp_path, member):
     """2 ranks x batch 1 x accumulation 2 == 1 process x batch 2 x accumulation 2; the 2-rank step
-    checkpoint resumed by the node in one process ends where the 2-rank run ended."""
+    checkpoint resumed by the node in one process ends where the 2-rank run ended. FLUX.1 (a narrow
+    model handed to the script) and klein (FLUX.2's conditioning path, loaded from its files)."""
     from lora_ops.lora_checkpoint import load_train_state
 
-    clip, vae = clip_vae
+    script, files, new_model, clip, vae = member_models(member, comfy_libs, clip_vae, models_dir)
     inputs, loras = folders
     write_dataset(inputs, ["red", "green", "blue", "stripes"])
     # SGD: its update is proportional to the gradient, so a rank's gradient counted twice or
     # not averaged shows (Adam's first steps are about +-lr whatever the gradient's scale)
     settings = dict(SETTINGS, steps=4, batch_size=1, gradient_accumulation=2, save_every=2, lora_name="ddp",
                     optimizer="sgd", learning_rate=0.05)
-    done = subprocess.run(script_command(NARROW_SCRIPT, settings, tmp_path, inputs, loras, ranks=2),
+    done = subprocess.run(script_command(script, dict(settings, **files), tmp_path, inputs, loras, ranks=2),
                           env=script_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert sorted(os.listdir(loras)) == ["ddp.safetensors", "ddp.trainstate",
                                          "ddp_step000002.safetensors", "ddp_step000002.trainstate"]
 
     one = dict(settings, batch_size=2, save_every=0)
-    train(comfy_libs, node_args(narrow_flux(), clip, vae, **dict(one, lora_name="single")))
+    train(comfy_libs, node_args(new_model(), clip, vae, **dict(one, lora_name="single")))
     assert_same_lora(loras / "ddp.safetensors", loras / "single.safetensors")
     ddp_losses = load_train_state(str(loras / "ddp.safetensors"))[0].loss_history
     single_losses = load_train_state(str(loras / "single.safetensors"))[0].loss_history
     assert len(ddp_losses) == 4 and ddp_losses == pytest.approx(single_losses, rel=1e-4)
 
     comfy_libs.folder_paths.filename_list_cache.clear()
-    train(comfy_libs, node_args(narrow_flux(), clip, vae,
+    train(comfy_libs, node_args(new_model(), clip, vae,
                                 **dict(one, lora_name="resumed", resume="ddp_step000002.safetensors")))
     assert_same_lora(loras / "ddp.safetensors", loras / "resumed.safetensors")
     resumed_losses = load_train_state(str(loras / "resumed.safetensors"))[0].loss_history

@@ -77,6 +77,18 @@ TINY_RUNS = {
          *tiny_text("Load text encoder (Qwen3-4B)")],
         {"fluxq_klein_distilled_": (64, 64), "fluxq_klein_base_": (64, 64)},
     ),
+    # trained on (tiny) klein base for one step, then compared on base (cfg 5 with the negative, on
+    # 2 steps) and on distilled (its preset's 4 steps)
+    "flux2_klein_base_train_compare": (
+        [*(f"Train LoRA (on klein base).{s}" for s in ("steps=1", "resolution=64", "rank=4", "alpha=4",
+                                                         "save_every=0", f"lora_name={TRAINED_LORA}")),
+         *(f"Sampler settings ({v}).{s}=64" for v in ("base", "distilled") for s in ("width", "height")),
+         "Sampler settings (base).preset=custom", "Sampler settings (base).steps=2",
+         *(f"LoRA compare grid ({v}).strengths=1" for v in ("base", "distilled")),
+         "Prepare and caption images.min_side=0", *tiny_text("Load text encoder (Qwen3-4B)")],
+        {"fluxq_klein_train_loss_": None, "fluxq_klein_train_compare_base_": None,
+         "fluxq_klein_train_compare_distilled_": None},
+    ),
     # the tiny FLUX.1 dev stands in for Kontext (the same tensors)
     "flux_kontext_lora_edit": ([*TINY_DEV, "Sampler settings.steps=1"], {"fluxq_kontext_edit_": (64, 64)}),
     # Chroma's tiny model has ~0.6 B parameters (a fixed-size approximator): one step at cfg 5
@@ -89,7 +101,8 @@ TINY_RUNS = {
 }
 # What ComfyUI 0.3.75 cannot build: the tiny FLUX.2 and Fill models (128 wide; its detection fixes
 # the head count) and klein at all. The loader refuses them, naming the ComfyUI they need.
-NEEDS_0_33 = {"flux2_dev_gguf_lora_grid", "flux2_klein_distilled_and_base", "flux_fill_inpaint"}
+NEEDS_0_33 = {"flux2_dev_gguf_lora_grid", "flux2_klein_distilled_and_base", "flux2_klein_base_train_compare",
+              "flux_fill_inpaint"}
 NAMES = sorted(TINY_RUNS)
 REAL_MODELS = ("flux1-dev-Q8_0.gguf", "flux1-schnell-Q4_K_S.gguf", "flux2-dev-Q4_K_M.gguf", "flux-2-klein-4b-Q8_0.gguf",
                "flux1-kontext-dev-Q8_0.gguf", "chroma-Q8_0.gguf", "flux1-fill-dev-Q8_0.gguf")
