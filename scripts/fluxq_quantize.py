@@ -17,6 +17,7 @@ ComfyUI is COMFYUI_PATH, else --comfyui, else the harness's .harness/ComfyUI.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -104,6 +105,11 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (SettingsError, FileExistsError, ValueError) as error:
+        print(f"fluxq_quantize: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the pack's DiskFullError names the file and the free space
+        if error.errno != errno.ENOSPC:
+            raise
         print(f"fluxq_quantize: {error}", file=sys.stderr)
         return 2
     return 0

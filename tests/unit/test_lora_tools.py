@@ -140,6 +140,30 @@ def test_written_file_reads_back_as_kohya_with_alpha_equal_to_rank(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]  # no temporary left
 
 
+def test_a_full_disk_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from lora_ops.atomic import DiskFullError
+
+    a, _ = two_loras()
+    factors, _ = merge_layers({p: [(1.0, x)] for p, x in a.items()}, SHAPES)
+    path = tmp_path / "merged.safetensors"
+    path.write_bytes(b"user data")
+
+    def half_then_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a header")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_full)
+    with pytest.raises(DiskFullError, match=r"merged\.safetensors: [0-9.]+ MiB free .*is unchanged"):
+        write_lora(path, factors, overwrite=True)
+    assert path.read_bytes() == b"user data"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
+
+
 def models(tmp_path, rank=3):
     """A base (GGUF, F32 tensors) and a fine-tune (safetensors, core's prefix) differing by a rank-3 update."""
     g = torch.Generator().manual_seed(5)
