@@ -194,6 +194,22 @@ def test_extraction_from_a_gguf_and_a_checkpoint(tmp_path):
     assert results2[0].relative_error == pytest.approx(math.sqrt(float(s[2:] @ s[2:] / (s @ s))), rel=1e-5)
 
 
+def test_layers_stored_alike_are_not_read(tmp_path):
+    """A bake or fine-tune that leaves layers alone: those are compared by their stored bytes, never
+    dequantized (a real model's extraction reads only what changed); the changed one is found."""
+    base, _, update = models(tmp_path)
+    weights = {n: open_weights(base).tensor(n) for n in open_weights(base).names()}
+    weights["double_blocks.0.img_attn.qkv.weight"] += update
+    write_gguf(tmp_path / "tuned.gguf", {k: v.numpy() for k, v in weights.items()}, lambda n, a: QType.F32)
+    base_weights, tuned_weights = open_weights(base), open_weights(tmp_path / "tuned.gguf")
+    read = []
+    for source in (base_weights, tuned_weights):
+        source.tensor = lambda name, read_one=source.tensor: read.append(name) or read_one(name)
+    factors, _, differing = extract_lora(base_weights, tuned_weights, RankRule(rank=3))
+    assert list(factors) == ["double_blocks.0.img_attn.qkv"] and differing == []
+    assert sorted(set(read)) == ["double_blocks.0.img_attn.qkv.weight"]
+
+
 def test_extraction_refuses_models_of_different_families(tmp_path):
     base, _, _ = models(tmp_path)
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 16),
