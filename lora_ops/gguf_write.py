@@ -44,9 +44,9 @@ _K_QUANT_SAMPLE_BLOCKS = 256
 
 # FLUX entry/exit layers that the usual FLUX GGUF conversions keep in high precision, and Chroma's
 # approximator (distilled_guidance_layer: ~3% of its weights, it computes every block's modulation).
-# city96's quantize patch has no rule for the approximator (it would get the main type), but 4-bit
-# quantization of it is reported to hurt Chroma's images badly (diffusers PR #11698; SD.Next skips
-# it), so it stays at the file's float type like the entry/exit layers.
+# city96's quantize patch has no rule for the approximator (it would get the main type), but NF4
+# (4-bit) quantization of it is reported to hurt Chroma's images badly (diffusers PR #11698; SD.Next
+# skips it), so it stays at the file's float type like the entry/exit layers.
 _FLUX_HIGH_PRECISION = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.",
                         "distilled_guidance_layer.")
 _FLUX_QUANTIZED_BLOCKS = ("double_blocks.", "single_blocks.")

@@ -294,3 +294,10 @@ def test_merge_resize_bake_and_extract_on_chroma(comfy_server, chroma_written):
         assert float(written[f"{name}.alpha"]) == 4.0  # alpha = rank: scale 1
         error = torch.linalg.norm(found - 0.3 * up @ down) / torch.linalg.norm(0.3 * up @ down)
         assert error < 0.01, (path, float(error))  # measured 9e-4
+
+    # a FLUX.1 [dev] file against the Chroma: refused from the layer names alone, nothing written
+    wrong = {"extract": {**extract["extract"], "inputs": {**extract["extract"]["inputs"], "tuned_model": Q8,
+                                                          "save_name": "never-written"}}}
+    with pytest.raises(ExecutionFailed, match=r"not of one family: \d+ layer\(s\) are in only one of them, e\.g\. '"):
+        comfy_server.run({**base, **wrong})
+    assert not (chroma_written[3].parent / "never-written.safetensors").exists()
