@@ -258,7 +258,7 @@ def write_gguf_stream(
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     plan = [(name, tuple(int(d) for d in shape), QType(qtype_for(name, tuple(shape)))) for name, shape in shapes]
-    # the tensor data is known before any work: a disk too small is refused now, not after minutes
+    # the tensor data is known from the plan: a disk too small is refused now, not after minutes
     check_space(path, sum(quantized_nbytes(qtype, shape) for _, shape, qtype in plan))
     with atomic_path(path) as temporary:
         writer = gguf.GGUFWriter(temporary, arch=arch)

@@ -211,7 +211,7 @@ class FluxQSaveGGUF(io.ComfyNode):
                         "file to share. Per-tensor types as the published FLUX GGUFs: 1-D and small tensors F32, "
                         "input/output layers and Chroma's approximator F16 (BF16 in a BF16 file), the rest the "
                         "chosen type. K-quants use ggml's reference quantizer (PyPI libggml-python). Streams tensor "
-                        "by tensor; a disk without room for the file stops it before any work.",
+                        "by tensor; a disk without room for the file stops it before any tensor is quantized.",
             inputs=[io.Model.Input("model"),
                     io.Combo.Input("gguf_type", options=list(TARGET_NAMES), default="Q8_0",
                                    tooltip="Type of the transformer blocks' matrices."),
