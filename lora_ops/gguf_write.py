@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_space
 from .dequant import quantized_nbytes
 from .ggml_quants import fits, quantize
 
@@ -42,8 +42,13 @@ _K_QUANT_SCALE_FIELDS: dict[QType, tuple[int, int | None]] = {
 # small enough that encoding a multi-GB model stays fast.
 _K_QUANT_SAMPLE_BLOCKS = 256
 
-# FLUX entry/exit layers that the usual FLUX GGUF conversions keep in high precision.
-_FLUX_HIGH_PRECISION = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+# FLUX entry/exit layers that the usual FLUX GGUF conversions keep in high precision, and Chroma's
+# approximator (distilled_guidance_layer: ~3% of its weights, it computes every block's modulation).
+# city96's quantize patch has no rule for the approximator (it would get the main type), but NF4
+# (4-bit) quantization of it is reported to hurt Chroma's images badly (diffusers PR #11698; SD.Next
+# skips it), so it stays at the file's float type like the entry/exit layers.
+_FLUX_HIGH_PRECISION = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.",
+                        "distilled_guidance_layer.")
 _FLUX_QUANTIZED_BLOCKS = ("double_blocks.", "single_blocks.")
 
 
@@ -210,9 +215,11 @@ _FILE_TYPES = {
 def published_flux_qtype(target_qtype: int | QType) -> ShapeRule:
     """The per-tensor types of the published FLUX GGUFs (city96's convert.py + llama-quantize patch):
     1-D tensors and tensors of at most 1024 values F32; the input/output layers (img_in, txt_in,
-    time_in, vector_in, guidance_in, final_layer) at the float type of the conversion (BF16 for a
-    BF16 file, else F16); every other matrix `target_qtype`, or F16 where its rows do not split into
-    whole blocks of it."""
+    time_in, vector_in, guidance_in, final_layer) and Chroma's approximator (distilled_guidance_layer)
+    at the float type of the conversion (BF16 for a BF16 file, else F16); every other matrix
+    `target_qtype`, or F16 where its rows do not split into whole blocks of it. FLUX.2's tensors (its
+    global modulation layers outside the blocks included) follow the same name rules: the patch's
+    FLUX rules name only these layers."""
     target_qtype = QType(target_qtype)
     high = QType.BF16 if target_qtype == QType.BF16 else QType.F16
 
@@ -242,7 +249,8 @@ def write_gguf_stream(
     Only one tensor is in memory at a time: the header is written from the shapes, then each
     tensor is `load`ed (float32, torch order), quantized and appended. The file is written under a
     temporary name and renamed when complete (never half-written); an existing file is refused
-    unless `overwrite`. Metadata as city96's converter writes it: `general.architecture`,
+    unless `overwrite`, and so is a disk without room for the tensor data (`DiskFullError`, as is
+    running out of space while writing). Metadata as city96's converter writes it: `general.architecture`,
     `general.quantization_version`, `general.file_type` (from `file_type`, the main type).
     Returns the type of each tensor.
     """
@@ -250,6 +258,8 @@ def write_gguf_stream(
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     plan = [(name, tuple(int(d) for d in shape), QType(qtype_for(name, tuple(shape)))) for name, shape in shapes]
+    # the tensor data is known from the plan: a disk too small is refused now, not after minutes
+    check_space(path, sum(quantized_nbytes(qtype, shape) for _, shape, qtype in plan))
     with atomic_path(path) as temporary:
         writer = gguf.GGUFWriter(temporary, arch=arch)
         try:

@@ -27,7 +27,7 @@ from .atomic import atomic_path
 from .errors import user_facing
 from .lora_formats import kohya_name
 from .lora_runtime import Adapter, LowRankAdapter
-from .model_weights import WeightSource
+from .model_weights import WeightSource, stored_equal
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # (down: rank x in, up: out x rank), scales folded into up
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -211,16 +211,18 @@ def extract_lora(base: WeightSource, tuned: WeightSource, rule: RankRule,
     results: list[LayerResult] = []
     paths = sorted(base_paths)
     for index, path in enumerate(paths):
-        delta = tuned.tensor(path + ".weight") - base.tensor(path + ".weight")
-        if torch.count_nonzero(delta):
-            (down, up), error, _ = truncate_dense(delta, rule)
-            out[path] = (down, up)
-            results.append(LayerResult(path, down.shape[0], error))
-        del delta
+        # a layer stored alike in both (a fine-tune or bake that left it alone) is skipped unread
+        if not stored_equal(base, tuned, path + ".weight"):
+            delta = tuned.tensor(path + ".weight") - base.tensor(path + ".weight")
+            if torch.count_nonzero(delta):
+                (down, up), error, _ = truncate_dense(delta, rule)
+                out[path] = (down, up)
+                results.append(LayerResult(path, down.shape[0], error))
+            del delta
         if progress is not None:
             progress(index + 1, len(paths), path)
     other = set(base.names()) & set(tuned.names()) - {p + ".weight" for p in paths}
-    differing = sorted(n for n in other if base.shape(n) == tuned.shape(n)
+    differing = sorted(n for n in other if base.shape(n) == tuned.shape(n) and not stored_equal(base, tuned, n)
                        and not torch.equal(base.tensor(n), tuned.tensor(n)))
     if not out:
         raise LoraToolError("the two models have the same weights in every linear layer: nothing to extract")

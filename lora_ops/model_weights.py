@@ -32,6 +32,17 @@ class WeightSource(Protocol):
 
     def tensor(self, name: str) -> torch.Tensor: ...
 
+    def stored(self, name: str) -> tuple[str, torch.Tensor]:
+        """(storage type, the tensor as stored, not converted): equal pairs are equal weights."""
+        ...
+
+
+def stored_equal(a: WeightSource, b: WeightSource, name: str) -> bool:
+    """Whether `name` is stored alike in both (same type, same bytes): equal without dequantizing.
+    False says nothing (one value can be stored two ways)."""
+    (kind_a, data_a), (kind_b, data_b) = a.stored(name), b.stored(name)
+    return kind_a == kind_b and data_a.shape == data_b.shape and torch.equal(data_a, data_b)
+
 
 @dataclass
 class GGUFWeights:
@@ -46,9 +57,13 @@ class GGUFWeights:
 
     def tensor(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
-        if not t.is_quantized:
-            return t.data.reshape(t.shape).to(torch.float32)
+        if not t.is_quantized:  # a copy: an F32 tensor would otherwise be a view of the read-only map
+            return t.data.reshape(t.shape).to(torch.float32, copy=True)
         return dequantize(t.data, t.qtype, t.shape, torch.float32)
+
+    def stored(self, name: str) -> tuple[str, torch.Tensor]:
+        t = self.tensors[name]
+        return t.qtype.name, t.data
 
 
 class SafetensorsWeights:
@@ -87,6 +102,13 @@ class SafetensorsWeights:
             return self._file.get_tensor(self._names[name]).to(torch.float32)
         except safetensors.SafetensorError as error:
             raise ModelWeightsError(f"{self.path}: tensor {name!r} cannot be read: {error}") from None
+
+    def stored(self, name: str) -> tuple[str, torch.Tensor]:
+        try:
+            data = self._file.get_tensor(self._names[name])
+        except safetensors.SafetensorError as error:
+            raise ModelWeightsError(f"{self.path}: tensor {name!r} cannot be read: {error}") from None
+        return str(data.dtype), data
 
 
 def open_weights(path: str | os.PathLike[str]) -> WeightSource:

@@ -209,8 +209,9 @@ class FluxQSaveGGUF(io.ComfyNode):
             description="Writes the MODEL as sampling applies it (GGUF or float base, core LoRA patches, runtime "
                         "LoRAs at their strengths) as a GGUF in models/diffusion_models: no per-step LoRA cost, one "
                         "file to share. Per-tensor types as the published FLUX GGUFs: 1-D and small tensors F32, "
-                        "input/output layers F16 (BF16 in a BF16 file), the rest the chosen type. K-quants use "
-                        "ggml's reference quantizer (PyPI libggml-python). Streams tensor by tensor.",
+                        "input/output layers and Chroma's approximator F16 (BF16 in a BF16 file), the rest the "
+                        "chosen type. K-quants use ggml's reference quantizer (PyPI libggml-python). Streams tensor "
+                        "by tensor; a disk without room for the file stops it before any tensor is quantized.",
             inputs=[io.Model.Input("model"),
                     io.Combo.Input("gguf_type", options=list(TARGET_NAMES), default="Q8_0",
                                    tooltip="Type of the transformer blocks' matrices."),

@@ -8,7 +8,7 @@ code path, with ComfyUI loaded as a library.
 MODEL is a GGUF (read through this pack) or a float checkpoint (through core ComfyUI's loader);
 each --lora FILE:STRENGTH is applied as FluxQApplyLoRA applies it (any format it reads) and baked
 in. Tensor types follow the published FLUX GGUFs (1-D and small tensors F32, input/output layers
-F16, the rest TYPE); K-quants need the PyPI package libggml-python. The output is written under a
+and Chroma's approximator F16, the rest TYPE); K-quants need the PyPI package libggml-python. The output is written under a
 temporary name and renamed when complete; an existing OUTPUT is kept unless --overwrite.
 
 ComfyUI is COMFYUI_PATH, else --comfyui, else the harness's .harness/ComfyUI.
@@ -17,6 +17,7 @@ ComfyUI is COMFYUI_PATH, else --comfyui, else the harness's .harness/ComfyUI.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -104,6 +105,11 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (SettingsError, FileExistsError, ValueError) as error:
+        print(f"fluxq_quantize: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the pack's DiskFullError names the file and the free space
+        if error.errno != errno.ENOSPC:
+            raise
         print(f"fluxq_quantize: {error}", file=sys.stderr)
         return 2
     return 0

@@ -13,11 +13,11 @@ RESIZED = "fluxq-test-resized.safetensors"
 BAKED = "fluxq-test-baked-Q8_0.gguf"
 
 
-def one_step(model_ref, prefix, seed=3):
+def one_step(model_ref, prefix, seed=3, cond="guid"):
     """Core text encoding, KSampler (1 step: every step reads the tiny model's ~535M weights), SaveLatent."""
     return {
         f"{prefix}_ks": {"class_type": "KSampler", "inputs": {
-            "model": model_ref, "positive": ["guid", 0], "negative": ["guid", 0], "latent_image": ["latent", 0],
+            "model": model_ref, "positive": [cond, 0], "negative": [cond, 0], "latent_image": ["latent", 0],
             "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
         f"{prefix}_save": {"class_type": "SaveLatent", "inputs": {"samples": [f"{prefix}_ks", 0], "filename_prefix": prefix}},
     }
@@ -181,3 +181,123 @@ def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
                                 **one_step(["extracted", 0], "extracted")})
     from_extract = saved_latent(comfy_server, history, "extracted_save")
     assert torch.linalg.norm(from_extract - latent["runtime"]) < 0.1 * effect
+
+
+
+
+CHROMA = "fluxq-tiny-chroma-Q8_0.gguf"
+CHROMA_LORA = "fluxq-test-chroma-lora.safetensors"
+# An ai-toolkit Chroma LoRA (`diffusion_model.` + BFL names, which core reads too) on the input layer, the
+# approximator and the final layer. The tiny Chroma is 3072 wide (its approximator's size is fixed), and
+# extracting a 3072 x 3072 block layer costs a dense SVD of 6-50 s on the 2 shared cores: the layers
+# here have 64 columns or rows (block layers go through the same code on FLUX.1 and FLUX.2 above).
+CHROMA_LORA_LAYERS = {"img_in": (3072, 64), "distilled_guidance_layer.in_proj": (5120, 64),
+                      "final_layer.linear": (64, 3072)}
+
+
+def chroma_lora():
+    """{module path: (down, up)} of the test's Chroma LoRA (rank 4, no alpha: scale 1)."""
+    g = torch.Generator().manual_seed(8)
+    return {path: (torch.randn(4, columns, generator=g) / columns ** 0.5, 0.1 * torch.randn(rows, 4, generator=g))
+            for path, (rows, columns) in CHROMA_LORA_LAYERS.items()}
+
+
+@pytest.fixture()
+def chroma_written(models_dir, scratch_models):
+    from safetensors.torch import save_file
+
+    source = scratch_models / "loras" / CHROMA_LORA
+    save_file({f"diffusion_model.{path}.lora_{side}.weight": t for path, (down, up) in chroma_lora().items()
+               for side, t in (("A", down), ("B", up))}, str(source))
+    yield from removed_afterwards([models_dir / "loras" / "fluxq-test-chroma-merged.safetensors",
+                                   models_dir / "diffusion_models" / "fluxq-test-chroma-baked-Q8_0.gguf",
+                                   models_dir / "loras" / "fluxq-test-chroma-resized.safetensors",
+                                   models_dir / "loras" / "fluxq-test-chroma-extracted.safetensors"])
+    source.unlink()
+
+
+def test_merge_resize_bake_and_extract_on_chroma(comfy_server, chroma_written):
+    """The workbench on Chroma (both ComfyUIs build its 3072-wide tiny model): an exact merge holds
+    the weighted sum and has the runtime LoRA's effect in core and, baked, in the pack; a resize writes
+    the rank asked for; the bake keeps the approximator at F16 and samples like the runtime LoRA; and
+    extracting the baked file against its base finds exactly the LoRA's layers with their updates. Chroma reads no guidance: the text
+    conditioning goes in as it is."""
+    import gguf
+    from safetensors.torch import load_file
+
+    merged, baked, resized, extracted = (p.name for p in chroma_written)
+    base = common(CHROMA)
+    del base["guid"]
+    merge = {"merge": {"class_type": "FluxQMergeLoRAs", "inputs": {
+        "model": ["gguf", 0], "lora_1": CHROMA_LORA, "weight_1": 0.7, "lora_2": CHROMA_LORA, "weight_2": -0.4,
+        "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "exact (concatenate ranks)",
+        "rank": 32, "save_name": merged, "save_dtype": "float32", "overwrite": False}},
+        "resize": {"class_type": "FluxQResizeLoRA", "inputs": {
+            "model": ["gguf", 0], "lora_name": CHROMA_LORA, "mode": "fixed rank", "rank": 2, "kept_fraction": 0.9,
+            "save_name": resized, "save_dtype": "bfloat16", "overwrite": False}}}
+    history = comfy_server.run({**base, **merge})
+    assert history["outputs"]["merge"]["text"][0].startswith(f"{merged}: 3 layers, rank 8, relative error mean 0,")
+    assert "3 layers, rank 2, relative error mean 0." in history["outputs"]["resize"]["text"][0]
+
+    # the merged file holds the LoRA at 0.7 - 0.4 exactly, and the pack reads every key of it
+    written = load_file(str(chroma_written[0]))
+    for path, (down, up) in chroma_lora().items():
+        name = "lora_unet_" + path.replace(".", "_")
+        assert float(written[f"{name}.alpha"]) == 8.0  # alpha = rank: scale 1
+        torch.testing.assert_close(written[f"{name}.lora_up.weight"] @ written[f"{name}.lora_down.weight"],
+                                   0.3 * up @ down, rtol=1e-5, atol=1e-6)
+
+    def step(model_ref, prefix):
+        return one_step(model_ref, prefix, cond="text")
+
+    lora = apply("lora", ["gguf", 0], CHROMA_LORA, 0.3)  # 0.7 - 0.4: what the merge sums to
+    prompt = {  # four samples: a Chroma step reads ~0.6 B weights (~7 s on 2 cores)
+        **base, **lora, **apply("merged", ["gguf", 0], merged, 1.0),
+        "core": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["gguf", 0], "lora_name": merged,
+                                                                 "strength_model": 1.0}},
+        # the merged file applied by the pack, baked: its sample shows the pack's reading and the bake
+        "bake": {"class_type": "FluxQSaveGGUF", "inputs": {
+            "model": ["merged", 0], "gguf_type": "Q8_0", "save_name": baked, "overwrite": False}},
+        **step(["gguf", 0], "base"), **step(["lora", 0], "runtime"), **step(["core", 0], "core"),
+        **step(["bake", 0], "baked"),
+    }
+    history = comfy_server.run(prompt)
+    assert "3 modules matched, 0 keys unmatched" in history["outputs"]["merged"]["text"][0]
+    latent = {n: saved_latent(comfy_server, history, f"{n}_save") for n in ("base", "runtime", "core", "baked")}
+    effect = torch.linalg.norm(latent["runtime"] - latent["base"])
+    assert effect > 1e-2
+    # core merges the update into these F16 layers, rounding each sum to F16; the pack adds it in
+    # float32 beside them: equal up to that rounding (measured 0.003 of the effect)
+    assert torch.linalg.norm(latent["core"] - latent["runtime"]) < 0.01 * effect
+    # the bake writes these layers (W + update) as F16: the same rounding as core's
+    assert torch.linalg.norm(latent["baked"] - latent["runtime"]) < 0.01 * effect
+    # the type policy: approximator and entry/exit layers F16, block matrices Q8_0, 1-D F32
+    tensors = gguf.GGUFReader(chroma_written[1]).tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
+    approximator = {t.tensor_type.name for t in tensors if t.name.startswith("distilled_guidance_layer.")
+                    and len(t.shape) == 2}
+    assert approximator == {"F16"}, approximator
+    assert types["double_blocks.0.img_attn.proj.weight"] == "Q8_0" and types["img_in.weight"] == "F16"
+    assert types["distilled_guidance_layer.in_proj.bias"] == "F32"
+
+    # baked minus base: exactly the LoRA's three layers differ (the Q8_0 blocks re-quantize to the same
+    # bytes, F16 and F32 tensors are kept), each by the LoRA at 0.3 up to F16 rounding
+    extract = {"extract": {"class_type": "FluxQExtractLoRA", "inputs": {
+        "base_model": CHROMA, "tuned_model": baked, "rank": 4, "kept_fraction": 1.0, "save_name": extracted,
+        "save_dtype": "float32", "overwrite": False}}}
+    history = comfy_server.run({**base, **extract})
+    assert history["outputs"]["extract"]["text"][0].startswith(f"{extracted}: 3 layers, rank 4")
+    written = load_file(str(chroma_written[3]))
+    for path, (down, up) in chroma_lora().items():
+        name = "lora_unet_" + path.replace(".", "_")
+        found = written[f"{name}.lora_up.weight"] @ written[f"{name}.lora_down.weight"]
+        assert float(written[f"{name}.alpha"]) == 4.0  # alpha = rank: scale 1
+        error = torch.linalg.norm(found - 0.3 * up @ down) / torch.linalg.norm(0.3 * up @ down)
+        assert error < 0.01, (path, float(error))  # measured 9e-4
+
+    # a FLUX.1 [dev] file against the Chroma: refused from the layer names alone, nothing written
+    wrong = {"extract": {**extract["extract"], "inputs": {**extract["extract"]["inputs"], "tuned_model": Q8,
+                                                          "save_name": "never-written"}}}
+    with pytest.raises(ExecutionFailed, match=r"not of one family: \d+ layer\(s\) are in only one of them, e\.g\. '"):
+        comfy_server.run({**base, **wrong})
+    assert not (chroma_written[3].parent / "never-written.safetensors").exists()

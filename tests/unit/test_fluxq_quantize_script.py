@@ -29,3 +29,14 @@ def test_lora_specs_take_an_optional_strength(tmp_path):
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"x")
     assert fluxq_quantize.lora_specs([f"{lora}:0.8", str(lora)]) == [(str(lora), 0.8), (str(lora), 1.0)]
+
+
+def test_a_full_disk_is_reported_not_raised(tmp_path, capsys, monkeypatch):
+    from lora_ops.atomic import DiskFullError
+
+    def full(args):
+        raise DiskFullError(str(tmp_path / "out.gguf"), needed=3 << 20)
+
+    monkeypatch.setattr(fluxq_quantize, "run", full)
+    code, err = run([str(tmp_path / "model.gguf"), str(tmp_path / "out.gguf"), "--type", "Q8_0"], capsys)
+    assert code == 2 and "not enough disk space to write" in err and "it needs 3.0 MiB" in err

@@ -1,13 +1,17 @@
 """Writing real models as GGUF: quantizers against gguf's reference dequantizer, the published
 FLUX per-tensor type policy, the streamed writer (bounded memory, atomic, no overwrite)."""
 
+import errno
+import shutil
+
 import gguf
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from lora_ops.dequant import dequantize
+from lora_ops.atomic import DiskFullError
+from lora_ops.dequant import dequantize, quantized_nbytes
 from lora_ops.ggml_quants import (
     K_QUANT_TYPES,
     TARGET_TYPES,
@@ -124,13 +128,77 @@ def test_existing_file_is_refused_and_a_failed_write_leaves_nothing(tmp_path):
 
     def failing(name):
         if name.startswith("single_blocks"):
-            raise OSError(28, "No space left on device")
+            raise ValueError("the LoRA's layer could not be read")
         return weights(TENSORS[name])
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ValueError, match="could not be read"):
         write_gguf_stream(path, shapes, failing, published_flux_qtype(QType.Q8_0), QType.Q8_0, overwrite=True)
     assert path.read_bytes() == b"user data"  # the old file stays whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temporary left
     write_gguf_stream(path, shapes, lambda n: weights(TENSORS[n]), published_flux_qtype(QType.Q8_0), QType.Q8_0,
                       overwrite=True)
     assert set(read_gguf(path).tensors) == set(TENSORS)
+
+
+def test_a_disk_too_small_is_refused_before_any_tensor_is_made(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"user data")
+    needed = sum(quantized_nbytes(QType.Q8_0 if "blocks" in n else QType.F16 if len(s) == 2 else QType.F32, s)
+                 for n, s in TENSORS.items())
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(1 << 30, 1 << 30, needed - 1))
+    loaded = []
+    with pytest.raises(DiskFullError, match=rf"model\.gguf: it needs {needed / 2**20:.1f} MiB, "
+                                            rf"{(needed - 1) / 2**20:.1f} MiB free.*existing file .* is unchanged"):
+        write_gguf_stream(path, list(TENSORS.items()), lambda n: loaded.append(n) or weights(TENSORS[n]),
+                          published_flux_qtype(QType.Q8_0), QType.Q8_0, overwrite=True)
+    assert loaded == [] and path.read_bytes() == b"user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_running_out_of_space_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    """The disk fills up after the check (another writer): the system's ENOSPC from the writer
+    becomes a DiskFullError naming the file, and the partial file is removed."""
+    written = []
+
+    def write_until_full(self, tensor):
+        if written:
+            self.fout[0].write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(tensor)
+        return original(self, tensor)
+
+    original = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_until_full)
+    path = tmp_path / "baked.gguf"
+    with pytest.raises(DiskFullError, match=r"baked\.gguf: [0-9.]+ MiB free in .*nothing was written") as full:
+        write_gguf_stream(path, list(TENSORS.items()), lambda n: weights(TENSORS[n]),
+                          published_flux_qtype(QType.Q8_0), QType.Q8_0)
+    assert full.value.errno == errno.ENOSPC and len(written) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+# Released shapes (hidden 3072) of what the other family members add to FLUX.1 [dev]'s tensors:
+# FLUX.1 Fill's 384-channel img_in, FLUX.2's global modulation and SwiGLU MLPs (klein 4B and dev
+# alike: same names), Chroma's approximator. Kontext and Krea have FLUX.1 [dev]'s tensors.
+FAMILY_TENSORS = {
+    "img_in.weight": ((3072, 384), QType.F16),  # Fill: 64 latent + 320 mask/image channels
+    "double_stream_modulation_img.lin.weight": ((18432, 3072), QType.Q4_K),
+    "single_stream_modulation.lin.weight": ((9216, 3072), QType.Q4_K),
+    "double_blocks.0.img_mlp.0.weight": ((18432, 3072), QType.Q4_K),
+    "single_blocks.0.linear1.weight": ((27648, 3072), QType.Q4_K),
+    "single_blocks.0.linear2.weight": ((3072, 12288), QType.Q4_K),
+    "final_layer.adaLN_modulation.1.weight": ((6144, 3072), QType.F16),
+    "distilled_guidance_layer.in_proj.weight": ((5120, 64), QType.F16),
+    "distilled_guidance_layer.layers.0.in_layer.weight": ((5120, 5120), QType.F16),
+    "distilled_guidance_layer.out_proj.weight": ((3072, 5120), QType.F16),
+    "distilled_guidance_layer.norms.0.scale": ((5120,), QType.F32),
+    "distilled_guidance_layer.norms.0.weight": ((5120,), QType.F32),  # ComfyUI's name for it
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_TENSORS)
+def test_published_policy_on_the_family_members_tensors(name):
+    shape, expected = FAMILY_TENSORS[name]
+    assert published_flux_qtype(QType.Q4_K)(name, shape) == expected
+    if expected == QType.F16:  # the high-precision layers follow the file's float type
+        assert published_flux_qtype(QType.BF16)(name, shape) == QType.BF16

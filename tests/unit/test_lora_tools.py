@@ -140,6 +140,30 @@ def test_written_file_reads_back_as_kohya_with_alpha_equal_to_rank(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]  # no temporary left
 
 
+def test_a_full_disk_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from lora_ops.atomic import DiskFullError
+
+    a, _ = two_loras()
+    factors, _ = merge_layers({p: [(1.0, x)] for p, x in a.items()}, SHAPES)
+    path = tmp_path / "merged.safetensors"
+    path.write_bytes(b"user data")
+
+    def half_then_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a header")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_full)
+    with pytest.raises(DiskFullError, match=r"merged\.safetensors: [0-9.]+ MiB free .*is unchanged"):
+        write_lora(path, factors, overwrite=True)
+    assert path.read_bytes() == b"user data"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
+
+
 def models(tmp_path, rank=3):
     """A base (GGUF, F32 tensors) and a fine-tune (safetensors, core's prefix) differing by a rank-3 update."""
     g = torch.Generator().manual_seed(5)
@@ -168,6 +192,22 @@ def test_extraction_from_a_gguf_and_a_checkpoint(tmp_path):
     _, results2, _ = extract_lora(open_weights(base), open_weights(tuned), RankRule(rank=2))
     s = torch.linalg.svdvals(update.double())
     assert results2[0].relative_error == pytest.approx(math.sqrt(float(s[2:] @ s[2:] / (s @ s))), rel=1e-5)
+
+
+def test_layers_stored_alike_are_not_read(tmp_path):
+    """A bake or fine-tune that leaves layers alone: those are compared by their stored bytes, never
+    dequantized (a real model's extraction reads only what changed); the changed one is found."""
+    base, _, update = models(tmp_path)
+    weights = {n: open_weights(base).tensor(n) for n in open_weights(base).names()}
+    weights["double_blocks.0.img_attn.qkv.weight"] += update
+    write_gguf(tmp_path / "tuned.gguf", {k: v.numpy() for k, v in weights.items()}, lambda n, a: QType.F32)
+    base_weights, tuned_weights = open_weights(base), open_weights(tmp_path / "tuned.gguf")
+    read = []
+    for source in (base_weights, tuned_weights):
+        source.tensor = lambda name, read_one=source.tensor: read.append(name) or read_one(name)
+    factors, _, differing = extract_lora(base_weights, tuned_weights, RankRule(rank=3))
+    assert list(factors) == ["double_blocks.0.img_attn.qkv"] and differing == []
+    assert sorted(set(read)) == ["double_blocks.0.img_attn.qkv.weight"]
 
 
 def test_extraction_refuses_models_of_different_families(tmp_path):
