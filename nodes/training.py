@@ -675,7 +675,8 @@ class TrainingRun:
         member = glue.model_family(self.model).member  # Kontext/Krea files read as dev: same tensors
         metadata = ckpt.lora_metadata(
             base_model=member.base_model, base_model_version=member.base_model_version,
-            network_module=member.network_module, rank=self.rank, alpha=self.alpha, steps=trainer.state.step, trigger_word=self.trigger_word,
+            network_module=member.network_module, rank=self.rank, alpha=self.alpha, steps=trainer.state.step,
+            trigger_word=self.trigger_word,
             image_count=image_count, resolution=self.resolution, run_id=self.run_id,
         )
         self.saved_step = trainer.state.step
