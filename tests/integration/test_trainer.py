@@ -871,7 +871,7 @@ def test_flux1_inputs_from_the_models_extra_conds_train_bit_identically_to_the_h
         dtype = run.model.model.manual_cast_dtype or run.model.model.get_dtype()
         options = {"patches_replace": {"dit": run._checkpointed_blocks(stack)}}
 
-        def predict(x_t, t, context, pooled):
+        def predict(x_t, t, context, pooled, reference):
             with runtime.activate(stack, root=model):
                 return model(x_t.to(dtype), t.float(), context=context.to(dtype), y=pooled.to(dtype),
                              guidance=torch.ones_like(t), transformer_options=dict(options))
@@ -887,3 +887,33 @@ def test_flux1_inputs_from_the_models_extra_conds_train_bit_identically_to_the_h
     assert len(ours) == 3 and ours == reference
     a, b = lora_tensors(loras / "family.safetensors")[0], lora_tensors(loras / "by_hand.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_edit_pairs_control_latents_enter_as_reference_tokens_and_only_target_tokens_come_back(comfy_libs):
+    """The trainer's model inputs carry a control latent the way ComfyUI's sampler carries
+    ReferenceLatent's (the model's extra_conds maps it into `ref_latents`), the FLUX forward reads
+    it, and returns the target's tokens alone (it crops its output to the noised image's tokens,
+    which is what keeps the loss off the reference tokens), whatever the reference's size."""
+    glue = comfy_libs.glue
+    model = narrow_flux()
+    diffusion_model = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x, context, pooled = (torch.randn(*s, generator=gen) for s in ((2, 16, 8, 8), (2, 5, 768), (2, 768)))
+    t = torch.tensor([0.3, 0.7])
+    control, other = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 6, 10, generator=gen)
+    assert glue.takes_reference_latents(model)
+
+    def predict(reference):
+        inputs = glue.model_inputs(model, x, context, pooled, 1.0, torch.float32, reference)
+        if reference is not None:
+            (given,) = inputs["ref_latents"]
+            torch.testing.assert_close(given, model.model.process_latent_in(reference))
+        with torch.no_grad():
+            return diffusion_model(x, t, context=inputs.pop("c_crossattn"), **inputs)
+
+    plain, with_control, with_other = predict(None), predict(control), predict(other)
+    assert plain.shape == with_control.shape == with_other.shape == x.shape
+    assert (with_control - plain).abs().max() > 1e-4 and (with_control - with_other).abs().max() > 1e-4
+    # each sample's own reference: the first row's prediction ignores the second row's control
+    mixed = predict(torch.stack([control[0], control[0] * 0 + 3.0]))
+    torch.testing.assert_close(mixed[0], with_control[0])

@@ -425,7 +425,7 @@ def test_repeats_weight_how_often_the_trainer_draws_an_image():
     weight = torch.zeros(1, requires_grad=True)
     drawn = []
 
-    def predict(x_t, t, context, pooled):
+    def predict(x_t, t, context, pooled, reference):
         drawn.extend(context[:, 0, 0].tolist())
         return x_t * weight
 
