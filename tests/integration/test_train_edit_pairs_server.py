@@ -2,14 +2,14 @@
 image of each pair enters as reference tokens and the loss covers the target's tokens.
 
 The learning test trains the tiny FLUX.2 [dev] (an edit model; hidden 128: seconds on a CPU, where
-the 3072-wide tiny FLUX.1 takes minutes); the tiny FLUX.1 [dev] GGUF stands in for Kontext
-(FLUX.1's architecture taking reference latents; both ComfyUIs give FLUX.1 models `ref_latents`)
-where the control image must change the loss. Losses are measured with the node itself: a run of one step reports the loss of the model it was given (its new LoRA starts
+the 3072-wide tiny FLUX.1 takes ~10 s a step). The tiny FLUX.1 [dev] GGUF stands in for Kontext
+(FLUX.1's architecture taking reference latents; both ComfyUIs give FLUX.1 models `ref_latents`) in
+the refusal below and in the Kontext edit-pair workflow (test_workflows); test_trainer checks that
+the control latents reach the FLUX forward. Losses are measured with the node itself: a run of one step reports the loss of the model it was given (its new LoRA starts
 at zero) on a dataset, for a fixed seed (the same noise and timesteps for every model and set)."""
 
 from __future__ import annotations
 
-import math
 import uuid
 
 import pytest
@@ -22,7 +22,7 @@ from fluxq_testing import TINY, comfyui_version
 TRAIN_SHADES = ((220, 30, 30), (200, 40, 60))
 HELD_OUT_SHADES = ((235, 20, 45),)
 INSTRUCTION = "swap the colour"
-TRAIN_STEPS = 20
+TRAIN_STEPS = 12
 
 
 def swapped(colour):
@@ -64,7 +64,7 @@ def loaders(gguf=TINY["dev_gguf"]["Q8_0"], vae=TINY["vae"]):
     }
 
 
-def evaluation(model, dataset, lora_name, draws=4, batch_size=2):
+def evaluation(model, dataset, lora_name, draws=2, batch_size=2):
     """One step's loss: `batch_size` pairs of `dataset` drawn `draws` times (accumulation)."""
     return trainer(model, dataset, lora_name, steps=1, batch_size=batch_size, gradient_accumulation=draws,
                    learning_rate=1e-7, seed=5, rank=1, alpha=1.0)
@@ -99,11 +99,13 @@ def test_edit_lora_learns_from_the_control_image(comfy_server, models_dir, pair_
     """FLUX.2 [dev] (an edit model: reference images as extra tokens): trained on swap-the-colour
     pairs, the LoRA lowers the loss on held-out pairs, and the same targets with the wrong control
     images give another loss: the reference tokens reach the prediction. (Measured on CPU: held-out
-    loss 2.53 -> 1.45 after 20 steps; the wrong controls move it by ~1e-3 only: in so few steps
-    the tiny random model learns the colours' statistics, not yet to read the edit from the control;
-    30 steps gave the same.)"""
+    loss 2.48 -> 1.60 after 12 steps, 1.45 after 20; the wrong controls move it by ~5e-4 only: in
+    so few steps the tiny random model learns the colours' statistics, not yet to read the edit
+    from the control; 30 steps gave the same.)"""
     if comfyui_version(comfy_server) < (0, 33, 0):
-        pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 FLUX.2 tiny model (FLUX.1 is checked below)")
+        # FLUX.1 (Kontext's architecture): test_trainer shows its control latents reach the forward on
+        # both ComfyUIs; test_workflows trains the Kontext edit-pair workflow through this server
+        pytest.skip("ComfyUI 0.3.75 cannot build the hidden-128 FLUX.2 tiny model")
     tag = uuid.uuid4().hex[:6]
     graph = {**loaders("fluxq-tiny-flux2-dev-Q8_0.gguf", "fluxq-tiny-flux2-ae.safetensors"),
              "train": trainer(["model", 0], "swap_train", f"edit_{tag}")}
@@ -119,23 +121,6 @@ def test_edit_lora_learns_from_the_control_image(comfy_server, models_dir, pair_
     assert held["trained"] < 0.75 * held["base"], held
     # same noise and timesteps (seeded, deterministic on CPU): bit-equal losses if the control were unused
     assert abs(held["trained_wrong"] - held["trained"]) > 1e-5 * held["trained"], held
-
-
-@pytest.mark.server
-def test_flux1_trainer_reads_the_control_image(comfy_server, models_dir, pair_sets):
-    """FLUX.1 (Kontext's architecture): the same target, noise and timestep with another control
-    image give another loss (the reference tokens reach the prediction). On 0.3.75 only: the
-    3072-wide tiny FLUX.1 takes ~10 s a step on a CPU (CI budget); 0.33.0 shows it on FLUX.2 above,
-    through the same glue and the same FLUX forward."""
-    if comfyui_version(comfy_server) >= (0, 33, 0):
-        pytest.skip("ComfyUI 0.33.0 checks the reference tokens on FLUX.2 (CI budget)")
-    tag = uuid.uuid4().hex[:6]
-    graph = {**loaders(), **{f"eval_{name}": evaluation(["model", 0], dataset, f"eval_{name}_{tag}", 1, 1)
-                             for name, dataset in (("held", "swap_held_out"), ("wrong", "swap_wrong"))}}
-    losses = run_and_read_losses(comfy_server, models_dir, graph, [f"eval_held_{tag}", f"eval_wrong_{tag}"])
-    held, wrong = losses[f"eval_held_{tag}"][0], losses[f"eval_wrong_{tag}"][0]
-    print(f"edit pairs (FLUX.1): loss {held:.5f} with the controls, {wrong:.5f} with other controls")
-    assert math.isfinite(held) and math.isfinite(wrong) and abs(held - wrong) > 1e-4 * held
 
 
 @pytest.mark.server
