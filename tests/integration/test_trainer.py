@@ -917,3 +917,44 @@ def test_edit_pairs_control_latents_enter_as_reference_tokens_and_only_target_to
     # each sample's own reference: the first row's prediction ignores the second row's control
     mixed = predict(torch.stack([control[0], control[0] * 0 + 3.0]))
     torch.testing.assert_close(mixed[0], with_control[0])
+
+
+def test_edit_pairs_cache_each_control_by_its_pixels_and_a_changed_control_changes_the_training(
+        comfy_libs, clip_vae, work_folders, pack):
+    """Edit pairs with the latent cache: a rerun encodes nothing and trains the same LoRA; a changed
+    control image is encoded again (alone) and changes what is trained (its reference tokens are in
+    the loss's prediction); samples during training edit the first pair's control."""
+    clip, vae = clip_vae
+    inputs, loras, output, user = work_folders
+    write_dataset(inputs, ["red", "green"])
+    (inputs / "set" / "control").mkdir()
+    for target, control in (("red", "blue"), ("green", "stripes")):
+        pattern_image(control).save(inputs / "set" / "control" / f"{target}.png")
+    encoded = []
+    original_encode = vae.encode
+
+    def counted(pixels):
+        encoded.append(pixels.shape)
+        return original_encode(pixels)
+
+    vae.encode = counted
+    try:
+        runs = []
+        for name in ("first", "again", "changed"):
+            if name == "changed":  # pixels no image of the set had
+                image = pattern_image("blue")
+                image.paste((250, 250, 250), (0, 0, 32, 32))
+                image.save(inputs / "set" / "control" / "red.png")
+            before = len(encoded)
+            train(comfy_libs, {**node_args(narrow_flux(), clip, vae, lora_name=name, steps=2, batch_size=2,
+                                           learning_rate=1e-2, cache_latents_to_disk=True, sample_every=2,
+                                           sample_prompts="swap"),
+                               "sample_settings": [render_settings(pack, steps=1)]})
+            runs.append(len(encoded) - before)
+    finally:
+        del vae.encode
+    assert runs == [4, 0, 1], f"VAE encodes per run (2 targets + 2 controls): {runs}"
+    first, again, changed = (factors_of(loras / f"{n}.safetensors") for n in ("first", "again", "changed"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], changed[k]) for k in first), "the control image changed nothing"
+    assert (output / "first_samples" / "first_step000002_0.png").is_file()
