@@ -925,7 +925,7 @@ def test_edit_pairs_cache_each_control_by_its_pixels_and_a_changed_control_chang
     control image is encoded again (alone) and changes what is trained (its reference tokens are in
     the loss's prediction); samples during training edit the first pair's control."""
     clip, vae = clip_vae
-    inputs, loras, output, user = work_folders
+    inputs, loras, output, _ = work_folders
     write_dataset(inputs, ["red", "green"])
     (inputs / "set" / "control").mkdir()
     for target, control in (("red", "blue"), ("green", "stripes")):
