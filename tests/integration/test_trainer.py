@@ -917,6 +917,12 @@ def test_edit_pairs_control_latents_enter_as_reference_tokens_and_only_target_to
     # each sample's own reference: the first row's prediction ignores the second row's control
     mixed = predict(torch.stack([control[0], control[0] * 0 + 3.0]))
     torch.testing.assert_close(mixed[0], with_control[0])
+    # Chroma's forward would swallow ref_latents in its **kwargs unused: edit pairs are refused there
+    import comfy.ldm.chroma.model
+
+    chroma = type("Patcher", (), {"model": type("Base", (), {"diffusion_model": comfy.ldm.chroma.model.Chroma.__new__(
+        comfy.ldm.chroma.model.Chroma)})})
+    assert not glue.takes_reference_latents(chroma)
 
 
 def test_edit_pairs_cache_each_control_by_its_pixels_and_a_changed_control_changes_the_training(
