@@ -1,5 +1,11 @@
 """Training images with same-name .txt captions, from a folder or a .zip/.tar archive.
 
+Edit pairs (Kontext, FLUX.2 edit): a folder named `control` holds the control image (the image
+before the edit) of each target image in the folder beside it, under the target's stem with any
+image extension (`a.png` <- `control/a.jpg`; `10_x/b.png` <- `10_x/control/b.png`; ai-toolkit's
+`control_path` layout); the target's caption is the instruction. Once any control exists, every
+target needs one.
+
 Archives are read in memory, never extracted: a member's name only pairs an image with its
 caption, yet names that would escape the archive's folder, links and special files are refused,
 and the declared sizes are summed against a budget before anything is read.
@@ -41,6 +47,8 @@ MAX_REPEATS = 1000
 # FLUX latents are 1/8 of the image and are cut into 2x2 patches.
 SIDE_MULTIPLE = 16
 MAX_ASPECT = 4.0
+# The folder of edit pairs' control images (matched without case, as ai-toolkit's users name it).
+CONTROL_FOLDER = "control"
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ class Sample:
     image: Image.Image  # RGB
     caption: str | None  # None: no caption file
     repeats: int = 1  # from a kohya repeat folder (`10_name/`): relative sampling weight
+    control: Image.Image | None = None  # edit pairs: the image before the edit (RGB), else None
+    control_name: str | None = None
 
 
 def is_archive(path: str) -> bool:
@@ -63,20 +73,25 @@ def is_archive(path: str) -> bool:
 
 
 def read_dataset(path: str, max_bytes: int = MAX_DATASET_BYTES) -> list[Sample]:
-    """Images and their captions, sorted by name. Raises DatasetError naming the bad file."""
+    """Images and their captions (and control images: edit pairs), sorted by name. Raises
+    DatasetError naming the bad file."""
     label = dataset_label(path)
     files = dict(iter_dataset_files(path, IMAGE_EXTENSIONS, max_bytes))
+    images = [name for name in sorted(files) if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    controls = pair_controls(label, images)
     samples, uncaptioned = [], []
-    for name in sorted(files):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS:
+    for name in images:
+        if control_target(name) is not None:
             continue
+        stem = os.path.splitext(name)[0]
         image = normalize_image(decode_image(label, name, files[name]))
         caption_bytes = files.get(stem + CAPTION_EXTENSION)
         caption = None if caption_bytes is None else decode_caption(label, stem + CAPTION_EXTENSION, caption_bytes)
         if caption is None:
             uncaptioned.append(name)
-        samples.append(Sample(name, image, caption, repeat_count(label, name)))
+        control_name = controls.get(name)
+        control = None if control_name is None else normalize_image(decode_image(label, control_name, files[control_name]))
+        samples.append(Sample(name, image, caption, repeat_count(label, name), control, control_name))
     if not samples:
         raise DatasetError(f"dataset {label!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     if uncaptioned:
@@ -85,6 +100,52 @@ def read_dataset(path: str, max_bytes: int = MAX_DATASET_BYTES) -> list[Sample]:
             label, len(uncaptioned), ", ".join(uncaptioned[:5]),
         )
     return samples
+
+
+def control_target(name: str) -> str | None:
+    """The target path a control image `name` stands for (its innermost `control` folder taken out:
+    `x/control/a.png` -> `x/a.png`), or None when `name` is not inside a control folder."""
+    parts = name.split("/")
+    folders = [i for i, part in enumerate(parts[:-1]) if part.lower() == CONTROL_FOLDER]
+    if not folders:
+        return None
+    return "/".join(parts[:folders[-1]] + parts[folders[-1] + 1:])
+
+
+def pair_controls(label: str, names: list[str]) -> dict[str, str]:
+    """target image name -> its control image name, from a dataset's image names (targets and
+    controls together). Without control images, {}; with any, every target needs exactly one and
+    every control a target, else DatasetError naming the files."""
+    targets, controls = [], {}
+    for name in names:
+        target = control_target(name)
+        if target is None:
+            targets.append(name)
+            continue
+        stem = os.path.splitext(target)[0]
+        if stem in controls:
+            raise DatasetError(f"dataset {label!r}: {controls[stem]!r} and {name!r} are both control images of "
+                               f"{stem!r}; keep one")
+        controls[stem] = name
+    if not controls:
+        return {}
+    target_stems = {os.path.splitext(t)[0] for t in targets}
+    orphans = [name for stem, name in sorted(controls.items()) if stem not in target_stems]
+    if orphans:
+        raise DatasetError(
+            f"dataset {label!r}: control image(s) without a target image of the same name beside their "
+            f"{CONTROL_FOLDER}/ folder: {_listed(orphans)} (expected e.g. {control_target(orphans[0])!r})")
+    unpaired = [t for t in targets if os.path.splitext(t)[0] not in controls]
+    if unpaired:
+        folder = posixpath.join(posixpath.dirname(unpaired[0]), CONTROL_FOLDER)
+        raise DatasetError(
+            f"dataset {label!r} holds edit pairs (control images), but target image(s) have no control image: "
+            f"{_listed(unpaired)} (put one of the same name in {folder + '/'!r}, or move the target out)")
+    return {t: controls[os.path.splitext(t)[0]] for t in targets}
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def dataset_label(path: str) -> str:

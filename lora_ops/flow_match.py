@@ -173,6 +173,9 @@ class Conditioning:
 class TrainingExample:
     latent: torch.Tensor  # (C, H, W), already in the model's latent space
     cond: Conditioning
+    # Edit pairs: the control image's latent as the VAE gives it (the model's extra_conds maps it,
+    # as for ReferenceLatent); fitted to the target's bucket, so a bucket's references stack.
+    reference: torch.Tensor | None = None
 
 
 @dataclass
@@ -202,8 +205,10 @@ class TrainState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# predict(x_t, t, context, pooled or None) -> velocity, all batched.
-VelocityPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# predict(x_t, t, context, pooled or None, reference latents or None) -> velocity of x_t's tokens
+# alone (the reference tokens are context, not predicted), all batched.
+VelocityPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                             torch.Tensor]
 
 
 def bucket_indices(examples: Sequence[TrainingExample]) -> list[list[int]]:
@@ -313,7 +318,7 @@ class FlowMatchTrainer:
         examples = self.examples if examples is None else examples
         seed = s.seed if seed is None else seed
         slots = rank_slots(len(chosen), self.world)
-        latents, noises, times, conds = [], [], [], []
+        latents, noises, times, conds, references = [], [], [], [], []
         for slot in slots:
             example = examples[chosen[slot]]
             generator = slot_generator(seed, step, micro, slot)
@@ -323,6 +328,8 @@ class FlowMatchTrainer:
                                           schedule_mu(s.shift_schedule, height, width)))
             noises.append(torch.randn(example.latent.shape, generator=generator))
             latents.append(example.latent)
+            references.append(example.reference)
+            # caption dropout drops the instruction, never an edit pair's control image
             conds.append(self.empty_cond if dropped else example.cond)
 
         x0 = torch.stack(latents).float()
@@ -339,7 +346,8 @@ class FlowMatchTrainer:
         for rows in by_length.values():
             context = torch.stack([conds[i].context for i in rows])
             pooled = None if conds[rows[0]].pooled is None else torch.stack([conds[i].pooled for i in rows])
-            velocity = self.predict(x_t[rows], t[rows], context, pooled)
+            reference = None if references[rows[0]] is None else torch.stack([references[i] for i in rows]).to(device)
+            velocity = self.predict(x_t[rows], t[rows], context, pooled, reference)
             loss = loss + flow_matching_loss(velocity, target[rows]) * (len(rows) / len(conds))
         return loss
 

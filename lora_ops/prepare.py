@@ -14,6 +14,12 @@ image written (its pixels and bytes) and `.fluxq_captions_written.jsonl` each ca
 a caption that differs from its record was edited and is carried to the same picture in the new
 set; any other change (an edited, added or deleted image, a caption whose picture is gone) stops
 the rerun with a message naming the files. A folder prepared from another source is refused.
+
+Edit pairs (`control/` folders, lora_ops.dataset) come through as pairs: control images are
+converted like the others but never dropped as duplicates (one control may serve several
+targets, or equal its target) nor for their size (the trainer fits them to their target's
+bucket), and get no caption (the target's is the instruction); a set whose pairs would not match
+afterwards (a half unreadable, dropped or renamed) is refused naming the files.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class PreparedImage:
     source_caption: str | None
     file_hash: str = ""  # sha256 of the PNG written
     edited_caption: str | None = None  # the user's edit in the earlier prepared folder, kept as it is
+    control: bool = False  # an edit pair's control image (captioned by its target)
 
     @property
     def caption_name(self) -> str:
@@ -163,14 +170,16 @@ def prepare_images(source: str, out_dir: str, options: PrepareOptions, report: R
             report.add(UNREADABLE, name)
             log.warning("%s", e)
             continue
-        if min(image.size) < options.min_side:
+        control = ds.control_target(name) is not None
+        if min(image.size) < options.min_side and not control:
             report.add(TOO_SMALL, f"{name} {image.width}x{image.height}")
             continue
         digest = pixel_hash(image)
-        if digest in by_hash:
-            report.add(DUPLICATE, f"{name} = {by_hash[digest]}")
-            continue
-        by_hash[digest] = name
+        if not control:
+            if digest in by_hash:
+                report.add(DUPLICATE, f"{name} = {by_hash[digest]}")
+                continue
+            by_hash[digest] = name
         if options.max_side and max(image.size) > options.max_side:
             scale = options.max_side / max(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -184,7 +193,8 @@ def prepare_images(source: str, out_dir: str, options: PrepareOptions, report: R
         image.save(buffer, format="PNG", compress_level=4)
         with open(path, "wb") as f:  # the folder is a private build folder until it is swapped in
             f.write(buffer.getvalue())
-        prepared.append(PreparedImage(out_name, name, digest, None, hashlib.sha256(buffer.getvalue()).hexdigest()))
+        prepared.append(PreparedImage(out_name, name, digest, None, hashlib.sha256(buffer.getvalue()).hexdigest(),
+                                      control=control))
         report.add(WRITTEN)
         on_image(len(prepared))
     for image in prepared:
@@ -193,6 +203,10 @@ def prepare_images(source: str, out_dir: str, options: PrepareOptions, report: R
         report.add(IGNORED, name)
     if not prepared:
         raise PrepareError(f"dataset {label!r}: no usable image\n{report.summary()}")
+    try:
+        ds.pair_controls(label, [image.name for image in prepared])
+    except ds.DatasetError as e:
+        raise PrepareError(f"{e}; in the prepared set, after:\n{report.summary()}") from None
     return prepared
 
 
@@ -316,6 +330,8 @@ def write_captions(out_dir: str, images: list[PreparedImage], *, mode: str, styl
         _append_line(record, {"name": image.caption_name, "sha256": _file_hash(path)})
 
     for image in images:
+        if image.control:
+            continue  # an edit pair's instruction is its target's caption
         if image.edited_caption is not None:
             report.add(EDITED, image.caption_name)  # already in place: build_prepared_set carried it
         elif image.source_caption is not None and mode in ("keep", "fill"):
@@ -389,7 +405,7 @@ def build_prepared_set(source: str, out_dir: str, options: PrepareOptions, repor
     shutil.rmtree(build_dir, ignore_errors=True)
     try:
         images = prepare_images(source, build_dir, options, report, check_cancel, on_image)
-        by_pixels = {image.pixel_hash: image for image in images}
+        by_pixels = {image.pixel_hash: image for image in images if not image.control}
         lost = sorted(caption for pixels, (caption, _) in edits.items() if pixels not in by_pixels)
         if lost:
             raise PrepareError(
@@ -406,7 +422,8 @@ def build_prepared_set(source: str, out_dir: str, options: PrepareOptions, repor
         with open(os.path.join(build_dir, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump({"source": source_name, "min_side": options.min_side, "max_side": options.max_side,
                        "background": options.background,
-                       "images": {i.name: {"pixels": i.pixel_hash, "sha256": i.file_hash} for i in images}}, f)
+                       "images": {i.name: {"pixels": i.pixel_hash, "sha256": i.file_hash, "control": i.control}
+                                  for i in images}}, f)
         _replace_folder(build_dir, out_dir)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -463,7 +480,8 @@ def _earlier_edits(out_dir: str, source_name: str) -> dict[str, tuple[str, str]]
                     changed.append(f"{rel} (changed since it was prepared)")
             elif ext.lower() == ds.CAPTION_EXTENSION and written.get(rel) == _file_hash(path):
                 continue  # a caption as this module wrote it
-            elif ext.lower() == ds.CAPTION_EXTENSION and stem + ".png" in images:
+            elif (ext.lower() == ds.CAPTION_EXTENSION and stem + ".png" in images
+                  and not images[stem + ".png"].get("control")):  # a control's caption would never be read
                 with open(path, "rb") as f:
                     text, _ = ds.decode_caption_any(name, rel, f.read())
                 edits[images[stem + ".png"]["pixels"]] = (rel, text)

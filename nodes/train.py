@@ -37,7 +37,10 @@ class FluxQTrainLoRA(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The FLUX VAE; images are encoded once."),
                 io.Clip.Input("clip", tooltip="Text encoders; every caption is encoded once, then they can leave the device."),
                 io.Combo.Input("dataset", options=dataset_options(), default=NONE,
-                               tooltip="A folder under input/ (or a .zip/.tar there) of images with same-name .txt captions."),
+                               tooltip="A folder under input/ (or a .zip/.tar there) of images with same-name .txt captions. "
+                                       "Edit pairs (Kontext, FLUX.2): a control/ folder beside the images holds "
+                                       "each one's image before the edit under the same name; the caption is the "
+                                       "instruction."),
                 io.String.Input("trigger_word", default="TOK", tooltip="Prepended to every caption."),
                 io.Int.Input("rank", default=16, min=1, max=256),
                 io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.01, tooltip="Scale is alpha / rank."),

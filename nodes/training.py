@@ -17,12 +17,11 @@ import re
 import time
 import uuid
 
+import folder_paths
 import numpy as np
 import torch
 import torch.utils.checkpoint
 from PIL import Image
-
-import folder_paths
 
 from ..lora_ops import dataset as ds
 from ..lora_ops import flow_match as fm
@@ -364,7 +363,8 @@ class TrainingRun:
         self.diffusion_model.requires_grad_(False)
         with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model), glue.training_mode():
             def on_device(e: fm.TrainingExample) -> fm.TrainingExample:
-                return fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device))
+                reference = None if e.reference is None else e.reference.to(device).clone()
+                return fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device), reference)
 
             examples = [on_device(e) for e in examples]
             # kohya repeats: an image of a `10_name/` folder is listed ten times (the same tensors),
@@ -438,21 +438,48 @@ class TrainingRun:
         """Each image fitted to its bucket and VAE-encoded (or read from the cache), in the
         model's latent space."""
         latent_format = self.model.model.process_latent_in  # FLUX: (z - 0.1159) * 0.3611
-        latents = []
-        for image in images:
-            size = ds.nearest_bucket(image.width, image.height, self.buckets)
+        sizes = [ds.nearest_bucket(image.width, image.height, self.buckets) for image in images]
+        return [latent_format(raw[None]).float().cpu()[0] for raw in self._vae_latents(vae, images, sizes, cache)]
 
+    @staticmethod
+    def _vae_latents(vae, images: list[Image.Image], sizes: list[tuple[int, int]], cache: LatentCache | None
+                     ) -> list[torch.Tensor]:
+        """Each image fitted to its size and VAE-encoded, as the VAE gives it (cached by the
+        image's pixels, the size and the VAE)."""
+        latents = []
+        for image, size in zip(images, sizes):
             def encode(image=image, size=size):
                 return vae.encode(ds.image_to_tensor(ds.fit_to_bucket(image, size))[None])[0].float().cpu()
 
-            raw = cache.latent(image, size, encode) if cache is not None else encode()
-            latents.append(latent_format(raw[None]).float().cpu()[0])
+            latents.append(cache.latent(image, size, encode) if cache is not None else encode())
         return latents
+
+    def _references(self, vae, cache: LatentCache | None) -> list[torch.Tensor | None]:
+        """Edit pairs: each control image's latent, fitted to its TARGET's bucket rather than its
+        own size, so that one bucket's references stack into a batch like its targets, and the
+        control lines up with the target pixel for pixel as in ai-toolkit's Kontext training (the
+        model takes a reference of any size: BFL's Kontext sampling scales the input image to one
+        of its preferred sizes). Left as the VAE gives it: the model's extra_conds maps it, as for
+        core's ReferenceLatent. None for every sample of a set without control images."""
+        controls = [s for s in self.samples if s.control is not None]
+        if not controls:
+            return [None] * len(self.samples)
+        if not glue.takes_reference_latents(self.model):
+            raise ValueError(f"{self.detection.label} takes no reference image, so it cannot train on edit pairs "
+                             f"({controls[0].control_name} and the other control images): train an edit model "
+                             "(FLUX.1 Kontext, FLUX.2), or move the control/ folder out of the dataset")
+        sizes = [ds.nearest_bucket(s.image.width, s.image.height, self.buckets) for s in controls]
+        latents = iter(self._vae_latents(vae, [s.control for s in controls], sizes, cache))
+        log.info("FluxQTrainLoRA: %d edit pair(s): the control images enter as reference tokens", len(controls))
+        return [None if s.control is None else next(latents) for s in self.samples]
 
     def _encode(self, vae, embed, cache) -> tuple[list[fm.TrainingExample], fm.Conditioning | None]:
         latents = self._latents(vae, [sample.image for sample in self.samples], cache)
-        examples = [fm.TrainingExample(latent, embed(ds.compose_caption(self.trigger_word, sample.caption)))
-                    for latent, sample in zip(latents, self.samples)]
+        references = self._references(vae, cache)
+        # renders during training edit the first pair's control image, as the LoRA will be used
+        self.sample_reference = None if references[0] is None else {"samples": references[0][None]}
+        examples = [fm.TrainingExample(latent, embed(ds.compose_caption(self.trigger_word, sample.caption)), reference)
+                    for latent, sample, reference in zip(latents, self.samples, references)]
         empty = embed("") if self.settings.caption_dropout > 0 else None
         log.info("FluxQTrainLoRA: %d images in %d bucket(s), %d draws per pass with kohya repeats",
                  len(examples), len({tuple(e.latent.shape) for e in examples}), sum(s.repeats for s in self.samples))
@@ -491,7 +518,7 @@ class TrainingRun:
             path = os.path.join(folder, f"{i:05d}.png")
             if not os.path.isfile(path):
                 glue.raise_if_cancelled()
-                latent = self._render(self.model, cond, self.settings.seed + i)
+                latent = self._render(self.model, cond, self.settings.seed + i, None)
                 save_png(image_from_batch(glue.decode_images(vae, latent)), path)
                 made += 1
             with Image.open(path) as image:
@@ -500,14 +527,16 @@ class TrainingRun:
                  self.class_image_count - made, folder)
         return samples
 
-    def _render(self, model, cond: fm.Conditioning, seed: int) -> torch.Tensor:
-        """A latent of `cond` by `model` with the render settings, as FluxQSampler makes it."""
+    def _render(self, model, cond: fm.Conditioning, seed: int, reference: dict | None) -> torch.Tensor:
+        """A latent of `cond` by `model` with the render settings (editing the `reference` latent
+        when given), as FluxQSampler makes it."""
         settings = self.render_settings
         latent = sampling.empty_latent(settings, model)
         positive = glue.conditioning(cond.context, cond.pooled)
         negative = None if self.negative_cond is None else glue.conditioning(
             self.negative_cond.context, self.negative_cond.pooled)
-        model, positive = sampling.prepare(model, positive, settings, latent)
+        model, positive = sampling.prepare(model, positive, settings, latent, reference)
+        negative = sampling.prepare_negative(negative, reference)
         return sampling.sample_latent(model, positive, settings, seed, latent, None, negative)["samples"]
 
     def _initial_factors(self, device) -> dict[str, ckpt.LoraFactors]:
@@ -534,10 +563,13 @@ class TrainingRun:
         # (no bf16) and the CPU run in the model's own compute dtype.
         use_autocast = device.type == "cuda" and dtype == torch.bfloat16
 
-        def predict(x_t, t, context, pooled):
+        def predict(x_t, t, context, pooled, reference):
             # The inputs as the sampler gives them (the model's extra_conds: FLUX.2 pads the context,
-            # Chroma takes guidance 0), with the family's training guidance (registry).
-            inputs = glue.model_inputs(self.model, x_t, context, pooled, guidance, dtype)
+            # Chroma takes guidance 0, edit pairs' control latents become reference tokens), with
+            # the family's training guidance (registry). ComfyUI's FLUX forward returns the target
+            # tokens alone (it crops its output to the noised image's tokens), so the loss never
+            # covers the reference tokens.
+            inputs = glue.model_inputs(self.model, x_t, context, pooled, guidance, dtype, reference)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
             with activate(stack, root=diffusion_model), autocast:
                 return diffusion_model(x_t.to(dtype), t.float(), context=inputs.pop("c_crossattn"),
@@ -660,7 +692,8 @@ class TrainingRun:
         os.makedirs(folder, exist_ok=True)
         for index, cond in enumerate(self.sample_conds):
             with torch.no_grad():  # inside the training region: nothing here is for backward
-                image = image_from_batch(glue.decode_images(self.vae, self._render(model, cond, self.sample_seed)))
+                image = image_from_batch(glue.decode_images(
+                    self.vae, self._render(model, cond, self.sample_seed, self.sample_reference)))
             file_name = f"{self.name}_step{step:06d}_{index}.png"
             save_png(image, os.path.join(folder, file_name))
             self.sample_files.append({"filename": file_name, "subfolder": subfolder, "type": "output"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import comfy.lora
 import comfy.model_base
 import comfy.model_detection
@@ -97,18 +99,31 @@ def conditioning(context: torch.Tensor, pooled: torch.Tensor | None) -> list:
 
 
 def model_inputs(model, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
-                 guidance: float | None, dtype: torch.dtype) -> dict:
+                 guidance: float | None, dtype: torch.dtype, reference: torch.Tensor | None = None) -> dict:
     """The diffusion model's keyword inputs for a batch, as ComfyUI's sampler makes them from a
     conditioning: the model's own ``extra_conds`` (its context padding, pooled vector, guidance
-    default), repeated to the batch and cast to `dtype` like
-    ``BaseModel._apply_model``. `guidance` None gives the model none (klein, schnell)."""
+    default, reference latents), repeated to the batch and cast to `dtype` (lists element-wise)
+    like ``BaseModel._apply_model``. `guidance` None gives the model none (klein, schnell).
+    `reference` (B, C, H, W), VAE latents of edit pairs' control images, is the conditioning's
+    ``reference_latents`` as core's ReferenceLatent sets it (one reference image per sample)."""
     base = model.model
-    conds = base.extra_conds(noise=x, device=x.device, cross_attn=context, pooled_output=pooled, guidance=guidance)
+    extra = {} if reference is None else {"reference_latents": [reference]}
+    conds = base.extra_conds(noise=x, device=x.device, cross_attn=context, pooled_output=pooled, guidance=guidance,
+                             **extra)
     out = {}
     for name, cond in conds.items():
         value = cond.process_cond(batch_size=x.shape[0], area=None, device=x.device).cond
-        out[name] = comfy.model_base.convert_tensor(value, dtype, x.device)
+        if isinstance(value, list):
+            out[name] = [comfy.model_base.convert_tensor(v, dtype, x.device) for v in value]
+        else:
+            out[name] = comfy.model_base.convert_tensor(value, dtype, x.device)
     return out
+
+
+def takes_reference_latents(model) -> bool:
+    """Whether the diffusion model takes reference latents (FLUX.1 Kontext and FLUX.2 do; Chroma's
+    forward would swallow them unused in its **kwargs)."""
+    return "ref_latents" in inspect.signature(model.model.diffusion_model.forward).parameters
 
 
 def decode_images(vae, latent: torch.Tensor) -> torch.Tensor:

@@ -921,7 +921,7 @@ def test_flux1_inputs_from_the_models_extra_conds_train_bit_identically_to_the_h
         dtype = run.model.model.manual_cast_dtype or run.model.model.get_dtype()
         options = {"patches_replace": {"dit": run._checkpointed_blocks(stack)}}
 
-        def predict(x_t, t, context, pooled):
+        def predict(x_t, t, context, pooled, reference):
             with runtime.activate(stack, root=model):
                 return model(x_t.to(dtype), t.float(), context=context.to(dtype), y=pooled.to(dtype),
                              guidance=torch.ones_like(t), transformer_options=dict(options))
@@ -937,3 +937,80 @@ def test_flux1_inputs_from_the_models_extra_conds_train_bit_identically_to_the_h
     assert len(ours) == 3 and ours == reference
     a, b = lora_tensors(loras / "family.safetensors")[0], lora_tensors(loras / "by_hand.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_edit_pairs_control_latents_enter_as_reference_tokens_and_only_target_tokens_come_back(comfy_libs):
+    """The trainer's model inputs carry a control latent the way ComfyUI's sampler carries
+    ReferenceLatent's (the model's extra_conds maps it into `ref_latents`), the FLUX forward reads
+    it, and returns the target's tokens alone (it crops its output to the noised image's tokens,
+    which is what keeps the loss off the reference tokens), whatever the reference's size."""
+    glue = comfy_libs.glue
+    model = narrow_flux()
+    diffusion_model = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x, context, pooled = (torch.randn(*s, generator=gen) for s in ((2, 16, 8, 8), (2, 5, 768), (2, 768)))
+    t = torch.tensor([0.3, 0.7])
+    control, other = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 6, 10, generator=gen)
+    assert glue.takes_reference_latents(model)
+
+    def predict(reference):
+        inputs = glue.model_inputs(model, x, context, pooled, 1.0, torch.float32, reference)
+        if reference is not None:
+            (given,) = inputs["ref_latents"]
+            torch.testing.assert_close(given, model.model.process_latent_in(reference))
+        with torch.no_grad():
+            return diffusion_model(x, t, context=inputs.pop("c_crossattn"), **inputs)
+
+    plain, with_control, with_other = predict(None), predict(control), predict(other)
+    assert plain.shape == with_control.shape == with_other.shape == x.shape
+    assert (with_control - plain).abs().max() > 1e-4 and (with_control - with_other).abs().max() > 1e-4
+    # each sample's own reference: the first row's prediction ignores the second row's control
+    mixed = predict(torch.stack([control[0], control[0] * 0 + 3.0]))
+    torch.testing.assert_close(mixed[0], with_control[0])
+    # Chroma's forward would swallow ref_latents in its **kwargs unused: edit pairs are refused there
+    import comfy.ldm.chroma.model
+
+    chroma = type("Patcher", (), {"model": type("Base", (), {"diffusion_model": comfy.ldm.chroma.model.Chroma.__new__(
+        comfy.ldm.chroma.model.Chroma)})})
+    assert not glue.takes_reference_latents(chroma)
+
+
+def test_edit_pairs_cache_each_control_by_its_pixels_and_a_changed_control_changes_the_training(
+        comfy_libs, clip_vae, work_folders, pack):
+    """Edit pairs with the latent cache: a rerun encodes nothing and trains the same LoRA; a changed
+    control image is encoded again (alone) and changes what is trained (its reference tokens are in
+    the loss's prediction); samples during training edit the first pair's control."""
+    clip, vae = clip_vae
+    inputs, loras, output, _ = work_folders
+    write_dataset(inputs, ["red", "green"])
+    (inputs / "set" / "control").mkdir()
+    for target, control in (("red", "blue"), ("green", "stripes")):
+        pattern_image(control).save(inputs / "set" / "control" / f"{target}.png")
+    encoded = []
+    original_encode = vae.encode
+
+    def counted(pixels):
+        encoded.append(pixels.shape)
+        return original_encode(pixels)
+
+    vae.encode = counted
+    try:
+        runs = []
+        for name in ("first", "again", "changed"):
+            if name == "changed":  # pixels no image of the set had
+                image = pattern_image("blue")
+                image.paste((250, 250, 250), (0, 0, 32, 32))
+                image.save(inputs / "set" / "control" / "red.png")
+            before = len(encoded)
+            train(comfy_libs, {**node_args(narrow_flux(), clip, vae, lora_name=name, steps=2, batch_size=2,
+                                           learning_rate=1e-2, cache_latents_to_disk=True, sample_every=2,
+                                           sample_prompts="swap"),
+                               "sample_settings": [render_settings(pack, steps=1)]})
+            runs.append(len(encoded) - before)
+    finally:
+        del vae.encode
+    assert runs == [4, 0, 1], f"VAE encodes per run (2 targets + 2 controls): {runs}"
+    first, again, changed = (factors_of(loras / f"{n}.safetensors") for n in ("first", "again", "changed"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], changed[k]) for k in first), "the control image changed nothing"
+    assert (output / "first_samples" / "first_step000002_0.png").is_file()

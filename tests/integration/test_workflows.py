@@ -23,6 +23,7 @@ TINY_MAP_PATH = REPO_ROOT / "scripts" / "tiny_model_map.json"
 TINY_MAP = json.loads(TINY_MAP_PATH.read_text())
 PACK_FOLDER = "comfyui-flux-qlora"  # the pack's folder name under custom_nodes in the harness
 TINY_DATASET = TINY_MAP["my_dataset"]
+TINY_EDIT_PAIRS = TINY_MAP["my_edit_pairs"]
 TRAINED_LORA = "fluxq-workflow-test"
 BAKED_GGUF = "fluxq-workflow-baked"
 
@@ -91,6 +92,8 @@ TINY_RUNS = {
     ),
     # the tiny FLUX.1 dev stands in for Kontext (the same tensors)
     "flux_kontext_lora_edit": ([*TINY_DEV, "Sampler settings.steps=1"], {"fluxq_kontext_edit_": (64, 64)}),
+    "flux_kontext_train_edit_pairs": ([*TINY_TRAIN, "Train LoRA.steps=1", "Sampler settings.steps=1"],
+                                      {"fluxq_kontext_pairs_loss_": None, "fluxq_kontext_pairs_compare_": None}),
     # Chroma's tiny model has ~0.6 B parameters (a fixed-size approximator): one step at cfg 5
     "chroma_gguf_txt2img": (
         [*TINY_DEV, "Sampler settings.steps=1", *tiny_text("Load text encoder (T5-XXL)")],
@@ -122,8 +125,8 @@ def api_workflow(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(comfy_server):
-    """The shared server, with the tiny training set (the trainer's `dataset`) and the photo to edit
-    in its input folder."""
+    """The shared server, with the tiny training sets (the trainer's `dataset`: images, edit pairs)
+    and the photo to edit in its input folder."""
     photo = comfy_server.input_dir / TINY_PHOTO
     if not photo.exists():
         image = Image.new("RGBA", (64, 64), (200, 120, 40, 255))
@@ -135,6 +138,13 @@ def server(comfy_server):
         for index, color in enumerate([(220, 40, 40), (40, 200, 60), (50, 60, 210), (230, 210, 40)]):
             Image.new("RGB", (64, 64), color).save(dataset / f"square_{index}.png")
             (dataset / f"square_{index}.txt").write_text(f"a plain square, colour {index}")
+    pairs = comfy_server.input_dir / TINY_EDIT_PAIRS  # edit pairs: control/<name> before, <name> after
+    if not pairs.exists():
+        (pairs / "control").mkdir(parents=True)
+        for index, (before, after) in enumerate([((220, 40, 40), (40, 60, 220)), ((40, 200, 60), (200, 60, 200))]):
+            Image.new("RGB", (64, 64), before).save(pairs / "control" / f"pair_{index}.png")
+            Image.new("RGB", (64, 64), after).save(pairs / f"pair_{index}.png")
+            (pairs / f"pair_{index}.txt").write_text("swap the colour")
     return comfy_server
 
 
@@ -248,6 +258,8 @@ def test_api_twin_runs_end_to_end_on_the_tiny_models(name, server, models_dir, t
             prepared = server.input_dir / f"{TINY_MAP['my_photos']}_prepared"
             assert sorted(p.name for p in prepared.glob("*.png")) == [f"square_{i}.png" for i in range(4)]
             assert len(list(prepared.glob("*.txt"))) == 4  # the tiny set's own captions, kept
+        if name == "flux_kontext_train_edit_pairs":
+            assert "2 edit pair(s): the control images enter as reference tokens" in server.log_tail(400)
     finally:
         for path in loras.glob(f"{TRAINED_LORA}*"):  # the trainer writes into the harness's models/loras
             path.unlink()

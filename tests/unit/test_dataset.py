@@ -178,3 +178,55 @@ def test_images_go_to_the_bucket_of_their_aspect_and_are_cropped_to_it():
 def test_bad_resolution_is_refused():
     with pytest.raises(ds.DatasetError, match="multiple of 16"):
         ds.bucket_sizes(500)
+
+
+# --- edit pairs ----------------------------------------------------------------------------------
+
+
+def test_edit_pairs_join_each_target_with_the_control_of_its_stem(tmp_path):
+    root = write_folder(tmp_path / "pairs", {
+        "a.png": png_bytes(color=(255, 0, 0)), "a.txt": b"make it red",
+        "control/a.jpg": png_bytes(color=(0, 0, 255)),
+        "10_x/b.png": png_bytes(color=(0, 255, 0)), "10_x/b.txt": b"make it green",
+        "10_x/control/b.webp": png_bytes(size=(32, 32), color=(9, 9, 9)),
+        "control/notes.txt": b"ignored",
+    })
+    samples = ds.read_dataset(root)
+    assert [(s.name, s.control_name, s.caption, s.repeats) for s in samples] == [
+        ("10_x/b.png", "10_x/control/b.webp", "make it green", 10), ("a.png", "control/a.jpg", "make it red", 1)]
+    assert samples[0].control.mode == "RGB" and samples[0].control.size == (32, 32)
+    assert samples[1].control.getpixel((0, 0))[2] > 200  # the blue control, not the red target
+
+
+def test_plain_datasets_have_no_control():
+    assert ds.pair_controls("set", ["a.png", "sub/b.png"]) == {}
+    assert ds.control_target("a.png") is None and ds.control_target("x/Control/a.png") == "x/a.png"
+    assert ds.control_target("control/sub/a.png") == "sub/a.png"
+
+
+@pytest.mark.parametrize("names, message", [
+    (["a.png", "b.png", "control/a.png"], r"'b.png' \(put one of the same name in 'control/'"),
+    (["a.png", "control/a.png", "control/c.png"], r"control image\(s\) without a target.*'control/c.png'.*'c.png'"),
+    (["a.png", "control/a.png", "control/a.jpg"], r"'control/a.jpg' and 'control/a.png' are both control images"),
+    (["x/a.png", "control/a.png"], r"without a target.*'control/a.png'"),
+])
+def test_broken_edit_pairs_are_refused_naming_the_files(names, message):
+    with pytest.raises(ds.DatasetError, match=message):
+        ds.pair_controls("set", sorted(names))
+
+
+def test_unreadable_control_is_named(tmp_path):
+    root = write_folder(tmp_path / "pairs", {"a.png": png_bytes(), "control/a.png": b"not a png"})
+    with pytest.raises(ds.DatasetError, match=r"cannot read image 'control/a.png'"):
+        ds.read_dataset(root)
+
+
+def test_edit_pairs_in_an_archive(tmp_path):
+    zpath = tmp_path / "pairs.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("set/a.png", png_bytes(color=(255, 0, 0)))
+        z.writestr("set/a.txt", "make it red")
+        z.writestr("set/control/a.png", png_bytes(color=(0, 0, 255)))
+    (sample,) = ds.read_dataset(str(zpath))
+    assert (sample.name, sample.control_name, sample.caption) == ("set/a.png", "set/control/a.png", "make it red")
+    assert sample.control.getpixel((0, 0)) == (0, 0, 255)

@@ -24,7 +24,7 @@ def toy_problem():
     params = {"mix": torch.nn.Parameter(0.1 * torch.randn(4, 4, generator=g)),
               "text": torch.nn.Parameter(0.1 * torch.randn(8, 4, generator=g))}
 
-    def predict(x_t, t, context, pooled):
+    def predict(x_t, t, context, pooled, reference):
         shift = (context.mean(1) + pooled) @ params["text"]  # (B, 4)
         return torch.einsum("oc,bchw->bohw", params["mix"], x_t) * t[:, None, None, None] + shift[:, :, None, None]
 

@@ -109,7 +109,7 @@ def _toy_problem(seed=0):
     weight = torch.zeros(4, 4, requires_grad=True)
     bias = torch.zeros(4, requires_grad=True)
 
-    def predict(x_t, t, context, pooled):
+    def predict(x_t, t, context, pooled, reference):
         assert x_t.shape[0] == context.shape[0] == pooled.shape[0] == t.shape[0]
         return torch.einsum("oc,bchw->bohw", weight, x_t) + bias.view(1, -1, 1, 1)
 
@@ -234,7 +234,7 @@ def test_the_trainer_draws_t_with_its_familys_shift():
     def first_t(schedule):
         seen = []
 
-        def predict(x_t, t, context, pooled):
+        def predict(x_t, t, context, pooled, reference):
             seen.append(float(t[0]))
             assert pooled is None  # an encoder without a pooled vector
             return torch.zeros_like(x_t, requires_grad=True)
@@ -251,3 +251,28 @@ def test_the_trainer_draws_t_with_its_familys_shift():
     for schedule in fm.SHIFT_SCHEDULES:
         assert first_t(schedule) == pytest.approx(float(fm.shift_timesteps(u, fm.schedule_mu(schedule, 4, 4))),
                                                   rel=1e-5)
+
+
+def test_each_sample_is_predicted_with_its_own_reference_and_dropout_keeps_it():
+    """Edit pairs: the predictor gets the stacked control latents of the very examples drawn (each
+    example's context and reference carry its index), and caption dropout drops the instruction,
+    never the control image."""
+    gen = torch.Generator().manual_seed(0)
+    examples = [fm.TrainingExample(torch.randn(4, 4, 4, generator=gen), fm.Conditioning(torch.full((3, 8), float(i)), None),
+                                   torch.full((4, 4, 4), 100.0 + i)) for i in range(5)]
+    empty = fm.Conditioning(torch.full((3, 8), -1.0), None)
+    seen = []
+
+    def predict(x_t, t, context, pooled, reference):
+        assert reference.shape == x_t.shape
+        seen.extend(zip(context[:, 0, 0].tolist(), reference[:, 0, 0, 0].tolist()))
+        return torch.zeros_like(x_t, requires_grad=True)
+
+    param = torch.zeros(1, requires_grad=True)
+    for dropout in (0.0, 0.5):
+        trainer = fm.FlowMatchTrainer(predict, examples, empty, {"p": param},
+                                      fm.TrainSettings(steps=4, learning_rate=0.0, batch_size=3, caption_dropout=dropout))
+        list(trainer.run())
+    kept = [(c, r) for c, r in seen if c >= 0]
+    assert len(seen) == 24 and 0 < len(seen) - len(kept) < 12  # some captions dropped in the second run
+    assert all(r == 100.0 + c for c, r in kept) and all(100 <= r <= 104 for _, r in seen)

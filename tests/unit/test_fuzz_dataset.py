@@ -35,7 +35,9 @@ def png_claiming(width: int, height: int, payload: bytes = b"") -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(payload)) + chunk(b"IEND", b"")
 
 
-MEMBERS = {"a.png": png_bytes(), "a.txt": b"a red band", "sub/b.png": png_bytes(color=(0, 0, 255)), "sub/b.txt": b"blue"}
+MEMBERS = {"a.png": png_bytes(), "a.txt": b"a red band", "sub/b.png": png_bytes(color=(0, 0, 255)), "sub/b.txt": b"blue",
+           # edit pairs: a mutant that loses or damages one half must be refused
+           "control/a.png": png_bytes(color=(0, 200, 0)), "sub/control/b.png": png_bytes(color=(9, 9, 9))}
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -96,6 +98,13 @@ def check_read(root, name: str, data: bytes | None = None, size: int | None = No
         for sample in outcome.result:
             assert sample.image.mode == "RGB" and sample.image.width * sample.image.height <= ds.MAX_IMAGE_PIXELS
             assert sample.caption is None or isinstance(sample.caption, str)
+            assert ds.control_target(sample.name) is None, "a control image was read as a target"
+        # edit pairs: every sample has its control, or none has
+        assert len({sample.control is None for sample in outcome.result}) == 1
+        for sample in outcome.result:
+            if sample.control is not None:
+                assert sample.control.mode == "RGB"
+                assert os.path.splitext(ds.control_target(sample.control_name))[0] == os.path.splitext(sample.name)[0]
 
 
 @fuzz_settings(ci_examples=200)
@@ -154,6 +163,32 @@ def test_folders_with_any_file_names(seeds, files):
         except OSError:
             return  # a name this file system refuses (too long in bytes)
     check_read(str(seeds["folder"]), "folder", size=sum(map(len, files.values())) + 1)
+
+
+pair_names = st.builds(lambda folder, stem, ext: folder + stem + ext,
+                       st.sampled_from(("", "x/", "control/", "x/control/", "control/x/", "Control/", "control/control/")),
+                       st.sampled_from(("a", "b", "c")), st.sampled_from((".png", ".jpg")))
+
+
+@fuzz_settings(ci_examples=200)
+@given(names=st.lists(pair_names, unique=True, max_size=8))
+def test_edit_pairs_are_joined_one_to_one_or_refused(names):
+    """Any mix of targets and control folders: each target gets the one control of its stem and
+    each control a target, or DatasetError names the dataset (no other error, no silent drop)."""
+    names = sorted(names)
+    try:
+        pairs = ds.pair_controls("set", names)
+    except ds.DatasetError as e:
+        assert "'set'" in str(e)
+        return
+    controls = [n for n in names if ds.control_target(n) is not None]
+    targets = [n for n in names if ds.control_target(n) is None]
+    if not controls:
+        assert pairs == {}
+        return
+    assert sorted(pairs) == targets and set(pairs.values()) == set(controls)
+    for target, control in pairs.items():
+        assert os.path.splitext(ds.control_target(control))[0] == os.path.splitext(target)[0]
 
 
 # --- regressions the fuzzer found ------------------------------------------------------------

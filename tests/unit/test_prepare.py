@@ -425,7 +425,7 @@ def test_repeats_weight_how_often_the_trainer_draws_an_image():
     weight = torch.zeros(1, requires_grad=True)
     drawn = []
 
-    def predict(x_t, t, context, pooled):
+    def predict(x_t, t, context, pooled, reference):
         drawn.extend(context[:, 0, 0].tolist())
         return x_t * weight
 
@@ -435,3 +435,45 @@ def test_repeats_weight_how_often_the_trainer_draws_an_image():
     for step in range(200):
         trainer._micro_batch_loss(trainer._global_micro_batch(fm.step_generator(0, step)), step, 0)
     assert len(drawn) == 200 and 0.62 < drawn.count(0.0) / 200 < 0.88
+
+
+# --- edit pairs ------------------------------------------------------------------------------
+
+
+def test_edit_pairs_come_through_as_pairs(tmp_path):
+    """Controls are kept when they equal another image or are small, get no caption, and the
+    prepared set reads back as the same pairs."""
+    target, before = noise_image(1), noise_image(2)
+    images, report, out = prepared(tmp_path, {
+        "a.jpg": encoded(target, "PNG"), "a.txt": b"make it noisy",
+        "control/a.png": encoded(before, "PNG"),
+        "b.png": encoded(before, "PNG"), "b.txt": b"keep it",
+        "control/b.webp": encoded(before.resize((64, 48)), "PNG"),  # small and the same picture twice
+    }, min_side=128)
+    prep.write_captions(str(out), images, mode="fill", style=prep.CaptionStyle(), report=report, template="x")
+    assert sorted((i.name, i.control) for i in images) == [
+        ("a.png", False), ("b.png", False), ("control/a.png", True), ("control/b.png", True)]
+    assert not (out / "control" / "a.txt").exists() and not (out / "control" / "b.txt").exists()
+    samples = ds.read_dataset(str(out))
+    assert [(s.name, s.control_name, s.caption) for s in samples] == [
+        ("a.png", "control/a.png", "make it noisy"), ("b.png", "control/b.png", "keep it")]
+    assert np.array_equal(np.asarray(samples[0].control), np.asarray(before))
+    assert samples[1].control.size == (64, 48)
+
+
+def test_a_pair_that_loses_its_target_is_refused_naming_it(tmp_path):
+    picture = noise_image(3)
+    with pytest.raises(prep.PrepareError, match=r"(?s)'control/b.png'.*exact duplicates dropped: 1 \(b.png = a.png\)"):
+        prepared(tmp_path, {"a.png": encoded(picture, "PNG"), "b.png": encoded(picture, "PNG"),
+                            "control/a.png": encoded(noise_image(4), "PNG"),
+                            "control/b.png": encoded(noise_image(5), "PNG")}, min_side=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_of_a_prepared_edit_set_keeps_its_edited_captions(tmp_path):
+    files = {"a.png": encoded(noise_image(6), "PNG"), "control/a.png": encoded(noise_image(7), "PNG")}
+    images, report, out = prepared(tmp_path, files, min_side=0)
+    prep.write_captions(str(out), images, mode="fill", style=prep.CaptionStyle(), report=report, template="x")
+    (out / "a.txt").write_text("turn it blue")
+    images, _, out = prepared(tmp_path, files, min_side=0)
+    assert (out / "a.txt").read_text() == "turn it blue\n" and (out / "control" / "a.png").is_file()
