@@ -230,6 +230,10 @@ class FlowMatchTrainer:
     With a `world` of N ranks each rank computes its block of a global micro-batch of
     N x batch_size samples drawn exactly as one process with batch N x batch_size draws them,
     and DDP averages the gradients: the same steps within float rounding.
+
+    The examples may stay on the CPU: each micro-batch is moved to the parameters' device when it
+    is drawn, so a data set's latents and caption embeddings (FLUX.2 [dev]: up to 31 MB a caption)
+    never all sit beside the model.
     """
 
     def __init__(
@@ -245,12 +249,15 @@ class FlowMatchTrainer:
     ):
         if not examples:
             raise ValueError("no training examples")
+        if not params:
+            raise ValueError("no parameters to train")
         if settings.caption_dropout > 0 and empty_cond is None:
             raise ValueError("caption dropout needs the empty caption's conditioning")
         self.predict = predict
         self.examples = list(examples)
         self.empty_cond = empty_cond
         self.params = dict(params)
+        self.device = next(iter(self.params.values())).device
         self.settings = settings
         self.state = state or TrainState()
         self.world = world
@@ -332,8 +339,8 @@ class FlowMatchTrainer:
             # caption dropout drops the instruction, never an edit pair's control image
             conds.append(self.empty_cond if dropped else example.cond)
 
-        x0 = torch.stack(latents).float()
-        device = x0.device
+        device = self.device
+        x0 = torch.stack(latents).float().to(device)
         noise, t = torch.stack(noises).to(device), torch.cat(times).to(device)
         x_t = noisy_latents(x0, noise, t)
         target = velocity_target(x0, noise)
@@ -344,8 +351,8 @@ class FlowMatchTrainer:
             by_length.setdefault(cond.context.shape[0], []).append(i)
         loss = x0.new_zeros(())
         for rows in by_length.values():
-            context = torch.stack([conds[i].context for i in rows])
-            pooled = None if conds[rows[0]].pooled is None else torch.stack([conds[i].pooled for i in rows])
+            context = torch.stack([conds[i].context for i in rows]).to(device)
+            pooled = None if conds[rows[0]].pooled is None else torch.stack([conds[i].pooled for i in rows]).to(device)
             reference = None if references[rows[0]] is None else torch.stack([references[i] for i in rows]).to(device)
             velocity = self.predict(x_t[rows], t[rows], context, pooled, reference)
             loss = loss + flow_matching_loss(velocity, target[rows]) * (len(rows) / len(conds))

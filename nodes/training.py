@@ -362,16 +362,19 @@ class TrainingRun:
         make_autograd_safe(self.diffusion_model)
         self.diffusion_model.requires_grad_(False)
         with torch.inference_mode(False), norm_inputs_copied(self.diffusion_model), glue.training_mode():
-            def on_device(e: fm.TrainingExample) -> fm.TrainingExample:
-                reference = None if e.reference is None else e.reference.to(device).clone()
-                return fm.TrainingExample(e.latent.to(device).clone(), self._cond_to(e.cond, device), reference)
+            # Copies made outside inference mode (tensors read under ComfyUI's inference_mode cannot
+            # be saved for backward), kept on the CPU: the trainer moves each micro-batch to the
+            # device, so the data set's latents and embeddings do not sit beside the model.
+            def trainable(e: fm.TrainingExample) -> fm.TrainingExample:
+                reference = None if e.reference is None else e.reference.clone()
+                return fm.TrainingExample(e.latent.clone(), self._cond_copy(e.cond), reference)
 
-            examples = [on_device(e) for e in examples]
+            examples = [trainable(e) for e in examples]
             # kohya repeats: an image of a `10_name/` folder is listed ten times (the same tensors),
             # so the trainer draws it ten times as often.
             examples = [e for e, sample in zip(examples, self.samples) for _ in range(sample.repeats)]
-            class_examples = [on_device(e) for e in class_examples]
-            empty_cond = self._cond_to(empty_cond, device) if empty_cond else None
+            class_examples = [trainable(e) for e in class_examples]
+            empty_cond = self._cond_copy(empty_cond) if empty_cond else None
             factors = self._initial_factors(device)
             self.base_stack = glue.get_lora_stack(self.model)
             stack = self.base_stack.with_lora(LoraEntry(self.file_name, 1.0, {
@@ -412,9 +415,9 @@ class TrainingRun:
         return LatentCache(cache_directory(), model_fingerprint(glue.vae_tensors(vae)), text_identity)
 
     @staticmethod
-    def _cond_to(cond: fm.Conditioning, device) -> fm.Conditioning:
-        pooled = None if cond.pooled is None else cond.pooled.to(device).clone()
-        return fm.Conditioning(cond.context.to(device).clone(), pooled)
+    def _cond_copy(cond: fm.Conditioning) -> fm.Conditioning:
+        pooled = None if cond.pooled is None else cond.pooled.clone()
+        return fm.Conditioning(cond.context.clone(), pooled)
 
     @staticmethod
     def _embedder(clip, cache: LatentCache | None):

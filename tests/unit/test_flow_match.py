@@ -276,3 +276,24 @@ def test_each_sample_is_predicted_with_its_own_reference_and_dropout_keeps_it():
     kept = [(c, r) for c, r in seen if c >= 0]
     assert len(seen) == 24 and 0 < len(seen) - len(kept) < 12  # some captions dropped in the second run
     assert all(r == 100.0 + c for c, r in kept) and all(100 <= r <= 104 for _, r in seen)
+
+
+def test_each_micro_batch_is_moved_to_the_parameters_device():
+    """The examples stay where they are (the CPU): latents, contexts, pooled vectors and references
+    of a micro-batch reach the predictor on the trained parameters' device. The parameters are on
+    the CPU here, so the trainer's device is pointed at `meta` to see the move."""
+    examples = [fm.TrainingExample(torch.randn(4, 4, 4), fm.Conditioning(torch.randn(3, 8), torch.randn(8)),
+                                   torch.randn(4, 4, 4)) for _ in range(2)]
+    devices = []
+
+    def predict(x_t, t, context, pooled, reference):
+        devices.extend(x.device.type for x in (x_t, t, context, pooled, reference))
+        return torch.zeros_like(x_t)
+
+    trainer = fm.FlowMatchTrainer(predict, examples, None, {"p": torch.zeros(1, requires_grad=True)},
+                                  fm.TrainSettings(steps=1, learning_rate=0.0, batch_size=2))
+    assert trainer.device == torch.device("cpu")
+    trainer.device = torch.device("meta")
+    loss = trainer._micro_batch_loss([0, 1], step=0, micro=0)
+    assert loss.device.type == "meta" and devices == ["meta"] * 5
+    assert all(e.latent.device.type == "cpu" for e in examples)
