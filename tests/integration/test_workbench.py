@@ -38,6 +38,18 @@ def apply(node_id, model_ref, lora, strength):
         "model": model_ref, "lora_name": lora, "strength_model": strength, "strength_clip": 1.0}}}
 
 
+def merge_and_resize(lora_a, lora_b, merged, resized):
+    """FluxQMergeLoRAs of 0.7 x lora_a and -0.4 x lora_b (exact) into `merged`, and FluxQResizeLoRA
+    of lora_a to rank 2 into `resized`, on the model node "gguf"."""
+    return {"merge": {"class_type": "FluxQMergeLoRAs", "inputs": {
+        "model": ["gguf", 0], "lora_1": lora_a, "weight_1": 0.7, "lora_2": lora_b, "weight_2": -0.4,
+        "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "exact (concatenate ranks)",
+        "rank": 32, "save_name": merged, "save_dtype": "float32", "overwrite": False}},
+        "resize": {"class_type": "FluxQResizeLoRA", "inputs": {
+            "model": ["gguf", 0], "lora_name": lora_a, "mode": "fixed rank", "rank": 2, "kept_fraction": 0.9,
+            "save_name": resized, "save_dtype": "bfloat16", "overwrite": False}}}
+
+
 def removed_afterwards(paths):
     """Files the nodes write into the server's first model folders: none there before, removed after."""
     for path in paths:
@@ -54,13 +66,7 @@ def written(models_dir):
 
 
 def test_merged_lora_has_the_effect_of_its_parts_in_core_and_in_the_pack(comfy_server, written):
-    merge = {"merge": {"class_type": "FluxQMergeLoRAs", "inputs": {
-        "model": ["gguf", 0], "lora_1": TINY["lora"], "weight_1": 0.7, "lora_2": TINY["lora_b"], "weight_2": -0.4,
-        "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "exact (concatenate ranks)",
-        "rank": 32, "save_name": MERGED, "save_dtype": "float32", "overwrite": False}},
-        "resize": {"class_type": "FluxQResizeLoRA", "inputs": {
-            "model": ["gguf", 0], "lora_name": TINY["lora"], "mode": "fixed rank", "rank": 2, "kept_fraction": 0.9,
-            "save_name": RESIZED, "save_dtype": "bfloat16", "overwrite": False}}}
+    merge = merge_and_resize(TINY["lora"], TINY["lora_b"], MERGED, RESIZED)
     history = comfy_server.run({**common(), **merge})
     merge_report = history["outputs"]["merge"]["text"][0]
     assert merge_report.startswith(f"{MERGED}: ") and "rank 8" in merge_report and "mean 0," in merge_report
@@ -143,13 +149,7 @@ def test_merge_and_bake_on_flux2_dev(comfy_server, flux2_written):
     base = {**common(FLUX2), "latent": {"class_type": "EmptyFlux2LatentImage",
                                         "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
     base["guid"]["inputs"]["guidance"] = 4.0
-    merge = {"merge": {"class_type": "FluxQMergeLoRAs", "inputs": {
-        "model": ["gguf", 0], "lora_1": FLUX2_LORA, "weight_1": 0.7, "lora_2": FLUX2_LORA, "weight_2": -0.4,
-        "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "exact (concatenate ranks)",
-        "rank": 32, "save_name": merged, "save_dtype": "float32", "overwrite": False}},
-        "resize": {"class_type": "FluxQResizeLoRA", "inputs": {
-            "model": ["gguf", 0], "lora_name": FLUX2_LORA, "mode": "fixed rank", "rank": 2, "kept_fraction": 0.9,
-            "save_name": resized, "save_dtype": "bfloat16", "overwrite": False}}}
+    merge = merge_and_resize(FLUX2_LORA, FLUX2_LORA, merged, resized)
     history = comfy_server.run({**base, **merge})
     assert "mean 0," in history["outputs"]["merge"]["text"][0]  # exact: no error in any layer
     assert "rank 2" in history["outputs"]["resize"]["text"][0]
@@ -228,13 +228,7 @@ def test_merge_resize_bake_and_extract_on_chroma(comfy_server, chroma_written):
     merged, baked, resized, extracted = (p.name for p in chroma_written)
     base = common(CHROMA)
     del base["guid"]
-    merge = {"merge": {"class_type": "FluxQMergeLoRAs", "inputs": {
-        "model": ["gguf", 0], "lora_1": CHROMA_LORA, "weight_1": 0.7, "lora_2": CHROMA_LORA, "weight_2": -0.4,
-        "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "exact (concatenate ranks)",
-        "rank": 32, "save_name": merged, "save_dtype": "float32", "overwrite": False}},
-        "resize": {"class_type": "FluxQResizeLoRA", "inputs": {
-            "model": ["gguf", 0], "lora_name": CHROMA_LORA, "mode": "fixed rank", "rank": 2, "kept_fraction": 0.9,
-            "save_name": resized, "save_dtype": "bfloat16", "overwrite": False}}}
+    merge = merge_and_resize(CHROMA_LORA, CHROMA_LORA, merged, resized)
     history = comfy_server.run({**base, **merge})
     assert history["outputs"]["merge"]["text"][0].startswith(f"{merged}: 3 layers, rank 8, relative error mean 0,")
     assert "3 layers, rank 2, relative error mean 0." in history["outputs"]["resize"]["text"][0]
