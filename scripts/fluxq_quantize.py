@@ -8,8 +8,9 @@ code path, with ComfyUI loaded as a library.
 MODEL is a GGUF (read through this pack) or a float checkpoint (through core ComfyUI's loader);
 each --lora FILE:STRENGTH is applied as FluxQApplyLoRA applies it (any format it reads) and baked
 in. Tensor types follow the published FLUX GGUFs (1-D and small tensors F32, input/output layers
-and Chroma's approximator F16, the rest TYPE); K-quants need the PyPI package libggml-python. The output is written under a
-temporary name and renamed when complete; an existing OUTPUT is kept unless --overwrite.
+and Chroma's approximator F16, the rest TYPE); K-quants need the PyPI package libggml-python. The
+output is written under a temporary name and renamed when complete; an existing OUTPUT is kept
+unless --overwrite.
 
 ComfyUI is COMFYUI_PATH, else --comfyui, else the harness's .harness/ComfyUI.
 """
